@@ -1,0 +1,1 @@
+"""The image side: UNet with cross-attention, VAE, denoiser wrappers and samplers."""

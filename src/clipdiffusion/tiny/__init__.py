@@ -1,0 +1,1 @@
+"""The embedded tiny model: synthetic world, judge, training and evaluation."""
