@@ -1,0 +1,199 @@
+"""diffusers `UNet2DConditionModel` <-> LDM (our) UNet names and configs.
+
+One block table, generated from the `UNetConfig` by walking the same structure `UNetModel` builds: each entry
+pairs an LDM block prefix with its diffusers prefix and a kind. Inside a block, ResBlocks rename six sub-layers
+(LDM `in_layers.0` = diffusers `norm1`, ...); SpatialTransformers keep identical inner names; plain entries are
+single layers. Mapping per checkpoints reference §5.2 (diffusers `convert_from_ckpt.py` does the same with
+string surgery).
+"""
+
+from ..errors import CheckpointError, ClipDiffusionError
+
+# LDM ResBlock sub-layer -> diffusers ResnetBlock2D sub-layer
+_RES = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
+        "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
+_RES_BACK = {v: k for k, v in _RES.items()}
+
+
+def unet_block_table(config) -> list[tuple[str, str, str]]:
+    """[(ldm_prefix, diffusers_prefix, kind)] with kind "plain" | "res" | "attn"."""
+    nres, levels = config.num_res_blocks, len(config.channel_mult)
+    table = [("time_embed.0", "time_embedding.linear_1", "plain"), ("time_embed.2", "time_embedding.linear_2", "plain"),
+             ("input_blocks.0.0", "conv_in", "plain"), ("out.0", "conv_norm_out", "plain"), ("out.2", "conv_out", "plain")]
+    if config.adm_in_channels is not None:
+        table += [("label_emb.0.0", "add_embedding.linear_1", "plain"),
+                  ("label_emb.0.2", "add_embedding.linear_2", "plain")]
+    for b in range(levels):
+        has_attn = config.transformer_depth[b] > 0
+        for r in range(nres):
+            i = 1 + b * (nres + 1) + r
+            table.append((f"input_blocks.{i}.0", f"down_blocks.{b}.resnets.{r}", "res"))
+            if has_attn:
+                table.append((f"input_blocks.{i}.1", f"down_blocks.{b}.attentions.{r}", "attn"))
+        if b != levels - 1:
+            table.append((f"input_blocks.{(b + 1) * (nres + 1)}.0.op", f"down_blocks.{b}.downsamplers.0.conv", "plain"))
+    table += [("middle_block.0", "mid_block.resnets.0", "res"), ("middle_block.1", "mid_block.attentions.0", "attn"),
+              ("middle_block.2", "mid_block.resnets.1", "res")]
+    for b in range(levels):  # diffusers up_blocks.0 is the lowest resolution, as output_blocks.0 is
+        level = levels - 1 - b
+        has_attn = config.transformer_depth[level] > 0
+        for r in range(nres + 1):
+            i = b * (nres + 1) + r
+            table.append((f"output_blocks.{i}.0", f"up_blocks.{b}.resnets.{r}", "res"))
+            if has_attn:
+                table.append((f"output_blocks.{i}.1", f"up_blocks.{b}.attentions.{r}", "attn"))
+            if level and r == nres:
+                table.append((f"output_blocks.{i}.{2 if has_attn else 1}.conv",
+                              f"up_blocks.{b}.upsamplers.0.conv", "plain"))
+    return table
+
+
+def _split(key, prefixes):
+    """Longest table prefix of `key` -> (prefix, rest) or (None, None)."""
+    parts = key.split(".")
+    for n in range(len(parts) - 1, 0, -1):
+        head = ".".join(parts[:n])
+        if head in prefixes:
+            return head, ".".join(parts[n:])
+    return None, None
+
+
+def _rename_inner(rest, kind, mapping):
+    if kind != "res":
+        return rest
+    for src, dst in mapping.items():
+        if rest.startswith(src + "."):
+            return dst + rest[len(src):]
+    return None
+
+
+def _convert(sd, config, to_diffusers: bool, source: str):
+    table = unet_block_table(config)
+    lookup = {(ldm if to_diffusers else diff): ((diff if to_diffusers else ldm), kind) for ldm, diff, kind in table}
+    inner = _RES if to_diffusers else _RES_BACK
+    out, unknown = {}, []
+    for key, value in sd.items():
+        prefix, rest = _split(key, lookup)
+        target, kind = lookup.get(prefix, (None, None))
+        new_rest = _rename_inner(rest, kind, inner) if target else None
+        if new_rest is None:
+            unknown.append(key)
+            continue
+        if kind == "attn" and new_rest.split(".")[0] in ("proj_in", "proj_out") and new_rest.endswith("weight"):
+            # Some converted files store SD1's 1x1-conv projections as Linear or the reverse; the config decides.
+            value = value.reshape(value.shape[:2]) if config.use_linear_in_transformer else value.reshape(
+                *value.shape[:2], 1, 1)
+        out[f"{target}.{new_rest}"] = value
+    if unknown:
+        shown = ", ".join(unknown[:20]) + (f" (+{len(unknown) - 20} more)" if len(unknown) > 20 else "")
+        raise CheckpointError(source, f"{len(unknown)} UNet keys do not fit the "
+                                      f"{'LDM' if to_diffusers else 'diffusers'} layout of this config: {shown}")
+    return out
+
+
+def unet_diffusers_to_ldm(sd, config, *, source="diffusers UNet state dict"):
+    """diffusers UNet2DConditionModel state dict -> our (LDM) names. Every key must map."""
+    return _convert(sd, config, False, source)
+
+
+def unet_ldm_to_diffusers(sd, config, *, source="UNet state dict"):
+    """Our (LDM) UNet state dict -> diffusers UNet2DConditionModel names. Every key must map."""
+    return _convert(sd, config, True, source)
+
+
+# diffusers config values we do not implement; anything else means a different architecture.
+_FIXED = {"center_input_sample": False, "flip_sin_to_cos": True, "freq_shift": 0, "act_fn": "silu",
+          "resnet_time_scale_shift": "default", "time_embedding_type": "positional", "conv_in_kernel": 3,
+          "conv_out_kernel": 3, "class_embed_type": None, "encoder_hid_dim": None, "dual_cross_attention": False,
+          "only_cross_attention": False, "mid_block_type": "UNetMidBlock2DCrossAttn", "attention_type": "default",
+          "time_cond_proj_dim": None, "time_embedding_dim": None, "reverse_transformer_layers_per_block": None,
+          "class_embeddings_concat": False, "downsample_padding": 1, "mid_block_scale_factor": 1,
+          "resnet_out_scale_factor": 1.0, "resnet_skip_time_act": False, "timestep_post_act": None,
+          "time_embedding_act_fn": None, "cross_attention_norm": None, "norm_eps": 1e-5}
+
+
+def _per_level(value, n, field):
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise ClipDiffusionError(f"diffusers UNet config {field}: expected {n} entries, got {value}")
+        return list(value)
+    return [value] * n
+
+
+def unet_config_from_diffusers(d: dict):
+    """A diffusers `unet/config.json` dict -> UNetConfig. Unsupported settings raise, naming the field."""
+    from ..diffusion.unet import UNetConfig
+
+    for field, expected in _FIXED.items():
+        if field in d and d[field] != expected:
+            raise ClipDiffusionError(f"diffusers UNet config {field}={d[field]!r} is not supported "
+                                     f"(only {expected!r})")
+    boc = list(d.get("block_out_channels", (320, 640, 1280, 1280)))
+    n, mc = len(boc), boc[0]
+    if any(c % mc for c in boc):
+        raise ClipDiffusionError(f"diffusers UNet config block_out_channels={boc}: not multiples of {mc}")
+    down = list(d.get("down_block_types", ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)))
+    up = list(d.get("up_block_types", ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3))
+    attn = [t == "CrossAttnDownBlock2D" for t in down]
+    if [t == "CrossAttnUpBlock2D" for t in reversed(up)] != attn or len(down) != n:
+        raise ClipDiffusionError(f"diffusers UNet config down_block_types={down} / up_block_types={up}: "
+                                 f"must mirror each other, one per block_out_channels entry")
+    layers = d.get("layers_per_block", 2)
+    if not isinstance(layers, int):
+        raise ClipDiffusionError(f"diffusers UNet config layers_per_block={layers!r}: per-level counts unsupported")
+    tl = _per_level(d.get("transformer_layers_per_block", 1), n, "transformer_layers_per_block")
+    if any(not isinstance(x, int) for x in tl):
+        raise ClipDiffusionError(f"diffusers UNet config transformer_layers_per_block={tl}: per-block lists unsupported")
+    heads = _per_level(d.get("num_attention_heads") or d.get("attention_head_dim", 8), n, "attention_head_dim")
+    context = d.get("cross_attention_dim", 1280)
+    if not isinstance(context, int):
+        raise ClipDiffusionError(f"diffusers UNet config cross_attention_dim={context!r}: per-level widths unsupported")
+    linear = bool(d.get("use_linear_projection", False))
+    # `attention_head_dim` historically holds head *counts*; the mid block uses the last level's.
+    used = [(boc[i], heads[i]) for i in range(n) if attn[i]] + [(boc[-1], heads[-1])]
+    same_count = len({h for _, h in used}) == 1
+    widths = {c // h for c, h in used}
+    same_width = len(widths) == 1 and all(c % h == 0 for c, h in used)
+    if not (same_count or same_width):
+        raise ClipDiffusionError(f"diffusers UNet config attention_head_dim={heads}: neither a fixed head count "
+                                 f"nor a fixed head width")
+    num_heads, head_channels = (None, widths.pop()) if same_width and (linear or not same_count) else (heads[-1], None)
+    adm, size_dim = None, 256
+    embed_type = d.get("addition_embed_type")
+    if embed_type == "text_time":
+        adm, size_dim = d["projection_class_embeddings_input_dim"], d.get("addition_time_embed_dim") or 256
+    elif embed_type is not None:
+        raise ClipDiffusionError(f"diffusers UNet config addition_embed_type={embed_type!r} is not supported")
+    return UNetConfig(in_channels=d.get("in_channels", 4), out_channels=d.get("out_channels", 4), model_channels=mc,
+                      channel_mult=tuple(c // mc for c in boc), num_res_blocks=layers,
+                      transformer_depth=tuple(tl[i] if attn[i] else 0 for i in range(n)),
+                      transformer_depth_middle=tl[-1], context_dim=context, num_heads=num_heads,
+                      head_channels=head_channels, use_linear_in_transformer=linear, adm_in_channels=adm,
+                      size_embed_dim=size_dim, norm_groups=d.get("norm_num_groups", 32))
+
+
+def unet_config_to_diffusers(config, *, sample_size: int = 64) -> dict:
+    """UNetConfig -> a diffusers `unet/config.json` dict (sample_size is the native latent size: 64 SD1, 128 SDXL)."""
+    boc = [m * config.model_channels for m in config.channel_mult]
+    depth = [d if d else 1 for d in config.transformer_depth]
+    # diffusers takes the mid block's depth from the last entry; a last level without attention can carry it.
+    if config.transformer_depth[-1] == 0:
+        depth[-1] = config.transformer_depth_middle
+    elif depth[-1] != config.transformer_depth_middle:
+        raise ClipDiffusionError(f"UNetConfig transformer_depth_middle={config.transformer_depth_middle} differs "
+                                 f"from the last level's depth {depth[-1]}; diffusers cannot express that")
+    heads = [config.heads_for(c)[0] for c in boc]
+    d = {"_class_name": "UNet2DConditionModel", "sample_size": sample_size, "in_channels": config.in_channels,
+         "out_channels": config.out_channels,
+         "down_block_types": ["CrossAttnDownBlock2D" if x else "DownBlock2D" for x in config.transformer_depth],
+         "up_block_types": ["CrossAttnUpBlock2D" if x else "UpBlock2D" for x in reversed(config.transformer_depth)],
+         "block_out_channels": boc, "layers_per_block": config.num_res_blocks, "norm_num_groups": config.norm_groups,
+         "cross_attention_dim": config.context_dim,
+         "attention_head_dim": config.num_heads if config.num_heads is not None else heads,
+         "transformer_layers_per_block": depth[0] if len(set(depth)) == 1 else depth,
+         "use_linear_projection": config.use_linear_in_transformer}
+    d.update({k: v for k, v in _FIXED.items() if v is not None and k != "reverse_transformer_layers_per_block"})
+    if config.adm_in_channels is not None:
+        d.update(addition_embed_type="text_time", addition_time_embed_dim=config.size_embed_dim,
+                 projection_class_embeddings_input_dim=config.adm_in_channels)
+    return d
