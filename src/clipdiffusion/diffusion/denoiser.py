@@ -147,7 +147,7 @@ class CFGDenoiser:
         if self._cond_only():
             return self.denoiser(x, sigma, self.context, self.y, attention_recorder=recorder)
         B = x.shape[0]
-        sigma = torch.as_tensor(sigma, dtype=torch.float64)
+        sigma = torch.as_tensor(sigma)
         if sigma.ndim == 0:
             sigma = sigma.expand(B)
         if self.context.shape[1] == self.negative_context.shape[1]:
