@@ -53,3 +53,75 @@ def test_noise_image_has_no_success():
     noise = rng.integers(0, 256, size=(64, 64, 3), dtype=np.uint8)
     spec = SceneSpec((ObjectSpec("red", "circle", 4),))
     assert not verdict(spec, judge(noise)).success
+
+
+# --- the evaluation harness, with stand-in pipelines --------------------------------------------------------
+
+from clipdiffusion.tiny import eval as ev  # noqa: E402
+
+
+def test_prompt_set_is_fixed_and_nested():
+    small, large = ev.prompt_set(3), ev.prompt_set(6)
+    assert [c.prompt for c in small] == [c.prompt for c in ev.prompt_set(3)]
+    assert {c.prompt for c in small} <= {c.prompt for c in large}
+    assert [len(c.spec.objects) for c in small] == [1, 1, 1, 2, 2, 2, 3, 3, 3]
+    assert {c.spec.key() for c in large} <= ev.held_out_keys(per_count=10)
+
+
+def test_ground_truth_pipeline_scores_one_and_noise_scores_zero():
+    cases = ev.prompt_set(8)
+    top = ev.evaluate(ev.GroundTruthPipeline(), cases)
+    assert all(v >= 0.95 for v in top.success.values()), top.table()
+    assert top.accuracy["color"][0] >= 0.99 and top.accuracy["binding"][0] >= 0.99 and top.extra == 0
+    floor = ev.evaluate(ev.NoisePipeline(), cases)
+    assert all(v <= 0.05 for v in floor.success.values()), floor.table()
+    assert floor.accuracy["recall"][0] <= 0.1
+
+
+def test_binding_counts_swapped_colours_as_misses():
+    class Swapped(ev.GroundTruthPipeline):
+        # draws the right shapes in the right cells but rotates the colours between objects
+        def generate(self, prompt, *, seed=0, **_):
+            from clipdiffusion.tiny.world import SceneSpec, render_spec
+
+            spec = ev.parse_caption(prompt)
+            colors = [o.color for o in spec.objects]
+            rotated = tuple(
+                type(o)(colors[(i + 1) % len(colors)], o.shape, o.cell, o.size) for i, o in enumerate(spec.objects)
+            )
+            return ev._Result([render_spec(SceneSpec(rotated, spec.background), seed)])
+
+    cases = [c for c in ev.prompt_set(10) if len({o.color for o in c.spec.objects}) == len(c.spec.objects) > 1]
+    report = ev.evaluate(Swapped(), cases)
+    assert report.accuracy["binding"][0] < 0.05 and report.accuracy["shape"][0] > 0.95
+
+
+class _WordTokenizer:
+    """Stand-in for CLIPTokenizer: one token per word or comma."""
+
+    def encode(self, text):
+        return text.replace(",", " , ").split()
+
+
+def test_long_prompt_cases_put_objects_after_the_requested_tokens():
+    tok = _WordTokenizer()
+    for n in (0, 60, 150):
+        for case in ev.long_prompt_cases(tok, n, per_count=2):
+            first = min(case.prompt.find(o.color) for o in case.spec.objects)
+            assert len(tok.encode(case.prompt[:first])) >= n
+            assert ev.parse_caption(case.prompt) == case.spec
+    table = ev.long_prompt_study(ev.GroundTruthPipeline(), tok, lengths=(0, 60), strategies=("truncate",), per_count=1)
+    assert table == {"truncate": {0: 1.0, 60: 1.0}}
+
+
+def test_plot_png_and_cli_with_reference(tmp_path):
+    from PIL import Image
+
+    ev.plot_png({"chunk": {0: 1.0, 60: 0.5}, "truncate": {0: 1.0, 60: 0.0}}, tmp_path / "p.png")
+    assert Image.open(tmp_path / "p.png").size == (560, 340)
+    from clipdiffusion.cli import main
+
+    assert main(["eval", "--reference", "ground-truth", "--per-count", "2", "--out", str(tmp_path / "r")]) == 0
+    report = (tmp_path / "r" / "report.md").read_text()
+    assert "success, 3 objects | 1.000" in report
+    assert main(["eval", "--reference", "noise", "--studies", "bogus", "--out", str(tmp_path / "r")]) == 2

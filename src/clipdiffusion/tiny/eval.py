@@ -1,0 +1,253 @@
+"""GenEval-style prompt adherence on the synthetic world, for any pipeline.
+
+A "pipeline" here is anything with ``generate(prompt, *, seed, steps, guidance, sampler, clip_skip, long_prompt)``
+returning an object with ``.image`` (``clipdiffusion.Pipeline`` does). Two stand-ins live below: one that draws
+the ground truth of the prompt (must score ~1.0: checks the prompt set, parser and judge together) and one that
+draws noise (must score ~0). Images are read by the validated judge (``judge.py``).
+
+Metrics (over the fixed held-out prompt set, per specified object unless noted):
+  success_k  strict per-prompt success for k objects: every object right (cell occupied, colour, shape, size when
+             given), no extra object, background right when given;
+  color / shape / position / size  the object in the specified cell has the right attribute (position: the cell
+             holds an object at all);
+  binding    prompts with 2-3 objects: of the specified objects whose colour appears somewhere in the image, the
+             share drawn with that colour in the right cell (colour swapped between objects counts as a miss);
+  background prompts that name one; extra  mean number of objects in cells the prompt does not name.
+"""
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .captions import caption, long_caption, parse_caption, style_tags
+from .judge import judge, verdict
+from .world import SceneSpec, render_spec, sample_spec
+
+EVAL_SEED = 20_240_601  # the held-out prompt set; training never samples these specs (see held_out_keys)
+DEFAULT_PER_COUNT = 50
+
+
+@dataclass(frozen=True)
+class PromptCase:
+    prompt: str
+    spec: SceneSpec
+    seed: int
+
+
+def prompt_set(per_count: int = DEFAULT_PER_COUNT, seed: int = EVAL_SEED) -> list[PromptCase]:
+    """The fixed held-out set: ``per_count`` prompts each with 1, 2 and 3 objects, sizes and backgrounds named
+    about half the time, no style tags (the long-prompt study adds them)."""
+    cases = []
+    for k in (1, 2, 3):
+        rng = np.random.default_rng([seed, k])  # one stream per count: smaller sets are prefixes of larger
+        for i in range(per_count):
+            spec = sample_spec(rng, k, p_size=0.5, p_background=0.6)
+            cases.append(PromptCase(caption(spec, rng, p_tags=0.0), spec, seed + 1000 * k + i))
+    return cases
+
+
+def held_out_keys(per_count: int = 200, seed: int = EVAL_SEED) -> frozenset:
+    """Spec keys training must skip: a superset of every prompt set up to ``per_count`` per object count."""
+    return frozenset(case.spec.key() for case in prompt_set(per_count, seed))
+
+
+@dataclass
+class EvalReport:
+    n: dict = field(default_factory=dict)  # objects -> prompts
+    success: dict = field(default_factory=dict)  # objects -> strict success rate
+    accuracy: dict = field(default_factory=dict)  # color, shape, position, size, binding, background, recall
+    extra: float = 0.0
+    failures: list = field(default_factory=list)  # (prompt, what the judge saw), first few
+
+    def table(self) -> str:
+        lines = ["| metric | value | n |", "|---|---|---|"]
+        for k in sorted(self.success):
+            lines.append(f"| success, {k} object{'s' if k > 1 else ''} | {self.success[k]:.3f} | {self.n[k]} |")
+        for name, (value, count) in self.accuracy.items():
+            lines.append(f"| {name} accuracy | {value:.3f} | {count} |")
+        lines.append(f"| extra objects per prompt | {self.extra:.3f} | {sum(self.n.values())} |")
+        return "\n".join(lines)
+
+    def as_dict(self) -> dict:
+        return {"n": self.n, "success": self.success, "extra": self.extra,
+                "accuracy": {k: v[0] for k, v in self.accuracy.items()}}  # fmt: skip
+
+
+def evaluate(pipe, cases: list[PromptCase], *, steps=20, guidance=7.0, sampler="euler", clip_skip=1,
+             long_prompt="chunk", progress=None) -> EvalReport:  # fmt: skip
+    """Generate one image per case and score it. ``progress(i, n)`` is called after each image."""
+    outcomes = []
+    for i, case in enumerate(cases):
+        result = pipe.generate(case.prompt, seed=case.seed, steps=steps, guidance=guidance, sampler=sampler,
+                               clip_skip=clip_skip, long_prompt=long_prompt)  # fmt: skip
+        seen = judge(result.image)
+        outcomes.append((case, seen, verdict(case.spec, seen)))
+        if progress is not None:
+            progress(i + 1, len(cases))
+    return score(outcomes)
+
+
+def score(outcomes) -> EvalReport:
+    """Aggregate (case, judgement, verdict) triples into the report's metrics."""
+    report = EvalReport()
+    tallies = {name: [0, 0] for name in ("color", "shape", "position", "size", "binding", "background", "recall")}
+
+    def tally(name, hits, total):
+        tallies[name][0] += hits
+        tallies[name][1] += total
+
+    extra = 0
+    for case, seen, v in outcomes:
+        k = len(case.spec.objects)
+        report.n[k] = report.n.get(k, 0) + 1
+        report.success[k] = report.success.get(k, 0) + v.success
+        tally("color", sum(v.color_ok), k)
+        tally("shape", sum(v.shape_ok), k)
+        tally("position", sum(v.occupied), k)
+        tally("recall", sum(v.objects_ok), k)
+        sized = [ok for o, ok in zip(case.spec.objects, v.size_ok) if o.size is not None]
+        tally("size", sum(sized), len(sized))
+        if case.spec.background is not None:
+            tally("background", int(v.background_ok), 1)
+        if k > 1:
+            present = {o.color for o in seen.objects}
+            bound = [ok for o, ok in zip(case.spec.objects, v.color_ok) if o.color in present]
+            tally("binding", sum(bound), len(bound))
+        extra += v.extra
+        if not v.success and len(report.failures) < 10:
+            saw = ", ".join(f"{o.size} {o.color} {o.shape} at {o.position}" for o in seen.objects) or "nothing"
+            report.failures.append((case.prompt, f"{seen.background} background; {saw}"))
+    report.success = {k: report.success[k] / report.n[k] for k in sorted(report.n)}
+    report.accuracy = {name: (h / t if t else float("nan"), t) for name, (h, t) in tallies.items()}
+    report.extra = extra / max(1, len(outcomes))
+    return report
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stand-in pipelines (for tests and as the ceiling / floor of every table)
+
+
+@dataclass(frozen=True)
+class _Result:
+    images: list
+
+    @property
+    def image(self):
+        return self.images[0]
+
+
+class GroundTruthPipeline:
+    """Draws exactly what the prompt says (parsed with ``parse_caption``); open attributes come from the seed."""
+
+    def __init__(self, canvas: int = 64):
+        self.canvas = canvas
+
+    def generate(self, prompt, *, seed=0, **_ignored):
+        return _Result([render_spec(parse_caption(prompt), seed=max(seed, 0), canvas=self.canvas)])
+
+
+class NoisePipeline:
+    """Uniform noise: the floor."""
+
+    def __init__(self, canvas: int = 64):
+        self.canvas = canvas
+
+    def generate(self, prompt, *, seed=0, **_ignored):
+        from PIL import Image
+
+        rng = np.random.default_rng(max(seed, 0))
+        return _Result([Image.fromarray(rng.integers(0, 256, (self.canvas, self.canvas, 3), dtype=np.uint8))])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Studies
+
+
+def tag_prefix(tokenizer, n_tokens: int, rng: np.random.Generator) -> list[str]:
+    """Style tags whose comma-joined text (plus the comma before the objects) is at least ``n_tokens`` tokens."""
+    tags: list[str] = []
+    while n_tokens > 0 and len(tokenizer.encode(", ".join(tags) + ",")) < n_tokens:
+        tags.extend(style_tags(rng, 1))
+    return tags
+
+
+def long_prompt_cases(tokenizer, n_tokens: int, per_count: int = 10, seed: int = EVAL_SEED + 1):
+    """Prompt-set specs with their objects placed after ``n_tokens`` tokens of style tags."""
+    rng = np.random.default_rng(seed)
+    cases = []
+    for base in prompt_set(per_count):
+        prefix = tag_prefix(tokenizer, n_tokens, rng)
+        text = long_caption(base.spec, rng, prefix) if prefix else base.prompt
+        cases.append(PromptCase(text, base.spec, base.seed))
+    return cases
+
+
+def long_prompt_study(pipe, tokenizer, *, lengths=(0, 40, 60, 90, 120, 150),
+                      strategies=("truncate", "chunk", "window", "stretch"), per_count=10, progress=None, **gen):
+    """Object recall per (strategy, prefix length). Returns {strategy: {length: recall}}."""  # fmt: skip
+    table: dict = {s: {} for s in strategies}
+    for length in lengths:
+        cases = long_prompt_cases(tokenizer, length, per_count)
+        for strategy in strategies:
+            report = evaluate(pipe, cases, long_prompt=strategy, **gen)
+            table[strategy][length] = report.accuracy["recall"][0]
+            if progress is not None:
+                progress(strategy, length, table[strategy][length])
+    return table
+
+
+def clip_skip_study(pipe, cases, *, skips=(1, 2, 3, 4), repeats=3, **gen) -> dict:
+    """Adherence and text-encoder time per clip skip. Time is the median over ``repeats`` passes of encoding
+    every prompt (skipped layers are never computed, so higher skips should be cheaper)."""
+    import time
+
+    rows = {}
+    encoder = getattr(pipe, "text_encoder", None)
+    for skip in skips:
+        report = evaluate(pipe, cases, clip_skip=skip, **gen)
+        seconds = float("nan")
+        if encoder is not None:
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                for case in cases:
+                    encoder.encode(case.prompt, clip_skip=skip)
+                times.append(time.perf_counter() - start)
+            seconds = float(np.median(times))
+        rows[skip] = {"recall": report.accuracy["recall"][0], "success": report.success, "encode_s": seconds}
+    return rows
+
+
+def plot_png(table: dict, path, *, title="object recall vs tokens of style tags before the objects") -> None:
+    """A small line plot of {series: {x: y in 0..1}} drawn with PIL (no matplotlib)."""
+    from PIL import Image, ImageDraw
+
+    width, height, left, right, top, bottom = 560, 340, 50, 120, 30, 40
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    xs = sorted({x for series in table.values() for x in series})
+    x_max = max(xs) if xs and max(xs) > 0 else 1
+
+    def at(x, y):
+        return left + (width - left - right) * x / x_max, height - bottom - (height - top - bottom) * y
+
+    draw.text((left, 8), title, fill="black")
+    for tick in (0.0, 0.25, 0.5, 0.75, 1.0):
+        _, y = at(0, tick)
+        draw.line([(left, y), (width - right, y)], fill=(225, 225, 225))
+        draw.text((8, y - 6), f"{tick:.2f}", fill="black")
+    for x in xs:
+        px, _ = at(x, 0)
+        draw.text((px - 8, height - bottom + 6), str(x), fill="black")
+    draw.line([at(0, 0), at(x_max, 0)], fill="black")
+    draw.line([at(0, 0), at(0, 1)], fill="black")
+    palette = [(220, 30, 30), (30, 60, 220), (30, 150, 30), (250, 140, 20), (140, 40, 200)]
+    for i, (name, series) in enumerate(table.items()):
+        color = palette[i % len(palette)]
+        points = [at(x, series[x]) for x in sorted(series)]
+        if len(points) > 1:
+            draw.line(points, fill=color, width=2)
+        for px, py in points:
+            draw.ellipse((px - 3, py - 3, px + 3, py + 3), fill=color)
+        draw.text((width - right + 10, top + 16 * i), name, fill=color)
+    image.save(path)
