@@ -322,9 +322,9 @@ def _spec(family: str, plan: _EncoderPlan, model):
     from .conditioning import EncoderSpec
 
     if plan.name == "clip_h":
-        # OpenCLIP-H has 24 layers and SD2 uses the penultimate one + final LN (LDM layer="penultimate").
-        # diffusers' SD2 text_encoder already dropped the last layer (23 layers), so its default is the last.
-        skip = 2 if model.config.layers >= 24 else 1
+        # SD2 uses OpenCLIP-H's penultimate layer + final LN (LDM FrozenOpenCLIPEmbedder layer="penultimate").
+        # diffusers' SD2 text_encoder (HF layout) already dropped the last of 24 layers, so there it is the last.
+        skip = 2 if plan.kind == "openclip" or model.config.layers >= 24 else 1
         return EncoderSpec(plan.name, model, pad_id=0, final_norm=True, default_clip_skip=skip)
     if family == "sdxl":
         # Both SDXL encoders feed the penultimate layer without final LN (sgm layer_idx 11 / "penultimate").
