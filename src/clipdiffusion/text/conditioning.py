@@ -1,0 +1,322 @@
+"""From prompt text to the UNet's cross-attention context: the ``Conditioning``.
+
+``TextEncoder.encode`` parses the prompt (``prompt.py``), lays its tokens out in CLIP windows (``chunking.py``),
+runs every window of the prompt, the negative prompt and (when needed) the empty prompt through each text encoder
+in one batched call, applies the weighting, assembles the output rows, concatenates the encoders along channels
+(SDXL) and makes the prompt and the negative prompt the same length.
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import ClipDiffusionError
+from .chunking import (
+    EMPTY_WINDOW,
+    STRETCH_POSITIONS,
+    TokenReport,
+    Window,
+    check_prompt_text,
+    check_strategy,
+    plan_prompt,
+)
+
+FAMILIES = ("sd1", "sd2", "sdxl", "tiny")  # tiny behaves like sd1
+DEFAULT_WINDOW_STRIDE = 60  # 15 tokens of overlap: the first tokens of a window see a phrase of context
+DEFAULT_CHUNK_BACKTRACK = 20  # A1111's default "Prompt word wrap length limit"
+# A1111 rescale guard: below this |new mean| / mean|z*w| the rescale factor would explode (see _weight_a1111).
+MEAN_GUARD = 1e-3
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """One text tower and how a family uses it.
+
+    ``pad_id``: 49407 (EOS) for OpenAI CLIP-L, 0 for OpenCLIP H/bigG. ``final_norm``: apply final_layer_norm to the
+    chosen layer (SD1, SD2: yes; SDXL: no). ``default_clip_skip``: the layer the family uses when the user asks for
+    clip skip 1, in the model's own A1111 counting (SD1: 1 = last; SD2/SDXL: 2 = penultimate; an HF-format SD2
+    tower that already dropped its last layer: 1).
+    """
+
+    name: str
+    model: object  # clip.CLIPTextModel
+    pad_id: int
+    final_norm: bool
+    default_clip_skip: int = 1
+
+    @property
+    def max_clip_skip(self) -> int:
+        return self.model.config.layers - self.default_clip_skip + 1
+
+
+@dataclass(frozen=True)
+class ConditioningReport:
+    prompt: TokenReport
+    negative_prompt: TokenReport
+    notes: tuple = ()
+
+    def to_dict(self) -> dict:
+        return {"prompt": self.prompt.to_dict(), "negative_prompt": self.negative_prompt.to_dict(),
+                "notes": list(self.notes)}
+
+
+@dataclass
+class Conditioning:
+    """``context``/``negative_context`` [1, T, D]; ``pooled``/``negative_pooled`` [1, P] (SDXL) or None.
+
+    ``context_lengths`` are the rows of (prompt, negative prompt) before equalisation; with ``equalize=True`` both
+    contexts were padded to the longer one with encoded empty-prompt chunks.
+    """
+
+    context: torch.Tensor
+    negative_context: torch.Tensor
+    pooled: torch.Tensor | None = None
+    negative_pooled: torch.Tensor | None = None
+    report: ConditioningReport | None = None
+    context_lengths: tuple = field(default=())
+
+    def to_diffusers(self) -> dict:
+        """Keyword arguments for a diffusers pipeline call (``pipe(**cond.to_diffusers(), ...)``)."""
+        if self.context.shape != self.negative_context.shape:
+            raise ClipDiffusionError(
+                f"diffusers needs equal shapes: context {tuple(self.context.shape)} vs negative_context "
+                f"{tuple(self.negative_context.shape)}; encode with equalize=True"
+            )
+        out = {"prompt_embeds": self.context, "negative_prompt_embeds": self.negative_context}
+        if self.pooled is not None:
+            out["pooled_prompt_embeds"] = self.pooled
+            out["negative_pooled_prompt_embeds"] = self.negative_pooled
+        return out
+
+
+def _weight_a1111(z, weights, empty):
+    """A1111 "Original" emphasis (``modules/sd_emphasis.py``): z*w, then rescale so the window's mean over all
+    positions and channels is what it was. Per window and per encoder (SDXL's two towers separately).
+
+    Guard (a deliberate deviation from A1111, only where A1111 produces garbage): the rescale is skipped when the
+    factor is not finite, negative (A1111 would flip every vector), or either mean is smaller than ``MEAN_GUARD``
+    times the mean absolute value (the factor would blow the window up or squash it to ~0); the window is then
+    just z*w. Windows whose weights are all 1 are returned untouched.
+    """
+    weighted = z * weights[..., None]
+    original = z.float().mean(dim=(1, 2))
+    new = weighted.float().mean(dim=(1, 2))
+    ratio = original / new
+    big_enough = (new.abs() > MEAN_GUARD * weighted.float().abs().mean(dim=(1, 2))) & (
+        original.abs() > MEAN_GUARD * z.float().abs().mean(dim=(1, 2))
+    )
+    ok = torch.isfinite(ratio) & (ratio > 0) & big_enough
+    ratio = torch.where(ok, ratio, torch.ones_like(ratio)).to(z.dtype)
+    out = weighted * ratio[:, None, None]
+    unweighted = (weights == 1).all(dim=1)
+    return torch.where(unweighted[:, None, None], z, out)
+
+
+def _weight_comfy(z, weights, empty):
+    """ComfyUI (``comfy/sd1_clip.py: encode_token_weights``): z' = empty + (z - empty) * w at the same position,
+    with ``empty`` the encoding of ``""``; no renormalisation. Tokens of weight 1 are untouched."""
+    lerped = empty[None] + (z - empty[None]) * weights[..., None]
+    return torch.where((weights == 1)[..., None], z, lerped)
+
+
+def _weight_none(z, weights, empty):
+    return z
+
+
+# name -> function(z [N, P, D], weights [N, P], empty [P, D] | None); feeds the CLI choices and the errors.
+WEIGHTINGS = {"a1111": _weight_a1111, "comfy": _weight_comfy, "none": _weight_none}
+
+
+def _check_choice(field_name, value, table):
+    if value not in table:
+        raise ClipDiffusionError(f"{field_name}={value!r} is not valid; choose one of: {', '.join(table)}")
+    return value
+
+
+class TextEncoder:
+    """The text side of a Stable Diffusion family: one (SD1, SD2, tiny) or two (SDXL: CLIP-L, then bigG) towers."""
+
+    def __init__(self, family, encoders, tokenizer=None, *, parse=None):
+        _check_choice("family", family, FAMILIES)
+        encoders = tuple(encoders)
+        expected = 2 if family == "sdxl" else 1
+        if len(encoders) != expected or not all(isinstance(e, EncoderSpec) for e in encoders):
+            raise ClipDiffusionError(f"family {family!r} needs {expected} EncoderSpec(s), got {len(encoders)}")
+        self.family = family
+        self.encoders = encoders
+        self._tokenizer = tokenizer
+        self._parse = parse
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from .tokenizer import CLIPTokenizer
+
+            self._tokenizer = CLIPTokenizer()
+        return self._tokenizer
+
+    def parse(self, text):
+        if self._parse is None:
+            from .prompt import parse_prompt
+
+            self._parse = parse_prompt
+        return self._parse(text)
+
+    @property
+    def max_clip_skip(self) -> int:
+        return min(e.max_clip_skip for e in self.encoders)
+
+    def to(self, device=None, dtype=None) -> "TextEncoder":
+        for spec in self.encoders:
+            spec.model.to(device=device, dtype=dtype)
+        return self
+
+    def plan(self, prompt, long_prompt="chunk", weighting="a1111", *, chunk_backtrack=DEFAULT_CHUNK_BACKTRACK,
+             window_stride=DEFAULT_WINDOW_STRIDE, field_name="prompt"):
+        """Parse and lay out one prompt (no torch work): the :class:`chunking.Plan` that ``encode`` would use."""
+        check_prompt_text(field_name, prompt)
+        segments = self.parse(prompt)
+        if weighting == "none":
+            # brackets are parsed away, their weights ignored; BREAK keeps its marker weight
+            segments = [(t, w if (t == "BREAK" and w == -1.0) else 1.0) for t, w in segments]
+        return plan_prompt(segments, self.tokenizer, long_prompt, backtrack=chunk_backtrack, stride=window_stride)
+
+    def _layer_skips(self, clip_skip) -> list:
+        top = self.max_clip_skip
+        if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or not 1 <= clip_skip <= top:
+            raise ClipDiffusionError(
+                f"clip_skip={clip_skip!r} is out of range: this {self.family} text encoder accepts 1..{top} "
+                "(1 = the family's default layer)"
+            )
+        return [e.default_clip_skip + clip_skip - 1 for e in self.encoders]
+
+    def encode(self, prompt, negative_prompt="", clip_skip=1, long_prompt="chunk", weighting="a1111", *,
+               chunk_backtrack=DEFAULT_CHUNK_BACKTRACK, window_stride=DEFAULT_WINDOW_STRIDE, equalize=True):
+        """Encode a prompt and its negative to a :class:`Conditioning`.
+
+        ``clip_skip`` counts like AUTOMATIC1111 (1 = the family's default layer; each step one layer earlier), and
+        the same value applies to the negative prompt (diffusers' ``encode_prompt`` forgets it there):
+
+        ======  ===========================================  ========  ===================  =============
+        family  clip_skip=n selects (HF hidden_states index)  final LN  diffusers clip_skip  ComfyUI layer
+        ======  ===========================================  ========  ===================  =============
+        sd1     [-n]; 1 = last layer                          yes       n-1 (None for 1)     -n
+        sd2     [-(n+1)]; 1 = penultimate                     yes       n-1 (HF: 23 layers)  -(n+1)
+        sdxl    [-(n+1)] in both towers; 1 = penultimate      no        n-1                  -(n+1)
+        ======  ===========================================  ========  ===================  =============
+
+        SD2 and SDXL count from their penultimate default, so clip skip 1 is always what the model was trained
+        with. A1111 differs there: it ignores the slider on SD2, and on SDXL it moves only CLIP-L (option
+        ``sdxl_clip_l_skip``, where its N means ``hidden_states[-N]``, so its 2 is our 1); ComfyUI and
+        stable-diffusion.cpp move both SDXL towers as we do. The SDXL pooled vector always comes from bigG's last
+        layer (final LN, projection) at the first EOS of the **first** window, unweighted.
+
+        ``long_prompt``: ``truncate | chunk | window | stretch`` (``chunking.py``). ``weighting``: ``a1111`` (z*w,
+        mean restored per window and encoder), ``comfy`` (lerp from the empty prompt's encoding), ``none``
+        (brackets parsed away, weights ignored).
+
+        Equal lengths: with ``equalize=True`` the shorter of prompt and negative is padded with whole encoded
+        empty-prompt chunks (A1111's "Pad prompt/negative prompt" option). A1111's default instead runs cond and
+        uncond as separate UNet calls, which is exact; ``context_lengths`` keeps the unpadded lengths so a sampler
+        can do that (``equalize=False`` leaves the contexts unpadded).
+
+        SDXL with ``negative_prompt == ""`` (exactly): negative context and pooled are zeros, as A1111 and sgm
+        (``force_zero_embeddings``) do; padding such a negative uses zero rows too, which is exact because a
+        context of zero rows gives the same cross-attention output at any length.
+        """
+        check_prompt_text("prompt", prompt)
+        check_prompt_text("negative_prompt", negative_prompt)
+        check_strategy(long_prompt)
+        _check_choice("weighting", weighting, WEIGHTINGS)
+        skips = self._layer_skips(clip_skip)
+        options = {"chunk_backtrack": chunk_backtrack, "window_stride": window_stride}
+        pos = self.plan(prompt, long_prompt, weighting, **options)
+        neg = self.plan(negative_prompt, long_prompt, weighting, field_name="negative_prompt", **options)
+        zero_negative = self.family == "sdxl" and negative_prompt == ""
+        plans = [pos] if zero_negative else [pos, neg]
+        lengths = (len(pos.rows), len(neg.rows))
+        positions = pos.positions
+        need_empty = (
+            any(p.uses_empty_window for p in plans)
+            or (weighting == "comfy" and any(w != 1.0 for p in plans for win in p.windows for w in win.weights))
+            or (equalize and lengths[0] != lengths[1] and not (zero_negative and lengths[0] >= lengths[1]))
+        )
+        windows = [w for p in plans for w in p.windows] + ([Window((), (), positions)] if need_empty else [])
+
+        contexts = [[] for _ in plans]
+        empties, pooled = [], None
+        for index, (spec, skip) in enumerate(zip(self.encoders, skips)):
+            want_pooled = self.family == "sdxl" and index == len(self.encoders) - 1
+            out = self._run(spec, skip, windows, positions, want_pooled)
+            empty = out.hidden[-1] if need_empty else None  # (P, D)
+            start = 0
+            for k, plan in enumerate(plans):
+                z = out.hidden[start:start + len(plan.windows)]  # (N, P, D)
+                weights = torch.tensor([w.position_weights() for w in plan.windows], dtype=z.dtype, device=z.device)
+                z = WEIGHTINGS[weighting](z, weights, empty)
+                contexts[k].append(_assemble(z, empty, plan.rows))
+                start += len(plan.windows)
+            empties.append(empty)
+            if want_pooled:
+                pooled = out.pooled[[0] + ([len(pos.windows)] if not zero_negative else [])]  # (1 or 2, P)
+
+        context = torch.cat(contexts[0], dim=-1)  # SDXL: (1, T, 768 + 1280)
+        empty_rows = torch.cat(empties, dim=-1)[None] if need_empty else None  # (1, P, D)
+        notes = []
+        if zero_negative:
+            negative_context = context.new_zeros((1, lengths[1], context.shape[-1]))
+            negative_pooled = torch.zeros_like(pooled[0:1])
+            notes.append("negative_prompt is empty: SDXL negative context and pooled are zeros (A1111/sgm)")
+        else:
+            negative_context = torch.cat(contexts[1], dim=-1)
+            negative_pooled = pooled[1:2] if pooled is not None else None
+        if equalize and lengths[0] != lengths[1]:
+            context, negative_context, note = _equalize(context, negative_context, empty_rows, zero_negative)
+            notes.append(note)
+        report = ConditioningReport(pos.report, neg.report, tuple(notes))
+        return Conditioning(context, negative_context, pooled[0:1] if pooled is not None else None,
+                            negative_pooled, report, lengths)
+
+    def _run(self, spec, clip_skip, windows, positions, pooled):
+        """All windows through one tower in a single batch: hidden [N, P, D] and pooled [N, P'] | None."""
+        model = spec.model
+        table = None
+        if positions == STRETCH_POSITIONS and model.config.max_positions < STRETCH_POSITIONS:
+            from .clip import stretch_position_embedding
+
+            table = stretch_position_embedding(model.embeddings.position_embedding.weight.detach())
+        ids = torch.tensor([w.ids(spec.pad_id) for w in windows], dtype=torch.long)  # (N, P)
+        with torch.no_grad():
+            return model(ids, clip_skip=clip_skip, final_norm=spec.final_norm, pooled=pooled,
+                         position_embedding=table)
+
+
+def _assemble(z, empty, rows):
+    """Gather output rows (window, position) from the weighted windows z [N, P, D]; EMPTY_WINDOW rows from the
+    empty prompt's encoding. Returns [1, T, D]."""
+    source = z if empty is None else torch.cat([z, empty[None]])  # (N [+1], P, D)
+    n = z.shape[0]
+    win = torch.tensor([n if w == EMPTY_WINDOW else w for w, _ in rows], device=z.device)
+    pos = torch.tensor([p for _, p in rows], device=z.device)
+    return source[win, pos][None]  # (1, T, D)
+
+
+def _equalize(context, negative_context, empty_rows, zero_negative):
+    """Pad the shorter context with whole empty-prompt chunks (or zero rows for a zeroed SDXL negative)."""
+    short_is_negative = negative_context.shape[1] < context.shape[1]
+    short, long = (negative_context, context) if short_is_negative else (context, negative_context)
+    missing = long.shape[1] - short.shape[1]
+    if short_is_negative and zero_negative:
+        padded = torch.cat([short, short.new_zeros((1, missing, short.shape[-1]))], dim=1)
+        note = f"negative_prompt padded with {missing} zero rows to {long.shape[1]} rows"
+    else:
+        chunk = empty_rows.shape[1]
+        assert missing % chunk == 0, (missing, chunk)  # both sides are whole chunks of the same strategy
+        padded = torch.cat([short, empty_rows.expand(missing // chunk, -1, -1).reshape(1, missing, -1)], dim=1)
+        name = "negative_prompt" if short_is_negative else "prompt"
+        note = f"{name} padded with {missing // chunk} empty-prompt chunk(s) to {long.shape[1]} rows"
+    if short_is_negative:
+        return context, padded, note
+    return padded, negative_context, note
+
+

@@ -1,0 +1,286 @@
+"""TextEncoder.encode on tiny random CLIP towers: weighting math, clip skip (negative included), equal lengths,
+long-prompt rows, SDXL concat/pooled/zero negative, to_diffusers, bad input, and parity with transformers."""
+
+import re
+
+import pytest
+import torch
+
+from clipdiffusion.errors import ClipDiffusionError, PromptError
+from clipdiffusion.text.chunking import BOS_ID, EOS_ID
+from clipdiffusion.text.clip import CLIPTextConfig, CLIPTextModel, stretch_position_embedding
+from clipdiffusion.text.conditioning import (
+    WEIGHTINGS,
+    Conditioning,
+    EncoderSpec,
+    TextEncoder,
+    _weight_a1111,
+)
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    try:
+        from clipdiffusion.text.tokenizer import CLIPTokenizer
+    except ImportError:  # until text/tokenizer.py lands: open_clip's tokenizer is the same CLIP BPE
+        from refs import open_clip_module
+
+        return open_clip_module("tokenizer").SimpleTokenizer()
+    return CLIPTokenizer()
+
+
+def _stand_in_parse(text):
+    """Enough of the A1111 grammar for these tests: (text:w) and BREAK."""
+    out = []
+    for i, part in enumerate(re.split(r"\s*\bBREAK\b\s*", text)):
+        if i:
+            out.append(("BREAK", -1.0))
+        for m in re.finditer(r"\(([^():]*):([-+\w.]+)\)|([^()]+)", part):
+            out.append((m.group(3), 1.0) if m.group(3) is not None else (m.group(1), float(m.group(2))))
+    return out or [("", 1.0)]
+
+
+@pytest.fixture(scope="module")
+def parse():
+    try:
+        from clipdiffusion.text.prompt import parse_prompt
+    except ImportError:
+        return _stand_in_parse
+    return parse_prompt
+
+
+def tiny_model(seed, width=32, layers=3, projection_dim=None):
+    torch.manual_seed(seed)
+    model = CLIPTextModel(CLIPTextConfig(width=width, layers=layers, heads=2, projection_dim=projection_dim)).eval()
+    with torch.no_grad():  # a non-trivial final LN, so that hidden means are not ~0 as with a fresh LayerNorm
+        model.final_layer_norm.weight.normal_(1.0, 0.3)
+        model.final_layer_norm.bias.normal_(0.2, 0.3)
+    return model
+
+
+@pytest.fixture(scope="module")
+def sd1(tok, parse):
+    return TextEncoder("sd1", [EncoderSpec("clip_l", tiny_model(0), EOS_ID, True, 1)], tok, parse=parse)
+
+
+@pytest.fixture(scope="module")
+def sdxl(tok, parse):
+    specs = [
+        EncoderSpec("clip_l", tiny_model(1, width=32), EOS_ID, False, 2),
+        EncoderSpec("clip_g", tiny_model(2, width=48, layers=4, projection_dim=24), 0, False, 2),
+    ]
+    return TextEncoder("sdxl", specs, tok, parse=parse)
+
+
+def window_ids(tok, text, pad=EOS_ID, positions=77):
+    ids = tok.encode(text)
+    return [BOS_ID, *ids, EOS_ID] + [pad] * (positions - len(ids) - 2)
+
+
+def direct(spec, ids, clip_skip, **kw):
+    with torch.no_grad():
+        return spec.model(torch.tensor([ids]), clip_skip=clip_skip, final_norm=spec.final_norm, **kw)
+
+
+def test_shapes_and_to_diffusers(sd1):
+    cond = sd1.encode("a red cat", "blurry")
+    assert isinstance(cond, Conditioning)
+    assert cond.context.shape == cond.negative_context.shape == (1, 77, 32)
+    assert cond.pooled is None and cond.context_lengths == (77, 77)
+    assert set(cond.to_diffusers()) == {"prompt_embeds", "negative_prompt_embeds"}
+    assert cond.report.prompt.summary() == "3/75"
+
+
+@pytest.mark.parametrize("clip_skip", [1, 2, 3])
+def test_clip_skip_applies_to_prompt_and_negative(sd1, tok, clip_skip):
+    spec = sd1.encoders[0]
+    cond = sd1.encode("a red cat", "blurry photo", clip_skip=clip_skip, weighting="none")
+    assert torch.equal(cond.context[0], direct(spec, window_ids(tok, "a red cat"), clip_skip).hidden[0])
+    assert torch.equal(cond.negative_context[0], direct(spec, window_ids(tok, "blurry photo"), clip_skip).hidden[0])
+
+
+def test_clip_skip_out_of_range(sd1):
+    for bad in (0, 4, "2", True, 1.5):
+        with pytest.raises(ClipDiffusionError, match=r"clip_skip=.*1\.\.3"):
+            sd1.encode("cat", clip_skip=bad)
+
+
+def test_a1111_weighting_restores_mean(sd1):
+    plain = sd1.encode("cat dog sky", weighting="none").context[0]
+    cond = sd1.encode("(cat:1.5) dog (sky:0.5)", weighting="a1111").context[0]
+    weights = torch.ones(77)
+    weights[1], weights[3] = 1.5, 0.5
+    expected = plain * weights[:, None]
+    expected = expected * (plain.mean() / expected.mean())
+    torch.testing.assert_close(cond, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(cond.mean(), plain.mean(), rtol=1e-5, atol=1e-7)
+
+
+def test_a1111_per_chunk_and_unweighted_chunk_untouched(sd1):
+    text = " ".join(["cat"] * 75)
+    plain = sd1.encode(text + " dog", weighting="none").context[0]
+    cond = sd1.encode(text + " (dog:2.0)", weighting="a1111").context[0]
+    assert torch.equal(cond[:77], plain[:77])  # chunk 1 has no weights: bit-identical
+    torch.testing.assert_close(cond[77:].mean(), plain[77:].mean(), rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(cond[77:], plain[77:])
+
+
+def test_a1111_mean_guard():
+    z = torch.randn(2, 5, 4)
+    z = z - z.mean(dim=(1, 2), keepdim=True)  # original mean exactly ~0 ...
+    w = torch.ones(2, 5)
+    w[:, 2] = 3.0
+    out = _weight_a1111(z, w, None)  # ... so no rescale (it would squash the window to ~0): plain z * w
+    torch.testing.assert_close(out, z * w[..., None])
+    flat = torch.ones(1, 3, 2)
+    wf = torch.tensor([[1.0, 0.0, 1.0]])
+    base = flat.clone()
+    base[0, 1] = -2.0  # weighting token 1 to 0 moves the mean from 0 to +: no sign flip, no blow-up
+    out = _weight_a1111(base, wf, None)
+    torch.testing.assert_close(out, base * wf[..., None])
+
+
+def test_comfy_weighting_lerps_from_empty(sd1):
+    plain = sd1.encode("cat dog", weighting="none").context[0]
+    empty = sd1.encode("", weighting="none").context[0]
+    cond = sd1.encode("(cat:1.5) dog", weighting="comfy").context[0]
+    expected = plain.clone()
+    expected[1] = empty[1] + (plain[1] - empty[1]) * 1.5
+    torch.testing.assert_close(cond, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_none_weighting_ignores_weights(sd1):
+    a = sd1.encode("(cat:1.5) dog", weighting="none").context
+    b = sd1.encode("cat dog", weighting="a1111").context
+    assert torch.equal(a, b)
+
+
+def test_negative_and_positive_equal_length(sd1):
+    long = " ".join(["cat"] * 100)
+    cond = sd1.encode(long, "blurry")
+    empty = sd1.encode("", weighting="none").context[0]
+    assert cond.context.shape == cond.negative_context.shape == (1, 154, 32)
+    assert cond.context_lengths == (154, 77)
+    torch.testing.assert_close(cond.negative_context[0, 77:], empty, rtol=0, atol=1e-6)
+    assert any("empty-prompt chunk" in n for n in cond.report.notes)
+    swapped = sd1.encode("blurry", long)
+    assert swapped.context.shape == (1, 154, 32) and torch.allclose(swapped.context[0, 77:], empty, atol=1e-6)
+    unequal = sd1.encode(long, "blurry", equalize=False)
+    assert unequal.negative_context.shape == (1, 77, 32)
+    with pytest.raises(ClipDiffusionError, match="equalize"):
+        unequal.to_diffusers()
+
+
+def test_chunks_are_encoded_independently(sd1, tok):
+    text = " ".join(["cat"] * 75) + " red dog"
+    cond = sd1.encode(text, weighting="none")
+    second = direct(sd1.encoders[0], window_ids(tok, "red dog"), 1).hidden[0]
+    torch.testing.assert_close(cond.context[0, 77:], second, rtol=0, atol=1e-6)
+
+
+def test_window_rows(sd1):
+    text = " ".join(["cat", "dog"] * 50)  # 100 tokens: windows at 0 and 25
+    cond = sd1.encode(text, "", long_prompt="window", weighting="none")
+    empty = sd1.encode("", weighting="none").context[0]
+    assert cond.context.shape == (1, 154, 32) and cond.negative_context.shape == (1, 154, 32)
+    chunked = sd1.encode(text, long_prompt="chunk", weighting="none").context[0]
+    torch.testing.assert_close(cond.context[0, :76], chunked[:76], rtol=0, atol=1e-6)  # BOS + first 75 tokens
+    torch.testing.assert_close(cond.context[0, 102:], empty[102 - 77:], rtol=0, atol=1e-6)  # padding rows
+
+
+def test_stretch(sd1, tok):
+    spec = sd1.encoders[0]
+    text = " ".join(["cat"] * 100)
+    cond = sd1.encode(text, "dog", long_prompt="stretch", weighting="none")
+    assert cond.context.shape == cond.negative_context.shape == (1, 248, 32)
+    table = stretch_position_embedding(spec.model.embeddings.position_embedding.weight.detach())
+    ref = direct(spec, window_ids(tok, text, positions=248), 1, position_embedding=table).hidden[0]
+    torch.testing.assert_close(cond.context[0], ref, rtol=0, atol=1e-6)
+
+
+def test_sdxl_concat_pooled_and_zero_negative(sdxl, tok):
+    l_spec, g_spec = sdxl.encoders
+    cond = sdxl.encode("a red cat", "", weighting="none")
+    assert cond.context.shape == (1, 77, 80) and cond.pooled.shape == (1, 24)
+    l_ref = direct(l_spec, window_ids(tok, "a red cat"), 2).hidden[0]
+    g_out = direct(g_spec, window_ids(tok, "a red cat", pad=0), 2, pooled=True)
+    torch.testing.assert_close(cond.context[0, :, :32], l_ref, rtol=0, atol=1e-6)
+    torch.testing.assert_close(cond.context[0, :, 32:], g_out.hidden[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(cond.pooled, g_out.pooled, rtol=0, atol=1e-6)
+    assert torch.count_nonzero(cond.negative_context) == 0 and torch.count_nonzero(cond.negative_pooled) == 0
+    assert cond.negative_context.shape == (1, 77, 80) and cond.negative_pooled.shape == (1, 24)
+    d = cond.to_diffusers()
+    assert set(d) == {"prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds",
+                      "negative_pooled_prompt_embeds"}
+    neg = sdxl.encode("a red cat", "blurry", weighting="none")
+    assert torch.count_nonzero(neg.negative_context) > 0 and torch.count_nonzero(neg.negative_pooled) > 0
+
+
+def test_sdxl_pooled_from_first_chunk_unweighted_and_zero_padding(sdxl, tok):
+    long = "(red:1.4) cat " + " ".join(["dog"] * 90)
+    cond = sdxl.encode(long, "", weighting="a1111")
+    first = "red cat " + " ".join(["dog"] * 73)
+    ref = direct(sdxl.encoders[1], window_ids(tok, first, pad=0), 2, pooled=True).pooled
+    torch.testing.assert_close(cond.pooled, ref, rtol=0, atol=1e-6)
+    assert cond.context.shape == cond.negative_context.shape == (1, 154, 80)
+    assert torch.count_nonzero(cond.negative_context) == 0
+
+
+def test_sdxl_clip_skip_moves_both_towers(sdxl, tok):
+    cond = sdxl.encode("a red cat", "blurry", clip_skip=2, weighting="none")
+    l_ref = direct(sdxl.encoders[0], window_ids(tok, "blurry"), 3).hidden[0]
+    g_ref = direct(sdxl.encoders[1], window_ids(tok, "blurry", pad=0), 3).hidden[0]
+    torch.testing.assert_close(cond.negative_context[0], torch.cat([l_ref, g_ref], -1), rtol=0, atol=1e-6)
+    with pytest.raises(ClipDiffusionError, match=r"1\.\.2"):
+        sdxl.encode("cat", clip_skip=3)
+
+
+def test_bad_input(sd1, tok):
+    with pytest.raises(PromptError, match="prompt must be a string"):
+        sd1.encode(None)
+    with pytest.raises(PromptError, match="negative_prompt"):
+        sd1.encode("cat", 5)
+    with pytest.raises(ClipDiffusionError, match="weighting='loud'.*a1111, comfy, none"):
+        sd1.encode("cat", weighting="loud")
+    with pytest.raises(ClipDiffusionError, match="long_prompt='x'"):
+        sd1.encode("cat", long_prompt="x")
+    nan = TextEncoder("sd1", sd1.encoders, tok, parse=lambda text: [(text, float("nan"))])
+    with pytest.raises(PromptError, match="nan"):
+        nan.encode("cat")
+    with pytest.raises(PromptError, match="10000"):
+        sd1.encode("cat " * 10_001)
+    with pytest.raises(ClipDiffusionError, match="family"):
+        TextEncoder("sd3", sd1.encoders, tok)
+    assert list(WEIGHTINGS) == ["a1111", "comfy", "none"]
+
+
+@pytest.mark.parametrize("clip_skip", [1, 2])
+@pytest.mark.parametrize("pad_id,default_skip", [(EOS_ID, 1), (0, 2)])
+def test_parity_with_transformers(tok, parse, clip_skip, pad_id, default_skip):
+    """Our context equals diffusers' encode_prompt logic on the same weights: hidden_states[-(skip)] + final LN on
+    ids padded to 77 (EOS for CLIP-L, 0 after EOS for OpenCLIP). Tolerance 1e-5 (float32, same op order)."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.CLIPTextConfig(
+        vocab_size=49408, hidden_size=32, intermediate_size=128, num_hidden_layers=3, num_attention_heads=2,
+        max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=BOS_ID, eos_token_id=EOS_ID,
+    )
+    torch.manual_seed(7)
+    ref = transformers.CLIPTextModel(config).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    ours = CLIPTextModel(CLIPTextConfig(width=32, layers=3, heads=2))
+    sd = {k.removeprefix("text_model."): v for k, v in ref.state_dict().items()}
+    ours.load_state_dict(sd, strict=True)
+    enc = TextEncoder("sd1", [EncoderSpec("clip", ours.eval(), pad_id, True, default_skip)], tok, parse=parse)
+    prompt, negative = "a photograph of an astronaut riding a horse", "blurry, low quality"
+    cond = enc.encode(prompt, negative, clip_skip=clip_skip, long_prompt="truncate", weighting="none")
+    layer = default_skip + clip_skip - 1  # hidden_states[-layer]; diffusers' clip_skip = layer - 1
+    for text, got in ((prompt, cond.context), (negative, cond.negative_context)):
+        ids = torch.tensor([window_ids(tok, text, pad=pad_id)])
+        with torch.no_grad():
+            out = ref(ids, output_hidden_states=True)
+            want = ref.final_layer_norm(out.hidden_states[-layer])
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
