@@ -14,11 +14,14 @@ from torch import nn
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in fp32 whatever the activation dtype, as LDM's `GroupNorm32` does (fp16 statistics
+    """GroupNorm computed in fp32 for half-precision activations, as LDM's `GroupNorm32` does (fp16 statistics
     over 4096 positions lose too much precision). A no-op cast for fp32 models."""
 
     def forward(self, x):
-        return super().forward(x.float()).to(x.dtype)
+        if x.dtype in (torch.float16, torch.bfloat16):
+            return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(),
+                                self.eps).to(x.dtype)
+        return super().forward(x)
 
 
 class CrossAttention(nn.Module):
