@@ -40,6 +40,7 @@ META_PREDICTION = "clipdiffusion.prediction"
 META_UNET = "clipdiffusion.unet_config"
 META_VAE = "clipdiffusion.vae_config"
 META_TEXT = "clipdiffusion.text_configs"
+DIFFUSERS_FAMILY_KEY = "_clipdiffusion_family"  # in model_index.json of folders we write
 _MODELSPEC_PREDICTION = {"epsilon": "eps", "eps": "eps", "v": "v", "v_prediction": "v"}
 _MODELSPEC_ARCH = {
     "stable-diffusion-v1": ("sd1", None),
@@ -182,15 +183,17 @@ def detect_family(shapes: dict, metadata: dict | None = None, *, prediction: str
     declared = metadata.get(META_FAMILY)
     if declared is not None and declared not in FAMILIES:
         raise CheckpointError(path, f"metadata {META_FAMILY}={declared!r} is not one of {FAMILIES}")
-    if declared == "tiny":
-        # Our embedded model's sizes match no public family; its metadata is the only authority.
+    if declared == "tiny" or (declared is not None and META_UNET in metadata):
+        # Files we wrote carry their configs; their sizes (the embedded tiny model, tiny test variants of each
+        # layout) match no public family, so the metadata is the authority and strict loading checks the rest.
         first = shapes.get(f"{UNET_PREFIX}input_blocks.0.0.weight")
         if first is None or len(first) != 4:
-            raise CheckpointError(path, f"tiny: no LDM UNet found under {UNET_PREFIX!r} ({_found(shapes, path)})")
+            raise CheckpointError(path, f"{declared}: no LDM UNet found under {UNET_PREFIX!r} ({_found(shapes, path)})")
         to_k = _first(shapes, ".attn2.to_k.weight")
-        name = "tiny"
+        label = shapes.get(f"{UNET_PREFIX}label_emb.0.0.weight")
+        name = declared
         measured = dict(in_channels=first[1], model_channels=first[0], context_dim=to_k[1] if to_k else None,
-                        adm_in_channels=None)  # fmt: skip
+                        adm_in_channels=label[1] if label else None)  # fmt: skip
     else:
         name, measured = _family_from_shapes(path, shapes)
         if declared is not None and declared != name:

@@ -1,0 +1,390 @@
+"""Single-file checkpoints and diffusers folders -> ready components (text encoder, UNet, VAE).
+
+Loading is strict (style rule 2): every tensor in the file is either loaded, or on the short named list of
+ignorable keys (detect.py), and one ``CheckpointError`` lists every missing, unexpected and mis-shaped key of
+every component. Models are built on the meta device and adopt the loaded tensors, so no random weights are
+ever allocated. Hyperparameters that weights cannot reveal (head split, norm groups, scale factor, prediction)
+come from our own metadata when we wrote the file, else from the family.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import CheckpointError, ClipDiffusionError
+from . import detect
+from .safetensors_io import is_pickle_path, load_file, load_pickle, read_header
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    family: str  # "sd1" | "sd2" | "sdxl" | "tiny"
+    prediction: str  # "eps" | "v"
+    text_encoder: object  # text.conditioning.TextEncoder
+    unet: object  # diffusion.unet.UNetModel
+    vae: object  # diffusion.vae.AutoencoderKL
+    unet_config: object
+    vae_config: object
+    metadata: dict = field(default_factory=dict)
+    ignored_keys: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+    source: str = ""
+
+
+# --- configs that weights cannot reveal --------------------------------------------------------------------
+
+
+def config_from_json(cls, text, *, source, what):
+    """A frozen config dataclass from our metadata JSON; lists become tuples, unknown fields are an error."""
+    try:
+        data = json.loads(text) if isinstance(text, str) else text
+    except ValueError:
+        raise CheckpointError(source, f"metadata {what} is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(source, f"metadata {what} must be a JSON object")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise CheckpointError(source, f"metadata {what} has unknown fields {unknown}")
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+    try:
+        return cls(**values)
+    except (ClipDiffusionError, TypeError) as exc:
+        raise CheckpointError(source, f"metadata {what}: {exc}") from None
+
+
+def config_to_json(config) -> str:
+    return json.dumps(dataclasses.asdict(config), separators=(",", ":"))
+
+
+def _meta_shapes(sd: dict, prefix: str) -> dict:
+    """Shape-only stand-ins for ``from_weights`` (which reads ``.shape`` and nothing else)."""
+    return {k: torch.empty(v, device="meta") for k, v in sd.items() if k.startswith(prefix)}
+
+
+def _unet_config(family, shapes, metadata, source):
+    from ..diffusion import unet
+
+    if detect.META_UNET in metadata:
+        return config_from_json(unet.UNetConfig, metadata[detect.META_UNET], source=source, what=detect.META_UNET)
+    # from_weights' default head split (conv projections: 8 heads; linear: 64-wide heads) is SD1/SD2/SDXL's.
+    extra = {}
+    if family == "tiny":
+        preset = unet.PRESETS["tiny"]
+        extra = dict(num_heads=preset.num_heads, head_channels=preset.head_channels)
+    try:
+        return unet.UNetConfig.from_weights(_meta_shapes(shapes, detect.UNET_PREFIX), **extra)
+    except (ClipDiffusionError, KeyError) as exc:
+        raise CheckpointError(source, f"UNet structure not recognised: {exc}") from None
+
+
+def _vae_config(family, shapes, metadata, source):
+    from ..diffusion import vae
+
+    if detect.META_VAE in metadata:
+        return config_from_json(vae.VAEConfig, metadata[detect.META_VAE], source=source, what=detect.META_VAE)
+    try:
+        return vae.VAEConfig.from_weights(_meta_shapes(shapes, detect.VAE_PREFIX),
+                                          scale_factor=vae.PRESETS[family].scale_factor)  # fmt: skip
+    except (ClipDiffusionError, KeyError) as exc:
+        raise CheckpointError(source, f"VAE structure not recognised: {exc}") from None
+
+
+def _text_configs(metadata, source):
+    from ..text.clip import CLIPTextConfig
+
+    if detect.META_TEXT not in metadata:
+        return None
+    try:
+        items = json.loads(metadata[detect.META_TEXT])
+    except ValueError:
+        raise CheckpointError(source, f"metadata {detect.META_TEXT} is not valid JSON") from None
+    if not isinstance(items, list):
+        raise CheckpointError(source, f"metadata {detect.META_TEXT} must be a JSON list")
+    return [config_from_json(CLIPTextConfig, c, source=source, what=detect.META_TEXT) for c in items]
+
+
+# --- strict module building --------------------------------------------------------------------------------
+
+
+def _problems(what, expected: dict, given: dict) -> list[str]:
+    """Every missing, unexpected and mis-shaped key, by the names they have in the file."""
+    missing = sorted(k for k in expected if k not in given)
+    unexpected = sorted(k for k in given if k not in expected)
+    bad = sorted(f"{k} {list(given[k])} (expected {list(expected[k])})"
+                 for k in expected if k in given and tuple(given[k]) != tuple(expected[k]))  # fmt: skip
+    out = []
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", bad)):
+        if items:
+            out.append(f"{what} {label} ({len(items)}): {', '.join(items)}")
+    return out
+
+
+def _expected(cls, config, prefix=""):
+    return {prefix + k: tuple(v.shape) for k, v in cls(config, device="meta").state_dict().items()}
+
+
+def build_module(cls, config, tensors: dict, *, dtype, device):
+    """Instantiate on the meta device and adopt ``tensors`` (already checked): no random init, no extra copy."""
+    model = cls(config, device="meta")
+    cast = {}
+    for name, value in tensors.items():
+        if dtype is not None and value.is_floating_point():
+            value = value.to(dtype)
+        cast[name] = value.to(device)
+    model.load_state_dict(cast, strict=True, assign=True)
+    leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if leftover:  # a non-persistent buffer was created on meta: rebuild the ordinary way
+        model = cls(config, device=device, dtype=dtype)
+        model.load_state_dict(cast, strict=True)
+    return model.eval().requires_grad_(False)
+
+
+def _text_encoder(family, text_sd, configs, *, source, dtype, device):
+    """Text towers through text/loading.py (layout and conditioning semantics live there); our metadata's
+    configs then fix what weights cannot reveal (heads, activation) for the embedded tiny model."""
+    from ..text.clip import CLIPTextModel
+    from ..text.conditioning import TextEncoder
+    from ..text.loading import text_encoders_from_state_dict
+
+    result = text_encoders_from_state_dict(text_sd, source=source, dtype=dtype, device=device)
+    encoders = list(result.encoders)
+    if configs is not None:
+        if len(configs) != len(encoders):
+            raise CheckpointError(source, f"metadata {detect.META_TEXT} lists {len(configs)} text encoders, "
+                                          f"the weights hold {len(encoders)}")  # fmt: skip
+        for i, (spec, config) in enumerate(zip(encoders, configs)):
+            if spec.model.config != config:
+                model = CLIPTextModel.from_state_dict(spec.model.state_dict(), config, dtype=dtype, device=device)
+                encoders[i] = dataclasses.replace(spec, model=model.eval().requires_grad_(False))
+    for spec in encoders:
+        spec.model.eval().requires_grad_(False)
+    return TextEncoder(family, encoders), tuple(result.ignored)
+
+
+# --- single files ------------------------------------------------------------------------------------------
+
+
+def load_checkpoint(path, *, dtype=torch.float32, device="cpu", prediction=None) -> LoadedModel:
+    """Load an LDM/SGM single-file checkpoint (.safetensors, or a pickle through the weights-only unpickler)."""
+    path = Path(path)
+    source = str(path)
+    if not path.is_file():
+        raise CheckpointError(path, "no such file")
+    if is_pickle_path(path):
+        tensors = load_pickle(path)
+        shapes, metadata = {k: tuple(v.shape) for k, v in tensors.items()}, {}
+    else:
+        header = read_header(path)
+        tensors, shapes, metadata = None, header.shapes(), header.metadata
+    fam = detect.detect_family(shapes, metadata, prediction=prediction, path=source)
+    unet_config = _unet_config(fam.name, shapes, metadata, source)
+    vae_config = _vae_config(fam.name, shapes, metadata, source)
+    text_configs = _text_configs(metadata, source)
+
+    from ..diffusion.unet import UNetModel
+    from ..diffusion.vae import AutoencoderKL
+
+    text_prefixes = ("cond_stage_model.", "conditioner.")
+    unet_keys = [k for k in shapes if k.startswith(detect.UNET_PREFIX) and not detect.is_ignored_key(k)]
+    vae_keys = [k for k in shapes if k.startswith(detect.VAE_PREFIX)]
+    text_keys = [k for k in shapes if k.startswith(text_prefixes)]
+    ignored = [k for k in shapes if detect.is_ignored_key(k) and not k.startswith(text_prefixes)]
+    stray = sorted(set(shapes) - set(unet_keys) - set(vae_keys) - set(text_keys) - set(ignored))
+    problems = _problems("UNet", _expected(UNetModel, unet_config, detect.UNET_PREFIX), {k: shapes[k] for k in unet_keys})
+    problems += _problems("VAE", _expected(AutoencoderKL, vae_config, detect.VAE_PREFIX), {k: shapes[k] for k in vae_keys})
+    if stray:
+        problems.append(f"unexpected keys outside any component ({len(stray)}): {', '.join(stray)}")
+    if problems:
+        raise CheckpointError(path, f"{fam.name} checkpoint does not match: " + "; ".join(problems))
+
+    wanted = unet_keys + vae_keys + text_keys
+    if tensors is None:
+        tensors = load_file(path, keys=wanted)
+    text_encoder, text_ignored = _text_encoder(
+        fam.name, {k: tensors[k] for k in text_keys}, text_configs, source=source, dtype=dtype, device=device
+    )
+    n_unet, n_vae = len(detect.UNET_PREFIX), len(detect.VAE_PREFIX)
+    unet = build_module(UNetModel, unet_config, {k[n_unet:]: tensors[k] for k in unet_keys}, dtype=dtype, device=device)
+    vae = build_module(AutoencoderKL, vae_config, {k[n_vae:]: tensors[k] for k in vae_keys}, dtype=dtype, device=device)
+    return LoadedModel(
+        family=fam.name, prediction=fam.prediction, text_encoder=text_encoder, unet=unet, vae=vae,
+        unet_config=unet_config, vae_config=vae_config, metadata=dict(metadata),
+        ignored_keys=tuple(sorted(set(ignored) | set(text_ignored))), notes=fam.notes, source=source,
+    )  # fmt: skip
+
+
+# --- diffusers folders -------------------------------------------------------------------------------------
+
+_MAX_JSON_BYTES = 10_000_000
+_SHARD_NAME = re.compile(r"^[\w.\-]+\.safetensors$")
+PIPELINES = {"StableDiffusionPipeline", "StableDiffusionXLPipeline"}
+
+
+def read_json(path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(path, "no such file")
+    if path.stat().st_size > _MAX_JSON_BYTES:
+        raise CheckpointError(path, f"JSON file larger than {_MAX_JSON_BYTES} bytes")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointError(path, f"not valid JSON ({str(exc)[:80]})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(path, "must hold a JSON object")
+    return data
+
+
+def component_weights(folder: Path, stem: str, variant: str | None = None) -> list[Path]:
+    """The weight files of one component: single, variant (``.fp16``), sharded (index), or legacy ``.bin``."""
+    names = [f"{stem}.{variant}" if variant else None, stem]
+    for name in filter(None, names):
+        single = folder / f"{name}.safetensors"
+        if single.is_file():
+            return [single]
+        index = folder / f"{name}.safetensors.index.json"
+        if index.is_file():
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise CheckpointError(index, "weight_map must be a non-empty object")
+            files = sorted(set(weight_map.values()), key=str)
+            # Shard names come from the file: plain names inside this folder only, no path traversal.
+            bad = [f for f in files if not isinstance(f, str) or not _SHARD_NAME.match(f) or ".." in f]
+            if bad:
+                raise CheckpointError(index, f"weight_map names invalid shard files {bad[:5]}")
+            return [folder / f for f in files]
+    legacy = folder / ("pytorch_model.bin" if stem == "model" else f"{stem}.bin")
+    if legacy.is_file():
+        return [legacy]
+    raise CheckpointError(folder, f"no {stem}.safetensors, {stem}.safetensors.index.json or .bin weights found")
+
+
+def load_component_files(files) -> dict:
+    tensors = {}
+    for f in files:
+        part = load_file(f)
+        dup = sorted(set(part) & set(tensors))
+        if dup:
+            raise CheckpointError(f, f"keys repeated across shards: {dup[:5]}")
+        tensors.update(part)
+    return tensors
+
+
+def _diffusers_prediction(folder, family, override):
+    if override is not None:
+        if override not in detect.PREDICTIONS:
+            raise CheckpointError(folder, f"prediction must be one of {detect.PREDICTIONS}, got {override!r}")
+        return override, ()
+    scheduler = folder / "scheduler" / "scheduler_config.json"
+    if scheduler.is_file():
+        kind = read_json(scheduler).get("prediction_type", "epsilon")
+        if kind not in ("epsilon", "v_prediction"):
+            raise CheckpointError(scheduler, f"prediction_type {kind!r} is not supported (epsilon, v_prediction)")
+        return ("v" if kind == "v_prediction" else "eps"), ()
+    note = f"no scheduler/scheduler_config.json: using the {family} default prediction"
+    return detect.DEFAULT_PREDICTION[family], (note,)
+
+
+def _text_sd_from_diffusers(family, folder, variant):
+    """diffusers text_encoder(_2) folders -> one state dict in the family's single-file layout, so text/loading.py
+    applies the same conditioning semantics to both sources."""
+    from ..text.loading import to_open_clip_state_dict
+
+    def hf(sub):
+        sd = load_component_files(component_weights(folder / sub, "model", variant))
+        return {("text_model." + k if not k.startswith(("text_model.", "text_projection")) else k): v
+                for k, v in sd.items()}  # fmt: skip
+
+    te = hf("text_encoder")
+    if family != "sdxl":
+        if family == "sd2":
+            return te  # 23-layer HF tower (diffusers dropped the last one); loading.py knows it standalone
+        return {"cond_stage_model.transformer." + k: v for k, v in te.items()}
+    te2 = hf("text_encoder_2")
+    ours2 = {k.removeprefix("text_model."): v for k, v in te2.items() if not k.endswith("position_ids")}
+    out = {"conditioner.embedders.0.transformer." + k: v for k, v in te.items()}
+    out.update({"conditioner.embedders.1.model." + k: v for k, v in to_open_clip_state_dict(ours2).items()})
+    return out
+
+
+def _text_configs_from_diffusers(folder, family):
+    from ..text.clip import CLIPTextConfig
+
+    configs = []
+    for sub in ("text_encoder", "text_encoder_2") if family == "sdxl" else ("text_encoder",):
+        c = read_json(folder / sub / "config.json")
+        try:
+            configs.append(CLIPTextConfig(
+                vocab_size=c.get("vocab_size", 49408), width=c["hidden_size"], layers=c["num_hidden_layers"],
+                heads=c["num_attention_heads"], max_positions=c.get("max_position_embeddings", 77),
+                activation=c.get("hidden_act", "quick_gelu"), layer_norm_eps=c.get("layer_norm_eps", 1e-5),
+                projection_dim=c.get("projection_dim") if sub == "text_encoder_2" else None,
+                mlp_width=c.get("intermediate_size") if c.get("intermediate_size") != 4 * c["hidden_size"] else None,
+            ))  # fmt: skip
+        except (KeyError, ClipDiffusionError) as exc:
+            raise CheckpointError(folder / sub / "config.json", f"unsupported text encoder config: {exc}") from None
+    return configs
+
+
+def load_diffusers(folder, *, dtype=torch.float32, device="cpu", prediction=None, variant=None) -> LoadedModel:
+    """Load a diffusers pipeline folder (model_index.json, unet/, vae/, text_encoder/[, text_encoder_2/])."""
+    from ..diffusion.unet import UNetModel
+    from ..diffusion.vae import AutoencoderKL
+    from .diffusers_unet import unet_config_from_diffusers, unet_diffusers_to_ldm
+    from .diffusers_vae import vae_config_from_diffusers, vae_diffusers_to_ldm
+
+    folder = Path(folder)
+    index = read_json(folder / "model_index.json")
+    kind = index.get("_class_name")
+    if kind not in PIPELINES:
+        raise CheckpointError(folder / "model_index.json", f"_class_name {kind!r} is not one of {sorted(PIPELINES)}")
+    unet_json = read_json(folder / "unet" / "config.json")
+    # Folders we wrote name their family (tiny sizes match no public one); diffusers ignores "_" keys.
+    family = index.get(detect.DIFFUSERS_FAMILY_KEY)
+    if family is not None and family not in detect.FAMILIES:
+        raise CheckpointError(folder / "model_index.json", f"{detect.DIFFUSERS_FAMILY_KEY}={family!r} is unknown")
+    if family is None:
+        family = detect.family_from_diffusers(unet_json, (folder / "text_encoder_2").is_dir(), path=str(folder))
+    pred, notes = _diffusers_prediction(folder, family, prediction)
+    try:
+        unet_config = unet_config_from_diffusers(unet_json)
+        vae_config = vae_config_from_diffusers(read_json(folder / "vae" / "config.json"))
+    except ClipDiffusionError as exc:
+        if isinstance(exc, CheckpointError):
+            raise
+        raise CheckpointError(folder, str(exc)) from None
+
+    problems = []
+    parts = {}
+    for name, cls, config, convert in (("unet", UNetModel, unet_config, unet_diffusers_to_ldm),
+                                       ("vae", AutoencoderKL, vae_config, vae_diffusers_to_ldm)):  # fmt: skip
+        raw = load_component_files(component_weights(folder / name, "diffusion_pytorch_model", variant))
+        try:
+            ldm = convert(raw, config, source=str(folder / name))
+        except CheckpointError as exc:
+            problems.append(exc.reason)
+            continue
+        shapes = {k: tuple(v.shape) for k, v in ldm.items()}
+        found = _problems(name.upper() if name == "vae" else "UNet", _expected(cls, config), shapes)
+        problems += found
+        parts[name] = ldm
+    if problems:
+        raise CheckpointError(folder, f"{family} diffusers folder does not match: " + "; ".join(problems))
+    text_sd = _text_sd_from_diffusers(family, folder, variant)
+    text_encoder, text_ignored = _text_encoder(
+        family, text_sd, _text_configs_from_diffusers(folder, family), source=str(folder), dtype=dtype, device=device
+    )
+    unet = build_module(UNetModel, unet_config, parts["unet"], dtype=dtype, device=device)
+    vae = build_module(AutoencoderKL, vae_config, parts["vae"], dtype=dtype, device=device)
+    return LoadedModel(
+        family=family, prediction=pred, text_encoder=text_encoder, unet=unet, vae=vae, unet_config=unet_config,
+        vae_config=vae_config, metadata={"model_index": json.dumps(index)}, ignored_keys=tuple(text_ignored),
+        notes=tuple(notes), source=str(folder),
+    )  # fmt: skip
