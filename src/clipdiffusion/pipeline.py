@@ -1,0 +1,350 @@
+"""Text to image: one ``generate()`` that the CLI, the server and the Python API all call.
+
+prompt -> TextEncoder.encode -> Conditioning -> CFGDenoiser(Denoiser(unet)) -> sampler over a schedule ->
+VAE decode -> PIL images, each with its A1111 infotext.
+
+Seeds follow diffusers: image i of a batch draws its initial noise [1, C, h, w] on the CPU from
+``torch.Generator().manual_seed(seed + i)`` (``randn_tensor`` with a list of generators), so seed s gives the same
+noise as diffusers' ``generator=torch.Generator().manual_seed(s)``. The noise is then scaled by the schedule's
+first sigma, which is diffusers' ``init_noise_sigma`` for its k-diffusion style schedulers (Euler with
+"linspace"/"trailing" spacing). Its VP-space schedulers (DDIM, DPM-Solver) start from unit noise instead, i.e.
+sqrt(sigma_max^2 + 1) in sigma units: 0.2 % more at sigma_max = 14.6. We follow k-diffusion and A1111.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ClipDiffusionError
+from .infotext import GenerationParameters, format_infotext
+
+MAX_SIDE = 8192
+MAX_PIXELS = 4096 * 4096
+MAX_STEPS = 1000
+MAX_BATCH = 64
+SEED_LIMIT = 2**64  # torch.Generator.manual_seed accepts [0, 2**64)
+# Native resolution per family; the embedded tiny model states its own.
+DEFAULT_SIZES = {"sd1": 512, "sd2": 512, "sdxl": 1024, "tiny": 64}
+TINY_DATA = Path(__file__).parent / "tiny" / "data"
+
+
+@dataclass
+class AttentionMaps:
+    """Cross-attention of each prompt token, averaged over sampling steps, layers and heads, at latent size.
+
+    ``tokens[i]`` is the decoded text of the token whose map is ``maps[i]``; BOS, EOS and padding are left out.
+    """
+
+    tokens: list
+    maps: np.ndarray  # [T, h, w] float32
+
+
+@dataclass
+class GenerationResult:
+    images: list  # PIL.Image.Image, one per batch item
+    seeds: list
+    infotexts: list
+    attention: AttentionMaps | None = None  # for the first image of the batch, when asked for
+    pixels: np.ndarray | None = None  # [B, H, W, 3] float32 in [0, 1] (diffusers' output_type="np")
+    interrupted: bool = False
+
+    @property
+    def image(self):
+        return self.images[0]
+
+
+def _check_int(name, value, low, high):
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ClipDiffusionError(f"{name}={value!r}: must be an integer in [{low}, {high}]")
+    return value
+
+
+def _check_float(name, value, low, high=math.inf, *, low_open=False):
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > low if low_open else value >= low) and value <= high
+    if not ok:
+        bracket = "(" if low_open else "["
+        raise ClipDiffusionError(f"{name}={value!r}: must be a finite number in {bracket}{low}, {high}]")
+    return float(value)
+
+
+def resolve_seed(seed) -> int:
+    """-1 picks a random seed (recorded in the result); anything else must be in [0, 2**64)."""
+    if seed == -1 and not isinstance(seed, bool):
+        return random.randrange(2**32)
+    return _check_int("seed", seed, 0, SEED_LIMIT - 1)
+
+
+class Pipeline:
+    """A loaded model: text encoder, UNet, VAE, family ("sd1" | "sd2" | "sdxl" | "tiny"), prediction ("eps" | "v")."""
+
+    def __init__(self, text_encoder, unet, vae, family: str, prediction: str = "eps", *, name: str = "model",
+                 default_size: int | None = None, alphas_cumprod=None):
+        from .diffusion.denoiser import PREDICTIONS
+
+        if prediction not in PREDICTIONS:
+            raise ClipDiffusionError(f"prediction={prediction!r}: choose from {', '.join(PREDICTIONS)}")
+        self.text_encoder = text_encoder
+        self.unet = unet
+        self.vae = vae
+        self.family = family
+        self.prediction = prediction
+        self.name = name
+        self.default_size = default_size or (768 if family == "sd2" and prediction == "v"
+                                             else DEFAULT_SIZES.get(family, 512))
+        self.alphas_cumprod = alphas_cumprod
+
+    # ---- construction ------------------------------------------------------------------------------------------
+
+    @classmethod
+    def _from_loaded(cls, loaded, name: str, prediction=None):
+        return cls(loaded.text_encoder, loaded.unet, loaded.vae, loaded.family, prediction or loaded.prediction,
+                   name=name, default_size=getattr(loaded, "default_size", None))
+
+    @classmethod
+    def from_file(cls, path, *, prediction: str | None = None, **load_options) -> "Pipeline":
+        """A single-file checkpoint (.safetensors). ``prediction`` overrides what the loader detected."""
+        from .checkpoints.load import load_checkpoint
+
+        return cls._from_loaded(load_checkpoint(path, **load_options), Path(path).stem, prediction)
+
+    @classmethod
+    def from_pretrained(cls, folder, *, prediction: str | None = None, **load_options) -> "Pipeline":
+        """A diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/)."""
+        from .checkpoints.load import load_diffusers
+
+        return cls._from_loaded(load_diffusers(folder, **load_options), Path(folder).name, prediction)
+
+    @classmethod
+    def default(cls, **load_options) -> "Pipeline":
+        """The embedded tiny model shipped in ``clipdiffusion/tiny/data``."""
+        files = sorted(TINY_DATA.glob("*.safetensors")) if TINY_DATA.is_dir() else []
+        if not files:
+            raise ClipDiffusionError(
+                f"the embedded tiny model is missing: no .safetensors file in {TINY_DATA}; train it with "
+                "`clipdiffusion train-tiny` or pass a model (--model FILE|FOLDER)"
+            )
+        if len(files) > 1:
+            raise ClipDiffusionError(f"the embedded tiny model is ambiguous: {', '.join(f.name for f in files)} "
+                                     f"in {TINY_DATA}")
+        pipe = cls.from_file(files[0], **load_options)
+        pipe.name = "clipdiffusion-tiny"
+        return pipe
+
+    # ---- helpers -----------------------------------------------------------------------------------------------
+
+    @property
+    def latent_factor(self) -> int:
+        """Pixels per latent pixel times the UNet's own downsampling: width and height must divide by this."""
+        unet_factor = 2 ** (len(self.unet.config.channel_mult) - 1)
+        return self.vae.config.downsample_factor * unet_factor
+
+    def _device(self):
+        for p in self.unet.parameters():
+            return p.device
+        import torch
+
+        return torch.device("cpu")
+
+    def _check_size(self, width, height):
+        width = self.default_size if width is None else width
+        height = self.default_size if height is None else height
+        f = self.latent_factor
+        for name, value in (("width", width), ("height", height)):
+            _check_int(name, value, f, MAX_SIDE)
+            if value % f:
+                raise ClipDiffusionError(f"{name}={value}: must be a multiple of {f} for this model "
+                                         f"(VAE x{self.vae.config.downsample_factor}, UNet x{f // self.vae.config.downsample_factor})")
+        if width * height > MAX_PIXELS:
+            raise ClipDiffusionError(f"size={width}x{height}: more than {MAX_PIXELS} pixels")
+        return width, height
+
+    def _sdxl_vectors(self, cond, width, height, batch):
+        import torch
+
+        from .diffusion.unet import sdxl_vector
+
+        if self.unet.config.adm_in_channels is None:
+            return None, None
+        if cond.pooled is None:
+            raise ClipDiffusionError(f"{self.family} text encoder gave no pooled vector, but the UNet needs y")
+        # original size, crop top-left (0, 0), target size, each (h, w): diffusers' add_time_ids
+        ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32).expand(batch, -1)
+        size = self.unet.config.size_embed_dim
+        y = sdxl_vector(cond.pooled.float().expand(batch, -1), ids, size)
+        negative_y = sdxl_vector(cond.negative_pooled.float().expand(batch, -1), ids, size)
+        return y, negative_y
+
+    def _init_latents(self, init_image, width, height, device):
+        import torch
+
+        if not hasattr(init_image, "convert"):
+            raise ClipDiffusionError(f"init_image: expected a PIL image, got {type(init_image).__name__}")
+        image = init_image.convert("RGB")
+        if image.size != (width, height):
+            image = image.resize((width, height), resample=3)  # 3 = PIL.Image.BICUBIC
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0)  # [H,W,3] in [-1,1]
+        pixels = pixels.permute(2, 0, 1)[None].to(device)  # [1,3,H,W]
+        with torch.no_grad():
+            # the posterior mean: img2img that depends on the seed only through the added noise
+            return self.vae.encode(pixels).mode().float() * self.vae.config.scale_factor
+
+    def _token_rows(self, prompt, long_prompt, weighting):
+        """Context rows that carry prompt tokens, and their text, for attention maps."""
+        from .text.chunking import EMPTY_WINDOW
+
+        plan = self.text_encoder.plan(prompt, long_prompt, weighting)
+        rows, labels = [], []
+        for r, (w, p) in enumerate(plan.rows):
+            if w == EMPTY_WINDOW:
+                continue
+            tokens = plan.windows[w].tokens
+            if 1 <= p <= len(tokens):
+                rows.append(r)
+                labels.append(self.text_encoder.tokenizer.decode([tokens[p - 1]]).strip())
+        return rows, labels
+
+    # ---- generation --------------------------------------------------------------------------------------------
+
+    def generate(self, prompt, negative_prompt="", *, steps=20, guidance=7.0, seed=-1, sampler="euler",
+                 schedule="normal", width=None, height=None, clip_skip=1, long_prompt="chunk", weighting="a1111",
+                 batch_size=1, init_image=None, strength=0.75, attention_maps=False, callback=None,
+                 should_stop=None) -> GenerationResult:
+        """Generate ``batch_size`` images; see DEVELOPING.md for the contract.
+
+        ``callback(step, total, latents)`` runs after each sampler step; ``should_stop()`` is polled before each
+        step, and when it returns True the images are decoded from the latest denoised estimate
+        (``result.interrupted``). img2img (``init_image``, a PIL image, resized to width x height; its size when
+        those are None) noises the encoded image to the schedule's sigma at ``1 - strength`` and samples from there
+        (diffusers' convention: ``int(steps * strength)`` steps run).
+        """
+        import torch
+
+        from .diffusion.denoiser import CFGDenoiser, Denoiser
+        from .diffusion.samplers import get_sampler, get_schedule
+
+        _check_int("steps", steps, 1, MAX_STEPS)
+        guidance = _check_float("guidance", guidance, 0.0)
+        sample = get_sampler(sampler)
+        make_sigmas = get_schedule(schedule)
+        _check_int("batch_size", batch_size, 1, MAX_BATCH)
+        if init_image is not None:
+            strength = _check_float("strength", strength, 0.0, 1.0, low_open=True)
+            if width is None and height is None and hasattr(init_image, "size"):
+                f = self.latent_factor
+                width, height = (max(f, s // f * f) for s in init_image.size)
+        width, height = self._check_size(width, height)
+        for name, fn in (("callback", callback), ("should_stop", should_stop)):
+            if fn is not None and not callable(fn):
+                raise ClipDiffusionError(f"{name}: expected a callable, got {type(fn).__name__}")
+        base_seed = resolve_seed(seed)
+        if base_seed + batch_size > SEED_LIMIT:
+            raise ClipDiffusionError(f"seed={base_seed}: seed + batch_size must stay below 2**64")
+        seeds = [base_seed + i for i in range(batch_size)]
+
+        cond = self.text_encoder.encode(prompt, negative_prompt, clip_skip=clip_skip, long_prompt=long_prompt,
+                                        weighting=weighting, equalize=False)
+        device = self._device()
+        B = batch_size
+        context = cond.context.to(device).float().expand(B, -1, -1)  # [B,T,D]
+        negative_context = cond.negative_context.to(device).float().expand(B, -1, -1)
+        y, negative_y = self._sdxl_vectors(cond, width, height, B)
+        if y is not None:
+            y, negative_y = y.to(device), negative_y.to(device)
+
+        denoiser = Denoiser(self.unet, self.alphas_cumprod, self.prediction)
+        cfg = CFGDenoiser(denoiser, context, negative_context, guidance, y=y, negative_y=negative_y)
+        sigmas = make_sigmas(denoiser.sigmas, steps)
+
+        f = self.vae.config.downsample_factor
+        shape = (1, self.unet.config.in_channels, height // f, width // f)
+        generators = [torch.Generator().manual_seed(s) for s in seeds]
+        noise = torch.cat([torch.randn(shape, generator=g) for g in generators]).to(device)  # [B,C,h,w]
+
+        if init_image is None:
+            x = noise * sigmas[0]
+        else:
+            run = min(max(int(steps * strength), 1), steps)
+            sigmas = sigmas[steps - run:]
+            x = self._init_latents(init_image, width, height, device).expand(B, -1, -1, -1) + noise * sigmas[0]
+
+        recorder = None
+        if attention_maps:
+            rows, labels = self._token_rows(prompt, long_prompt, weighting)
+            recorder = _AttentionAccumulator(rows, x.shape[-2:])
+            cfg.attention_recorder = recorder
+
+        def on_step(step, total, latents):
+            if callback is not None:
+                callback(step, total, latents)
+
+        stopped = []
+
+        def stop():
+            if should_stop is not None and should_stop():
+                stopped.append(True)
+                return True
+            return False
+
+        with torch.no_grad():
+            latents = sample(cfg, x, sigmas, generator=generators, callback=on_step, should_stop=stop)
+            pixels = self.vae.decode(latents / self.vae.config.scale_factor).float()  # [B,3,H,W] in [-1,1]
+        pixels = (pixels / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()  # [B,H,W,3]
+        images = [_to_pil(p) for p in pixels]
+
+        infotexts = [
+            format_infotext(GenerationParameters(
+                prompt=prompt, negative_prompt=negative_prompt, steps=steps, sampler=sampler, schedule=schedule,
+                guidance=guidance, seed=s, width=width, height=height, model=self.name, clip_skip=clip_skip,
+                strength=strength if init_image is not None else None, long_prompt=long_prompt,
+                weighting=weighting))
+            for s in seeds
+        ]
+        attention = recorder.result(labels) if recorder is not None else None
+        return GenerationResult(images, seeds, infotexts, attention, pixels, interrupted=bool(stopped))
+
+
+def _to_pil(pixels: np.ndarray):
+    from PIL import Image
+
+    return Image.fromarray((pixels * 255).round().astype(np.uint8))  # diffusers' numpy_to_pil
+
+
+@dataclass
+class _AttentionAccumulator:
+    """Sums cross-attention probabilities of the prompt-token rows, resized to latent size, per image."""
+
+    rows: list
+    size: tuple  # latent (h, w)
+    total: object = None
+    count: int = 0
+    _index: object = field(default=None, repr=False)
+
+    def __call__(self, layer_name, probs):
+        import torch
+        import torch.nn.functional as F
+
+        h, w = self.size
+        B, _, HW, _ = probs.shape  # [B,heads,HW,T]
+        if self._index is None:
+            self._index = torch.tensor(self.rows, dtype=torch.long, device=probs.device)
+        scale = math.isqrt(h * w // HW)  # this layer works at latent size / scale
+        lh, lw = h // scale, w // scale
+        maps = probs.float().mean(dim=1).index_select(-1, self._index)  # [B,HW,Ttok]
+        maps = maps.transpose(1, 2).reshape(B, len(self.rows), lh, lw)  # [B,Ttok,lh,lw]
+        if (lh, lw) != (h, w):
+            maps = F.interpolate(maps, size=(h, w), mode="bilinear", align_corners=False)
+        self.total = maps if self.total is None else self.total + maps
+        self.count += 1
+
+    def result(self, labels) -> AttentionMaps:
+        h, w = self.size
+        if self.total is None:
+            return AttentionMaps(list(labels), np.zeros((len(labels), h, w), dtype=np.float32))
+        maps = (self.total[0] / self.count).cpu().numpy().astype(np.float32)  # [Ttok,h,w] of the first image
+        return AttentionMaps(list(labels), maps)
