@@ -255,3 +255,16 @@ def test_diffusers_text_encoder_folder_reads_activation_from_config(tmp_path, op
     assert model.config.activation == "gelu"
     with torch.no_grad():
         assert (model(_ids(0)).hidden - open_h(_ids(0)).hidden).abs().max() < TOL
+
+
+def test_loaded_encoder_encodes_a_prompt(tmp_path, clip_l):
+    path = tmp_path / "sd1.safetensors"
+    save_file(_hf_keys(clip_l, "cond_stage_model.transformer.text_model."), path)
+    enc = load_text_encoder(path)
+    cond = enc.encode("a red circle", clip_skip=2)
+    assert cond.context.shape == (1, 77, WIDTH) and cond.pooled is None
+    row = [BOS] + enc.tokenizer.encode("a red circle") + [EOS_ID]
+    ids = torch.tensor([row + [EOS_ID] * (77 - len(row))])  # SD1: padded with EOS
+    with torch.no_grad():
+        want = clip_l(ids, clip_skip=2).hidden
+    assert (cond.context - want).abs().max() < TOL

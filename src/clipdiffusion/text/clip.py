@@ -244,7 +244,8 @@ class CLIPTextModel(nn.Module):
         for name, value in state_dict.items():
             if dtype is not None and value.is_floating_point():
                 value = value.to(dtype)
-            tensors[name] = value.to(device) if device is not None else value
+            value = value.to(device) if device is not None else value
+            tensors[name] = value.contiguous()  # OpenCLIP's transposed projection arrives as a strided view
         model.load_state_dict(tensors, strict=True, assign=True)
         return model
 

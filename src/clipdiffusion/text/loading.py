@@ -175,7 +175,7 @@ def _plan(shapes: dict, source: str) -> _Plan:
     has = lambda prefix: any(k.startswith(prefix) for k in keys)  # noqa: E731
     layouts = [p for p in (_SDXL_L, _SDXL_G, _SD2, _SD1) if has(p)]
     other_embedders = sorted(
-        {k.split(".")[2] + "." + k.split(".")[3] for k in keys if k.startswith("conditioner.embedders.")}
+        {".".join(k.split(".")[2:4]) for k in keys if k.startswith("conditioner.embedders.")}
         - {"0.transformer", "1.model"}
     )
     if (_SDXL_L in layouts or _SDXL_G in layouts) and (_SD2 in layouts or _SD1 in layouts):
@@ -315,7 +315,8 @@ def _build(plan: _EncoderPlan, tensors: dict, *, activation, dtype, device, prob
             problems.append(f"{label} ({len(items)}): {', '.join(sorted(set(items)))}")
     if len(problems) > problems_before:
         return None
-    return CLIPTextModel.from_state_dict(ours, config, dtype=dtype or torch.float32, device=device)
+    model = CLIPTextModel.from_state_dict(ours, config, dtype=dtype or torch.float32, device=device)
+    return model.eval().requires_grad_(False)  # a frozen conditioning tower: no autograd bookkeeping
 
 
 def _spec(family: str, plan: _EncoderPlan, model):
