@@ -15,16 +15,13 @@ from clipdiffusion.text.chunking import (
     plan_prompt,
     plan_stream,
 )
+from clipdiffusion.text.tokenizer import BOS_ID as TOKENIZER_BOS
+from clipdiffusion.text.tokenizer import EOS_ID as TOKENIZER_EOS
+from clipdiffusion.text.tokenizer import CLIPTokenizer
 
 
 @pytest.fixture(scope="module")
 def tok():
-    try:
-        from clipdiffusion.text.tokenizer import CLIPTokenizer
-    except ImportError:  # until text/tokenizer.py lands: open_clip's tokenizer is the same CLIP BPE
-        from refs import open_clip_module
-
-        return open_clip_module("tokenizer").SimpleTokenizer()
     return CLIPTokenizer()
 
 
@@ -37,6 +34,10 @@ def words(word, n):
 
 def contents(plan):
     return [list(w.tokens) for w in plan.windows]
+
+
+def test_special_ids_match_tokenizer(tok):
+    assert (BOS_ID, EOS_ID) == (TOKENIZER_BOS, TOKENIZER_EOS)
 
 
 def test_single_token_words_and_comma_id(tok):

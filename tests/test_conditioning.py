@@ -1,8 +1,6 @@
 """TextEncoder.encode on tiny random CLIP towers: weighting math, clip skip (negative included), equal lengths,
 long-prompt rows, SDXL concat/pooled/zero negative, to_diffusers, bad input, and parity with transformers."""
 
-import re
-
 import pytest
 import torch
 
@@ -16,38 +14,19 @@ from clipdiffusion.text.conditioning import (
     TextEncoder,
     _weight_a1111,
 )
+from clipdiffusion.text.prompt import parse_prompt
+from clipdiffusion.text.tokenizer import CLIPTokenizer
 
 torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
 def tok():
-    try:
-        from clipdiffusion.text.tokenizer import CLIPTokenizer
-    except ImportError:  # until text/tokenizer.py lands: open_clip's tokenizer is the same CLIP BPE
-        from refs import open_clip_module
-
-        return open_clip_module("tokenizer").SimpleTokenizer()
     return CLIPTokenizer()
-
-
-def _stand_in_parse(text):
-    """Enough of the A1111 grammar for these tests: (text:w) and BREAK."""
-    out = []
-    for i, part in enumerate(re.split(r"\s*\bBREAK\b\s*", text)):
-        if i:
-            out.append(("BREAK", -1.0))
-        for m in re.finditer(r"\(([^():]*):([-+\w.]+)\)|([^()]+)", part):
-            out.append((m.group(3), 1.0) if m.group(3) is not None else (m.group(1), float(m.group(2))))
-    return out or [("", 1.0)]
 
 
 @pytest.fixture(scope="module")
 def parse():
-    try:
-        from clipdiffusion.text.prompt import parse_prompt
-    except ImportError:
-        return _stand_in_parse
     return parse_prompt
 
 
@@ -116,6 +95,15 @@ def test_a1111_weighting_restores_mean(sd1):
     expected = expected * (plain.mean() / expected.mean())
     torch.testing.assert_close(cond, expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(cond.mean(), plain.mean(), rtol=1e-5, atol=1e-7)
+
+
+def test_grammar_and_break_end_to_end(sd1, tok):
+    cond = sd1.encode("a (red:1.3) cat BREAK [dog]", "BREAK blurry", weighting="none")
+    assert cond.report.prompt.summary() == "3/75 | 1/75"
+    assert cond.report.negative_prompt.summary() == "0/75 | 1/75"  # leading BREAK: an all-padding chunk (A1111)
+    assert cond.context.shape == cond.negative_context.shape == (1, 154, 32)
+    dog = direct(sd1.encoders[0], window_ids(tok, "dog"), 1).hidden[0]
+    torch.testing.assert_close(cond.context[0, 77:], dog, rtol=0, atol=1e-6)
 
 
 def test_a1111_per_chunk_and_unweighted_chunk_untouched(sd1):
