@@ -7,7 +7,8 @@ characters and merged by byte-level BPE (48,894 merges, 49,408 ids). Where the s
 
 - A pure-ASCII text without ``&`` and without control characters other than tab/newline/CR is a fixed point of
   ``ftfy.fix_text`` (ftfy's fixes act on non-ASCII characters, HTML entities, terminal escapes and control
-  characters) and of ``html.unescape`` (which does nothing without ``&``). Such text skips both and is split on
+  characters; its CR -> LF is erased by the whitespace collapse) and of ``html.unescape`` (which does nothing
+  without ``&``). Such text skips both and is split on
   whitespace; each whitespace-separated word maps to its ids through a bounded LRU cache. Everything else takes
   the exact slow path. ``tests/test_tokenizer.py`` checks the fixed-point claim on random ASCII.
 - The byte-to-character map is identity on printable ASCII, so ASCII pieces need no mapping at all.
