@@ -1,0 +1,59 @@
+"""``clipdiffusion convert IN OUT``: single file <-> diffusers folder (direction from the paths).
+
+IN is a folder -> read as diffusers; else a single file (.safetensors, or a pickle through the weights-only
+unpickler, which makes this the way to turn a .ckpt into a .safetensors once). OUT ending in ``.safetensors`` ->
+single file; anything else -> a new diffusers folder. Everything is loaded strictly first, so a conversion never
+writes a file that would not load back.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import ClipDiffusionError
+from . import detect
+
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def add_arguments(parser):
+    parser.add_argument("input", help="a .safetensors/.ckpt single file or a diffusers folder")
+    parser.add_argument("output", help="OUT.safetensors for a single file; any other path for a diffusers folder")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
+                        help="floating-point type of the written weights (default fp32)")  # fmt: skip
+    parser.add_argument("--prediction", choices=detect.PREDICTIONS, default=None,
+                        help="set the prediction type (eps or v) when the source does not record it")  # fmt: skip
+
+
+def convert(src, dst, *, dtype="fp32", prediction=None) -> Path:
+    import torch
+
+    from .load import load_checkpoint, load_diffusers
+    from .save import save_checkpoint, save_diffusers
+
+    src, dst = Path(src), Path(dst)
+    if dtype not in DTYPES:
+        raise ClipDiffusionError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if not src.exists():
+        raise ClipDiffusionError(f"input: {str(src)!r} does not exist")
+    if src.resolve() == dst.resolve():
+        raise ClipDiffusionError(f"output: {str(dst)!r} is the input")
+    to_file = dst.suffix.lower() == ".safetensors"
+    if to_file and dst.is_dir():
+        raise ClipDiffusionError(f"output: {str(dst)!r} is a folder")
+    if not to_file and dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise ClipDiffusionError(f"output: {str(dst)!r} exists; a diffusers folder is written to a new or empty folder")
+    # fp32 in memory: fp16/bf16 sources convert losslessly, and the cast to the output dtype happens once.
+    load = load_diffusers if src.is_dir() else load_checkpoint
+    model = load(src, dtype=torch.float32, prediction=prediction)
+    out_dtype = getattr(torch, DTYPES[dtype])
+    if to_file:
+        return save_checkpoint(model, dst, dtype=out_dtype)
+    return save_diffusers(model, dst, dtype=out_dtype)
+
+
+def run(args) -> int:
+    out = convert(args.input, args.output, dtype=args.dtype, prediction=args.prediction)
+    kind = "single file" if out.suffix == ".safetensors" else "diffusers folder"
+    print(f"wrote {kind} {out}")
+    return 0
