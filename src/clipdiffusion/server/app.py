@@ -1,0 +1,338 @@
+"""`create_app(pipeline_factory, settings) -> FastAPI`: the A1111-compatible API, our own routes and the page.
+
+Handlers validate and translate (cheap, in the event loop or a thread pool), then hand the model work to the
+single `Worker` and await its future. Everything a request can get wrong becomes a 4xx whose message names the
+field and the value: `RequestError`/`ClipDiffusionError` -> 422, a full queue or a shutdown -> 503, a job that
+fails inside the engine -> 500 with the error's type and text, and the worker goes on.
+
+`pipeline_factory(model_name) -> Pipeline` is called in the worker thread the first time a model is needed
+(never with a name outside `settings.models`). Building the app imports neither torch nor the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import threading
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable
+
+from fastapi import Body, FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
+
+from ..errors import ClipDiffusionError
+from . import a1111
+from .a1111 import Img2ImgRequest, PNGInfoRequest, RequestError, Txt2ImgRequest
+from .middleware import BasicAuth, BodyLimit
+from .own import EncodeRequest, GenerateRequest, TokenizeRequest, encode_stats, generate_plan, heatmaps
+from .settings import ServerSettings
+from .worker import Job, JobControl, QueueFull, Worker, WorkerStopped
+
+STATIC = Path(__file__).parent / "static"
+
+
+class JobFailed(RuntimeError):
+    """A job raised something that is not a user error; carries the original for the 500 body."""
+
+    def __init__(self, exc: BaseException):
+        self.original = exc
+        super().__init__(f"{type(exc).__name__}: {exc}")
+
+
+class ServerState:
+    """Per-app mutable state: the worker, the A1111 options, cached engine tables and tokenizer."""
+
+    def __init__(self, pipeline_factory, settings: ServerSettings, tokenizer_factory=None):
+        self.settings = settings
+        self.worker = Worker(pipeline_factory, settings.queue_size, settings.shutdown_timeout)
+        self._lock = threading.Lock()
+        self.options = {"sd_model_checkpoint": settings.models[0].name,
+                        "CLIP_stop_at_last_layers": settings.default_clip_skip}
+        self._tables: tuple | None = None
+        self._tokenizer = None
+        self._tokenizer_factory = tokenizer_factory
+
+    def tables(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(sampler names, schedule names) the engine offers."""
+        if self._tables is None:
+            samplers, schedules = self.settings.samplers, self.settings.schedules
+            if samplers is None or schedules is None:
+                from ..diffusion import samplers as engine
+
+                samplers = samplers or tuple(engine.SAMPLERS)
+                schedules = schedules or tuple(engine.SCHEDULES)
+            self._tables = (tuple(samplers), tuple(schedules))
+        return self._tables
+
+    def tokenizer(self):
+        with self._lock:
+            if self._tokenizer is None:
+                from .tokens import default_tokenizer
+
+                self._tokenizer = (self._tokenizer_factory or default_tokenizer)()
+            return self._tokenizer
+
+    def options_snapshot(self) -> dict:
+        with self._lock:
+            return dict(self.options)
+
+    def set_options(self, changes: dict) -> dict:
+        updated, ignored, staged = [], [], {}
+        for key, value in changes.items():
+            if key == "sd_model_checkpoint":
+                entry = self.settings.model(str(value))
+                if entry is None:
+                    raise RequestError(key, value, "not a listed model; available: "
+                                       + ", ".join(m.name for m in self.settings.models))
+                staged[key] = entry.name
+            elif key == "CLIP_stop_at_last_layers":
+                staged[key] = a1111.check_int(key, value, 1, 12)
+            else:
+                ignored.append(key)
+                continue
+            updated.append(key)
+        with self._lock:
+            self.options.update(staged)
+        return {"updated": updated, "ignored": ignored}
+
+    async def run(self, kind: str, model: str, work: Callable, control: JobControl) -> Any:
+        future = self.worker.submit(Job(kind, model, work, control))
+        try:
+            return await asyncio.wrap_future(future)
+        except (ClipDiffusionError, QueueFull, WorkerStopped):
+            raise
+        except asyncio.CancelledError:
+            future.cancel()
+            raise
+        except Exception as exc:
+            raise JobFailed(exc) from exc
+
+
+def _generate_work(plan: a1111.GenerationPlan, pipe, control: JobControl):
+    """Runs in the worker: n_iter calls of generate, seeds consecutive across the whole batch as in A1111."""
+    images, seeds, infotexts, attention = [], [], [], None
+    batch = plan.kwargs["batch_size"]
+    for iteration in range(plan.n_iter):
+        if control.should_stop():
+            break
+        control.begin_iteration(iteration)
+        extra = {}
+        if plan.init_image is not None:
+            extra = {"init_image": plan.init_image, "strength": plan.strength}
+        result = pipe.generate(**plan.kwargs, **extra, seed=plan.seed + iteration * batch,
+                               callback=control.on_step, should_stop=control.should_stop)
+        images += list(result.images)
+        seeds += [int(s) for s in result.seeds]
+        infotexts += list(result.infotexts)
+        if attention is None:
+            attention = getattr(result, "attention", None)
+    return images, seeds, infotexts, attention
+
+
+def _error_body(exc: ClipDiffusionError) -> dict:
+    loc = ["body", *exc.field.split(".")] if isinstance(exc, RequestError) else ["body"]
+    item = {"loc": loc, "msg": str(exc), "type": "value_error"}
+    value = getattr(exc, "value", None)
+    if isinstance(value, str):
+        item["input"] = value[:200]
+    elif isinstance(value, int) or isinstance(value, float) and math.isfinite(value):
+        item["input"] = value
+    return {"detail": [item]}
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ClipDiffusionError)
+    async def _user_error(request: Request, exc: ClipDiffusionError):
+        return JSONResponse(_error_body(exc), status_code=422)
+
+    @app.exception_handler(QueueFull)
+    async def _busy(request: Request, exc: QueueFull):
+        return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": "2"})
+
+    @app.exception_handler(WorkerStopped)
+    async def _stopping(request: Request, exc: WorkerStopped):
+        return JSONResponse({"detail": str(exc)}, status_code=503)
+
+    @app.exception_handler(JobFailed)
+    async def _failed(request: Request, exc: JobFailed):
+        body = {"error": type(exc.original).__name__, "detail": str(exc.original), "errors": str(exc)}
+        return JSONResponse(body, status_code=500)
+
+
+def create_app(pipeline_factory: Callable[[str], Any], settings: ServerSettings | None = None, *,
+               tokenizer_factory: Callable[[], Any] | None = None) -> FastAPI:
+    settings = settings or ServerSettings()
+    state = ServerState(pipeline_factory, settings, tokenizer_factory)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        state.worker.start()
+        try:
+            yield
+        finally:
+            await run_in_threadpool(state.worker.stop)
+
+    app = FastAPI(title="clipdiffusion", version="0.1.0", lifespan=lifespan,
+                  description="AUTOMATIC1111-compatible API (a subset) and clipdiffusion's own routes.")
+    app.state.server = state
+    _install_error_handlers(app)
+    _a1111_routes(app, state)
+    _own_routes(app, state)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/", include_in_schema=False)
+    async def index():
+        return FileResponse(STATIC / "index.html")
+
+    # The last added runs first: auth, then the size limit, so strangers cannot even make us read a body.
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    if settings.api_auth:
+        app.add_middleware(BasicAuth, credentials=settings.api_auth)
+    return app
+
+
+def _a1111_routes(app: FastAPI, state: ServerState) -> None:
+    settings = state.settings
+
+    async def generate(req: Txt2ImgRequest, kind: str) -> dict:
+        samplers, schedules = state.tables()
+        plan = await run_in_threadpool(a1111.plan_a1111, req, settings, state.options_snapshot(), samplers,
+                                       schedules)
+        steps = plan.kwargs["steps"]
+        if plan.strength is not None:
+            steps = max(1, int(steps * plan.strength))
+        control = JobControl(steps=steps, iterations=plan.n_iter)
+        images, seeds, infotexts, _ = await state.run(kind, plan.model, partial(_generate_work, plan), control)
+        encoded = []
+        if req.send_images:
+            encoded = await run_in_threadpool(
+                lambda: [a1111.encode_png(im, infotexts[i] if i < len(infotexts) else None)
+                         for i, im in enumerate(images)])
+        return {"images": encoded, "parameters": a1111.response_parameters(req),
+                "info": a1111.info_json(req, plan, seeds, infotexts, control.interrupted)}
+
+    @app.post("/sdapi/v1/txt2img", tags=["a1111"])
+    async def txt2img(req: Txt2ImgRequest) -> dict:
+        return await generate(req, "txt2img")
+
+    @app.post("/sdapi/v1/img2img", tags=["a1111"])
+    async def img2img(req: Img2ImgRequest) -> dict:
+        return await generate(req, "img2img")
+
+    @app.get("/sdapi/v1/sd-models", tags=["a1111"])
+    async def sd_models() -> list[dict]:
+        return [{"title": m.name, "model_name": m.name, "hash": None, "sha256": None, "filename": m.filename,
+                 "config": None} for m in settings.models]
+
+    @app.get("/sdapi/v1/options", tags=["a1111"])
+    async def get_options() -> dict:
+        return {**state.options_snapshot(), "sd_checkpoint_hash": None, "samples_format": "png"}
+
+    @app.post("/sdapi/v1/options", tags=["a1111"])
+    async def set_options(changes: dict[str, Any] = Body(...)) -> dict:
+        return state.set_options(changes)
+
+    @app.get("/sdapi/v1/samplers", tags=["a1111"])
+    async def samplers() -> list[dict]:
+        return a1111.sampler_items(state.tables()[0])
+
+    @app.get("/sdapi/v1/schedulers", tags=["a1111"])
+    async def schedulers() -> list[dict]:
+        return a1111.scheduler_items(state.tables()[1])
+
+    @app.get("/sdapi/v1/scripts", tags=["a1111"])
+    async def scripts() -> dict:
+        return {"txt2img": [], "img2img": []}
+
+    @app.get("/sdapi/v1/progress", tags=["a1111"])
+    async def progress(skip_current_image: bool = False) -> dict:
+        snap = state.worker.snapshot()
+        job, pending = snap["running"], snap["pending"]
+        idle = {"skipped": False, "interrupted": False, "stopping_generation": False, "job": "",
+                "job_count": pending, "job_timestamp": "0", "job_no": 0, "sampling_step": 0, "sampling_steps": 0}
+        if job is None:
+            return {"progress": 0.0, "eta_relative": 0.0, "state": idle, "current_image": None, "textinfo": None}
+        control = job.control
+        done = control.fraction()
+        elapsed = time.monotonic() - control.started
+        eta = elapsed / done - elapsed if done > 0 else 0.0
+        state_dict = {**idle, "interrupted": control.interrupted, "job": job.kind, "job_count": 1 + pending,
+                      "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(job.submitted)),
+                      "job_no": control.iteration, "sampling_step": control.step, "sampling_steps": control.steps}
+        return {"progress": done, "eta_relative": eta, "state": state_dict, "current_image": None,
+                "textinfo": f"step {control.step}/{control.steps}"}
+
+    @app.post("/sdapi/v1/interrupt", tags=["a1111"])
+    async def interrupt() -> dict:
+        state.worker.interrupt()
+        return {}
+
+    @app.post("/sdapi/v1/png-info", tags=["a1111"])
+    async def png_info(req: PNGInfoRequest) -> dict:
+        max_pixels = settings.max_width * settings.max_height * 4
+        text, items = await run_in_threadpool(a1111.read_png_text, req.image, max_pixels)
+        return {"info": text, "items": items, "parameters": a1111.parse_parameters(text)}
+
+
+def _own_routes(app: FastAPI, state: ServerState) -> None:
+    settings = state.settings
+
+    @app.get("/api/info", tags=["clipdiffusion"])
+    async def info() -> dict:
+        samplers, schedules = state.tables()
+        from ..text.chunking import LONG_PROMPT_STRATEGIES
+
+        return {"models": [m.name for m in settings.models], "options": state.options_snapshot(),
+                "samplers": list(samplers), "schedules": list(schedules),
+                "long_prompt": list(LONG_PROMPT_STRATEGIES), "weighting": ["a1111"],
+                "limits": {"max_width": settings.max_width, "max_height": settings.max_height,
+                           "max_steps": settings.max_steps, "max_batch_size": settings.max_batch_size,
+                           "max_prompt_chars": settings.max_prompt_chars}}
+
+    @app.post("/api/tokenize", tags=["clipdiffusion"])
+    async def tokenize(req: TokenizeRequest) -> dict:
+        a1111.check_prompt("prompt", req.prompt, settings)
+        from .tokens import token_report
+
+        return await run_in_threadpool(lambda: token_report(req.prompt, req.long_prompt, state.tokenizer()))
+
+    @app.post("/api/encode", tags=["clipdiffusion"])
+    async def encode(req: EncodeRequest) -> dict:
+        for name in ("prompt", "negative_prompt"):
+            a1111.check_prompt(name, getattr(req, name), settings)
+        model = _model(state, req.model)
+        return await state.run("encode", model, partial(encode_stats, req), JobControl())
+
+    @app.post("/api/generate", tags=["clipdiffusion"])
+    async def generate(req: GenerateRequest) -> dict:
+        samplers, schedules = state.tables()
+        plan = generate_plan(req, settings, _model(state, req.model), samplers, schedules)
+        control = JobControl(steps=req.steps, iterations=1)
+        images, seeds, infotexts, attention = await state.run("generate", plan.model,
+                                                              partial(_generate_work, plan), control)
+
+        def encode_all():
+            from .tokens import token_labels
+
+            labels = token_labels(req.prompt, req.long_prompt, state.tokenizer()) if req.attention_maps else []
+            return ([a1111.encode_png(im, infotexts[i] if i < len(infotexts) else None)
+                     for i, im in enumerate(images)], heatmaps(attention, labels) if req.attention_maps else None)
+
+        encoded, maps = await run_in_threadpool(encode_all)
+        return {"images": encoded, "seeds": seeds, "infotexts": infotexts, "attention": maps,
+                "interrupted": control.interrupted, "model": plan.model}
+
+
+def _model(state: ServerState, name: str | None) -> str:
+    if name is None:
+        return state.options_snapshot()["sd_model_checkpoint"]
+    entry = state.settings.model(name)
+    if entry is None:
+        raise RequestError("model", name, "not a listed model; available: "
+                           + ", ".join(m.name for m in state.settings.models))
+    return entry.name

@@ -1,0 +1,102 @@
+"""Server configuration: the listed models, the request limits and the access rules. Torch-free.
+
+One frozen dataclass, set once from the command line (or by a test), read by every handler. Mutable state (the
+selected model, the default clip skip) lives in `server.app.ServerState`, never here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+
+from ..errors import ClipDiffusionError
+
+# The name the embedded model is listed under when no --model is given.
+EMBEDDED_MODEL = "clipdiffusion-tiny"
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A model a client may select by name. `source` is a file or folder path, None for the embedded model.
+    The path never leaves the server: clients see `name` and the file's base name only."""
+
+    name: str
+    source: str | None = None
+
+    @property
+    def filename(self) -> str:
+        return os.path.basename(self.source) if self.source else "embedded"
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    host: str = "127.0.0.1"
+    port: int = 7860
+    models: tuple[ModelEntry, ...] = (ModelEntry(EMBEDDED_MODEL),)
+    # "user:password" pairs for HTTP basic auth; empty means open (which is why the default bind is loopback).
+    api_auth: tuple[tuple[str, str], ...] = ()
+    # Limits: A1111 itself caps the UI at 2048 px and 150 steps; prompt and body caps bound memory per request.
+    max_width: int = 2048
+    max_height: int = 2048
+    max_steps: int = 150
+    max_batch_size: int = 8
+    max_n_iter: int = 16
+    max_prompt_chars: int = 8000
+    max_body_bytes: int = 32 * 1024 * 1024
+    # Pending jobs beyond the running one; a full queue answers 503 rather than letting latency grow unbounded.
+    queue_size: int = 8
+    # Seconds a shutdown waits for the running job after interrupting it.
+    shutdown_timeout: float = 10.0
+    # Engine names offered to clients; None reads the engine's SAMPLERS / SCHEDULES tables on first use.
+    samplers: tuple[str, ...] | None = None
+    schedules: tuple[str, ...] | None = None
+    default_clip_skip: int = 1
+
+    def __post_init__(self):
+        for name in ("max_width", "max_height", "max_steps", "max_batch_size", "max_n_iter", "max_prompt_chars",
+                     "max_body_bytes", "queue_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ClipDiffusionError(f"{name} must be a positive integer, got {value!r}")
+        if not self.models:
+            raise ClipDiffusionError("models must list at least one model, got none")
+        names = [m.name for m in self.models]
+        if len(set(names)) != len(names):
+            raise ClipDiffusionError(f"models must have distinct names, got {names!r}")
+
+    def replace(self, **changes) -> "ServerSettings":
+        return dataclasses.replace(self, **changes)
+
+    def model(self, name: str) -> ModelEntry | None:
+        """The listed model called `name` (its name or its file's base name), or None."""
+        for entry in self.models:
+            if name in (entry.name, entry.filename) or name == f"{entry.name} [{entry.filename}]":
+                return entry
+        return None
+
+
+def parse_api_auth(text: str) -> tuple[tuple[str, str], ...]:
+    """'user:pass[,user2:pass2]' as A1111's --api-auth takes it."""
+    pairs = []
+    for item in text.split(","):
+        user, sep, password = item.strip().partition(":")
+        if not sep or not user or not password:
+            raise ClipDiffusionError(f"--api-auth must be user:password[,user:password], got {item.strip()!r}")
+        pairs.append((user, password))
+    return tuple(pairs)
+
+
+def default_models(model_paths: list[str] | None) -> tuple[ModelEntry, ...]:
+    """Model entries for --model arguments (named after the file's stem), or the embedded model."""
+    if not model_paths:
+        return (ModelEntry(EMBEDDED_MODEL),)
+    entries = []
+    for path in model_paths:
+        stem = os.path.basename(os.path.normpath(path))
+        for suffix in (".safetensors", ".ckpt"):
+            if stem.endswith(suffix):
+                stem = stem[: -len(suffix)]
+        entries.append(ModelEntry(stem, os.path.abspath(path)))
+    return tuple(entries)
+
