@@ -326,3 +326,49 @@ def test_full_queue_is_503_and_interrupt_stops_the_running_job():
         assert out2[0].status_code == 200 and pipe.calls[1]["steps_done"] == 2  # the next job runs in full
         idle = c.get("/sdapi/v1/progress").json()
         assert idle["progress"] == 0 and idle["state"]["job_count"] == 0
+
+
+def test_worker_shutdown_interrupts_running_and_cancels_queued():
+    from clipdiffusion.server.worker import Job, JobControl, QueueFull, Worker, WorkerStopped
+
+    gate = threading.Semaphore(0)
+    pipe = FakePipeline(gate=gate)
+    worker = Worker(fake_factory(pipe), queue_size=1).start()
+
+    def work(pipe, control):
+        return pipe.generate("p", steps=50, callback=control.on_step, should_stop=control.should_stop)
+
+    running = worker.submit(Job("t", "m", work, JobControl(steps=50)))
+    _wait(lambda: worker.snapshot()["running"] is not None)
+    queued = worker.submit(Job("t", "m", work, JobControl(steps=50)))
+    with pytest.raises(QueueFull):
+        worker.submit(Job("t", "m", work, JobControl(steps=50)))
+    gate.release(2)
+    _wait(lambda: pipe.calls[0]["steps_done"] == 2)
+    stopper = threading.Thread(target=worker.stop)
+    stopper.start()
+    gate.release(100)
+    stopper.join(10)
+    assert not worker.alive
+    assert running.result(5).images and pipe.calls[0]["steps_done"] in (2, 3)  # finished early, cleanly
+    with pytest.raises(WorkerStopped):
+        queued.result(5)
+    assert len(pipe.calls) == 1  # the queued job never ran
+    with pytest.raises(WorkerStopped):
+        worker.submit(Job("t", "m", work))
+
+
+def test_serve_command_line():
+    from clipdiffusion.cli import build_parser, main
+    from clipdiffusion.server.cli import build_settings
+
+    parser = build_parser(only="serve")
+    s = build_settings(parser.parse_args(["serve"]))
+    assert (s.host, s.port, s.api_auth, len(s.models), s.models[0].source) == ("127.0.0.1", 7860, (), 1, None)
+    s = build_settings(parser.parse_args(["serve", "--listen", "--api-auth", "a:b,c:d:e", "--max-width", "256",
+                                          "--model", __file__]))
+    assert s.host == "0.0.0.0" and s.api_auth == (("a", "b"), ("c", "d:e")) and s.max_width == 256
+    assert s.models[0].name == "test_server_api.py" and s.models[0].filename == "test_server_api.py"
+    assert main(["serve", "--model", "/no/such/model.safetensors"]) == 2
+    assert main(["serve", "--api-auth", "nopassword"]) == 2
+    assert main(["serve", "--max-steps", "0"]) == 2

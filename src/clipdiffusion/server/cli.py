@@ -1,0 +1,86 @@
+"""`clipdiffusion serve`: run the HTTP API and the web page with uvicorn.
+
+Binds 127.0.0.1 unless --listen: the API can run arbitrary prompts on your machine, so exposing it is a choice,
+and --api-auth user:password puts HTTP basic auth in front of every route (pages and docs included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from ..errors import ClipDiffusionError
+from .settings import ServerSettings, default_models, parse_api_auth
+
+_DEFAULTS = ServerSettings()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", action="append", metavar="FILE",
+                        help="a .safetensors file or diffusers folder to serve (repeat for several; clients pick "
+                             "by name); default: the embedded tiny model")
+    parser.add_argument("--host", default=None, help="address to bind (default 127.0.0.1; 0.0.0.0 with --listen)")
+    parser.add_argument("--port", type=int, default=_DEFAULTS.port, help="port (default %(default)s)")
+    parser.add_argument("--listen", action="store_true", help="accept connections from other machines")
+    parser.add_argument("--api-auth", metavar="USER:PASSWORD",
+                        help="require HTTP basic auth on every route (user:password[,user:password])")
+    parser.add_argument("--max-width", type=int, default=_DEFAULTS.max_width, help="default %(default)s")
+    parser.add_argument("--max-height", type=int, default=_DEFAULTS.max_height, help="default %(default)s")
+    parser.add_argument("--max-steps", type=int, default=_DEFAULTS.max_steps, help="default %(default)s")
+    parser.add_argument("--max-batch-size", type=int, default=_DEFAULTS.max_batch_size, help="default %(default)s")
+    parser.add_argument("--max-prompt-chars", type=int, default=_DEFAULTS.max_prompt_chars,
+                        help="default %(default)s")
+    parser.add_argument("--max-body-mb", type=int, default=_DEFAULTS.max_body_bytes // 2**20,
+                        help="largest request body in MiB (default %(default)s)")
+    parser.add_argument("--queue-size", type=int, default=_DEFAULTS.queue_size,
+                        help="jobs that may wait behind the running one before requests get 503 "
+                             "(default %(default)s)")
+
+
+def build_settings(args: argparse.Namespace) -> ServerSettings:
+    for path in args.model or ():
+        if not os.path.exists(path):
+            raise ClipDiffusionError(f"--model {path!r}: no such file or folder")
+    host = args.host or ("0.0.0.0" if args.listen else _DEFAULTS.host)
+    if not 0 < args.port < 65536:
+        raise ClipDiffusionError(f"--port must be in 1..65535, got {args.port}")
+    return ServerSettings(
+        host=host, port=args.port, models=default_models(args.model),
+        api_auth=parse_api_auth(args.api_auth) if args.api_auth else (),
+        max_width=args.max_width, max_height=args.max_height, max_steps=args.max_steps,
+        max_batch_size=args.max_batch_size, max_prompt_chars=args.max_prompt_chars,
+        max_body_bytes=args.max_body_mb * 2**20, queue_size=args.queue_size)
+
+
+def pipeline_factory(settings: ServerSettings):
+    """name -> Pipeline, for listed models only (the worker calls it when a request selects a model)."""
+
+    def load(name: str):
+        from ..pipeline import Pipeline
+
+        entry = settings.model(name)
+        if entry is None:  # the app validates names first; this guards the factory on its own
+            raise ClipDiffusionError(f"model {name!r} is not listed")
+        if entry.source is None:
+            return Pipeline.default()
+        if os.path.isdir(entry.source):
+            return Pipeline.from_pretrained(entry.source)
+        return Pipeline.from_file(entry.source)
+
+    return load
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .app import create_app
+
+    settings = build_settings(args)
+    if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_auth:
+        print(f"clipdiffusion serve: warning: listening on {settings.host} without --api-auth; anyone who can "
+              "reach this port can use the API", file=sys.stderr)
+    app = create_app(pipeline_factory(settings), settings)
+    print(f"clipdiffusion serve: http://{settings.host}:{settings.port}/ (API docs at /docs)", file=sys.stderr)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", timeout_graceful_shutdown=30)
+    return 0
