@@ -1,0 +1,44 @@
+"""``clipdiffusion train-tiny --out DIR [--minutes N] [--resume]``: train the embedded tiny model from scratch.
+
+Single process; ``--threads`` sets torch's intra-op threads (default 2, the machine the budget was sized for).
+The result is ``DIR/tiny-sd.safetensors``; copy it to ``src/clipdiffusion/tiny/data/`` to ship it."""
+
+import sys
+
+from ..errors import ClipDiffusionError
+
+
+def add_arguments(parser):
+    from .models import PRESETS
+
+    parser.add_argument("--out", required=True, help="folder for state.pt, log.jsonl and tiny-sd.safetensors")
+    parser.add_argument("--minutes", type=float, default=60.0, help="wall-clock budget of the whole run")
+    parser.add_argument("--resume", action="store_true", help="continue the training state in --out")
+    parser.add_argument("--model", default="tiny-sd", choices=sorted(PRESETS), help="model sizes")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--pool-size", type=int, default=12000, help="scenes rendered and encoded once")
+    parser.add_argument("--eval", type=int, default=0, metavar="N",
+                        help="afterwards, evaluate the result on N prompts per object count")  # fmt: skip
+
+
+def run(args) -> int:
+    if not 1 <= args.threads <= 256:
+        raise ClipDiffusionError(f"threads: {args.threads} is outside 1..256")
+    if args.pool_size < 1:
+        raise ClipDiffusionError(f"pool-size: {args.pool_size} must be positive")
+    import torch
+
+    from .train import Trainer, TrainSettings
+
+    torch.set_num_threads(args.threads)
+    settings = TrainSettings(model=args.model, minutes=args.minutes, seed=args.seed, pool_size=args.pool_size)
+    trainer = Trainer(args.out, settings, resume=args.resume, log=lambda line: print(line, file=sys.stderr))
+    path = trainer.run()
+    if args.eval:
+        from .eval import evaluate, prompt_set
+
+        report = evaluate(trainer.pipeline(), prompt_set(args.eval))
+        print(report.table())
+    print(path)
+    return 0

@@ -1,0 +1,78 @@
+"""Sizes of the embedded tiny model, and the one part that is ours alone: the tiny CLIP's image tower.
+
+Budget (the issue: reproducible in 60 minutes on 2 CPU cores, file <= 25 MB): 64x64 pixels, a VAE that downsamples
+4x to 16x16x4 latents (8x would leave a small object one latent pixel wide), a UNet of 48 and 96 channels on two levels
+with cross-attention at both, and a CLIP text tower of width 128 and 4 layers. The token table (49408 x 128) is
+most of the file; stored in fp16 it is 12.6 MB, the rest about 7 MB. Every network except the image tower is the
+project's own SD module (LDM key names), so the file loads like any SD 1.x checkpoint of family "tiny".
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..diffusion.unet import UNetConfig
+from ..diffusion.vae import VAEConfig
+from ..text.clip import CLIPTextConfig
+
+
+@dataclass(frozen=True)
+class ImageTowerConfig:
+    """A small CNN for contrastive training of the tiny CLIP. It keeps a coarse spatial map (4x4 at 64 px) up to
+    the projection instead of pooling it away, because the captions are about positions."""
+
+    canvas: int = 64
+    channels: tuple[int, ...] = (32, 64, 96, 128)  # one stride-2 conv per entry: 64 -> 4 px
+    projection_dim: int = 128
+
+
+@dataclass(frozen=True)
+class TinyModelConfig:
+    text: CLIPTextConfig
+    vae: VAEConfig
+    unet: UNetConfig
+    image: ImageTowerConfig = field(default_factory=ImageTowerConfig)
+
+    @property
+    def latent_size(self) -> int:
+        return self.image.canvas // self.vae.downsample_factor
+
+
+# The shipped model. quick_gelu as in SD1's CLIP-L, so the tiny family behaves like sd1 everywhere.
+TINY_SD = TinyModelConfig(
+    text=CLIPTextConfig(width=128, layers=4, heads=4, max_positions=77, projection_dim=128),
+    # The VAE's full-resolution level is what costs on a CPU: 16 channels there, 64 at 16x16. GroupNorm groups
+    # of 2 channels (the SD modules default to 32 groups, too many for these widths).
+    vae=VAEConfig(ch=16, ch_mult=(1, 2, 4), num_res_blocks=1, norm_groups=8),
+    unet=UNetConfig(model_channels=48, channel_mult=(1, 2), num_res_blocks=1, transformer_depth=(1, 1),
+                    context_dim=128, num_heads=4, norm_groups=24),  # fmt: skip
+)
+# For tests of the training loop: seconds, not minutes; the vocabulary stays full so real token ids fit.
+MICRO = TinyModelConfig(
+    text=CLIPTextConfig(width=16, layers=2, heads=2, max_positions=77, projection_dim=16),
+    vae=VAEConfig(ch=8, ch_mult=(1, 2), num_res_blocks=1, norm_groups=4),
+    unet=UNetConfig(model_channels=16, channel_mult=(1, 2), num_res_blocks=1, transformer_depth=(1, 1),
+                    context_dim=16, num_heads=2, norm_groups=4),  # fmt: skip
+    image=ImageTowerConfig(canvas=32, channels=(8, 16), projection_dim=16),
+)
+PRESETS = {"tiny-sd": TINY_SD, "micro": MICRO}
+
+
+class ImageTower(nn.Module):
+    """pixels [B, 3, H, W] in [-1, 1] -> embedding [B, P] (not normalised)."""
+
+    def __init__(self, config: ImageTowerConfig):
+        super().__init__()
+        self.config = config
+        layers, cin = [], 3
+        for cout in config.channels:
+            layers += [nn.Conv2d(cin, cout, 3, stride=2, padding=1), nn.GroupNorm(min(8, cout // 4), cout), nn.SiLU()]
+            cin = cout
+        self.convs = nn.Sequential(*layers)
+        side = config.canvas // 2 ** len(config.channels)
+        self.proj = nn.Linear(cin * side * side, config.projection_dim)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        features = self.convs(pixels)  # [B, C, h, w]
+        return self.proj(features.flatten(1))  # [B, C*h*w] -> [B, P]

@@ -1,0 +1,402 @@
+"""Training of the embedded tiny model from scratch, in phases, within a wall-clock budget, resumable.
+
+1. ``clip``: the tiny CLIP, contrastively (symmetric InfoNCE, Radford et al. 2021) between the text tower (our
+   ``CLIPTextModel``) and a small CNN image tower, on renders and captions of the synthetic world.
+2. ``vae``: our ``AutoencoderKL`` at 4x downsampling, L1 + MSE reconstruction and LDM's tiny KL weight; the
+   scale factor is then measured as 1 / std of the latents, as the SD authors did for theirs.
+3. ``pool``: a fixed pool of scenes and their latents (rendering and encoding once is far cheaper than per step).
+4. ``unet``: our ``UNetModel``, eps prediction on the SD noise schedule with Min-SNR-5 loss weighting (Hang et al.
+   2023), cross-attending to the *frozen* tiny CLIP's context built exactly as inference builds it (the same
+   ``TextEncoder.plan`` windows, so captions past 75 tokens train 154-token chunked contexts), 10% caption dropout
+   for classifier-free guidance, captions drawn fresh from each pooled scene's spec every time, and an EMA copy.
+
+The state (weights, optimisers, RNGs, phase clocks) is written atomically every few minutes; ``resume=True`` picks
+up where it stopped. The result is one LDM-layout ``.safetensors`` of family "tiny" (``save_checkpoint``).
+"""
+
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import ClipDiffusionError
+from .captions import caption
+from .models import PRESETS, ImageTower, TinyModelConfig
+from .world import SIZES, ObjectSpec, SceneSpec, realize, render, sample_spec
+
+PHASES = ("clip", "vae", "pool", "unet")
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    model: str = "tiny-sd"  # key of models.PRESETS
+    minutes: float = 60.0
+    # share of the budget per phase (the pool is bounded by pool_size, its share only caps it)
+    shares: tuple[float, ...] = (0.12, 0.12, 0.06, 0.70)
+    clip_batch: int = 128
+    vae_batch: int = 16
+    unet_batch: int = 32
+    clip_lr: float = 1e-3
+    vae_lr: float = 1e-3
+    unet_lr: float = 5e-4
+    warmup: int = 100
+    pool_size: int = 12000
+    p_tags: float = 0.3  # captions with style-tag noise (some past 75 tokens: chunked contexts)
+    caption_dropout: float = 0.1
+    ema_decay: float = 0.999
+    checkpoint_minutes: float = 3.0
+    log_every: int = 10
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.model not in PRESETS:
+            raise ClipDiffusionError(f"model: unknown preset {self.model!r} (one of {sorted(PRESETS)})")
+        if not 0 < self.minutes <= 24 * 60:
+            raise ClipDiffusionError(f"minutes: {self.minutes!r} is outside (0, 1440]")
+        if len(self.shares) != len(PHASES) or any(s < 0 for s in self.shares):
+            raise ClipDiffusionError(f"shares: {self.shares!r} needs {len(PHASES)} non-negative numbers")
+
+    @property
+    def config(self) -> TinyModelConfig:
+        return PRESETS[self.model]
+
+
+def phase_seconds(settings: TrainSettings) -> dict:
+    total = sum(settings.shares)
+    return {p: settings.minutes * 60 * s / total for p, s in zip(PHASES, settings.shares)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data
+
+
+def to_pixels(images) -> torch.Tensor:
+    """PIL images -> [B, 3, H, W] in [-1, 1]."""
+    array = np.stack([np.asarray(im, dtype=np.float32) for im in images])  # [B, H, W, 3]
+    return torch.from_numpy(array).permute(0, 3, 1, 2) / 127.5 - 1.0  # [B, 3, H, W]
+
+
+def caption_variants(spec: SceneSpec) -> list:
+    """Every spec a caption of this scene can state (size and background each said or left open)."""
+    variants = []
+    for mask in range(2 ** len(spec.objects)):
+        objects = tuple(dataclasses.replace(o, size=o.size if mask >> i & 1 else None) for i, o in enumerate(spec.objects))
+        variants += [SceneSpec(objects, spec.background), SceneSpec(objects, None)]
+    return variants
+
+
+def loose_caption(spec: SceneSpec, rng, p_tags: float) -> str:
+    """A training caption of a fully specified scene: size and background each omitted at times."""
+    objects = tuple(o if rng.random() < 0.8 else dataclasses.replace(o, size=None) for o in spec.objects)
+    return caption(SceneSpec(objects, spec.background if rng.random() < 0.7 else None), rng, p_tags=p_tags)
+
+
+class Scenes:
+    """Training scenes: random, minus every scene a held-out eval prompt could describe."""
+
+    def __init__(self, rng: np.random.Generator, held_out: frozenset):
+        self.rng = rng
+        self.held_out = held_out
+
+    def draw(self, n: int):
+        scenes = []
+        while len(scenes) < n:
+            scene = realize(sample_spec(self.rng, p_size=1.0, p_background=1.0), self.rng)
+            if not any(v.key() in self.held_out for v in caption_variants(scene.spec())):
+                scenes.append(scene)
+        return scenes
+
+
+class ContextBuilder:
+    """Frozen text tower -> cross-attention context, laid out by the same ``TextEncoder.plan`` as inference
+    (chunk strategy: one 77-position window per 75 tokens, rows concatenated)."""
+
+    def __init__(self, text_encoder):
+        self.text_encoder = text_encoder
+        self.spec = text_encoder.encoders[0]
+
+    @torch.no_grad()
+    def __call__(self, captions) -> list:
+        """captions -> list of (indices into captions, context [b, T, D]) groups of equal T."""
+        plans = [self.text_encoder.plan(c) for c in captions]
+        groups: dict = {}
+        for i, plan in enumerate(plans):
+            groups.setdefault(len(plan.rows), []).append(i)
+        out = []
+        for _, members in sorted(groups.items()):
+            windows = [w for i in members for w in plans[i].windows]
+            ids = torch.tensor([w.ids(self.spec.pad_id) for w in windows])  # [W, 77]
+            hidden = self.spec.model(ids, final_norm=self.spec.final_norm).hidden  # [W, 77, D]
+            contexts, start = [], 0
+            for i in members:
+                rows = [(start + w, p) for w, p in plans[i].rows]
+                assert all(w >= start for w, _ in rows), "empty-window rows never occur with chunking"
+                contexts.append(hidden[[w for w, _ in rows], [p for _, p in rows]])  # [T, D]
+                start += len(plans[i].windows)
+            out.append((members, torch.stack(contexts)))  # [b, T, D]
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Models and state
+
+
+def build_models(config: TinyModelConfig, tokenizer=None):
+    from ..diffusion.unet import UNetModel
+    from ..diffusion.vae import AutoencoderKL
+    from ..text.chunking import EOS_ID
+    from ..text.clip import CLIPTextModel
+    from ..text.conditioning import EncoderSpec, TextEncoder
+
+    text = CLIPTextModel(config.text)
+    models = {
+        "text": text,
+        "image": ImageTower(config.image),
+        "vae": AutoencoderKL(config.vae),
+        "unet": UNetModel(config.unet),
+    }
+    models["ema"] = UNetModel(config.unet)
+    models["ema"].load_state_dict(models["unet"].state_dict())
+    models["ema"].requires_grad_(False)
+    encoder = TextEncoder("tiny", [EncoderSpec("clip", text, EOS_ID, True, 1)], tokenizer)
+    return models, encoder
+
+
+def _optimizer(params, lr, weight_decay=0.0):
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.99))
+
+
+def _lr(step: int, base: float, warmup: int) -> float:
+    return base * min(1.0, (step + 1) / warmup)
+
+
+class Trainer:
+    """Runs the phases against a folder ``out`` (state.pt, log.jsonl, tiny-sd.safetensors)."""
+
+    def __init__(self, out, settings: TrainSettings = TrainSettings(), *, resume=False, tokenizer=None, log=print):
+        self.out = Path(out)
+        self.settings = settings
+        self.log = log
+        self.config = settings.config
+        self.models, self.text_encoder = build_models(self.config, tokenizer)
+        self.logit_scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.optimizers = {
+            "clip": _optimizer([*self.models["text"].parameters(), *self.models["image"].parameters(),
+                                self.logit_scale], settings.clip_lr),  # fmt: skip
+            "vae": _optimizer(self.models["vae"].parameters(), settings.vae_lr),
+            "unet": _optimizer(self.models["unet"].parameters(), settings.unet_lr),
+        }
+        self.state = {"phase": 0, "step": {p: 0 for p in PHASES}, "seconds": {p: 0.0 for p in PHASES},
+                      "scale_factor": None, "settings": dataclasses.asdict(settings)}  # fmt: skip
+        self.rng = np.random.default_rng(settings.seed)
+        self.torch_rng = torch.Generator().manual_seed(settings.seed)
+        self.pool = None
+        state_path = self.out / "state.pt"
+        if resume:
+            if not state_path.exists():
+                raise ClipDiffusionError(f"resume: no training state in {str(self.out)!r} (state.pt is missing)")
+            self._load(state_path)
+        elif state_path.exists():
+            raise ClipDiffusionError(f"out: {str(self.out)!r} already holds a training state; pass --resume to "
+                                     "continue it or choose another folder")  # fmt: skip
+        from .eval import held_out_keys
+
+        self.scenes = Scenes(self.rng, held_out_keys())
+
+    # ---- persistence ----------------------------------------------------------------------------------------
+
+    def _save(self):
+        self.out.mkdir(parents=True, exist_ok=True)
+        blob = {
+            "models": {k: m.state_dict() for k, m in self.models.items()},
+            "logit_scale": self.logit_scale.detach(),
+            "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+            "state": self.state,
+            "rng": self.rng.bit_generator.state,
+            "torch_rng": self.torch_rng.get_state(),
+            "pool": self.pool,
+        }
+        tmp = self.out / "state.pt.tmp"
+        torch.save(blob, tmp)
+        os.replace(tmp, self.out / "state.pt")  # atomic: a kill mid-write leaves the previous state intact
+
+    def _load(self, path):
+        blob = torch.load(path, map_location="cpu", weights_only=False)
+        if blob["state"]["settings"]["model"] != self.settings.model:
+            raise ClipDiffusionError(f"resume: the state in {str(self.out)!r} trains model "
+                                     f"{blob['state']['settings']['model']!r}, not {self.settings.model!r}")  # fmt: skip
+        for k, m in self.models.items():
+            m.load_state_dict(blob["models"][k])
+        with torch.no_grad():
+            self.logit_scale.copy_(blob["logit_scale"])
+        for k, o in self.optimizers.items():
+            o.load_state_dict(blob["optimizers"][k])
+        self.state = blob["state"]
+        self.rng.bit_generator.state = blob["rng"]
+        self.torch_rng.set_state(blob["torch_rng"])
+        self.pool = blob["pool"]
+
+    def _record(self, phase, **values):
+        entry = {"phase": phase, "step": self.state["step"][phase], "seconds": round(self.state["seconds"][phase], 1)}
+        entry.update({k: round(float(v), 5) for k, v in values.items()})
+        self.out.mkdir(parents=True, exist_ok=True)
+        with open(self.out / "log.jsonl", "a") as f:
+            f.write(json.dumps(entry) + "\n")
+        self.log(" ".join(f"{k}={v}" for k, v in entry.items()))
+
+    # ---- the loop -------------------------------------------------------------------------------------------
+
+    def run(self) -> Path:
+        budgets = phase_seconds(self.settings)
+        last_save = time.monotonic()
+        while self.state["phase"] < len(PHASES):
+            phase = PHASES[self.state["phase"]]
+            step_fn = getattr(self, f"_{phase}_step")
+            done = False
+            while not done and self.state["seconds"][phase] < budgets[phase]:
+                start = time.monotonic()
+                done = step_fn() is True
+                self.state["seconds"][phase] += time.monotonic() - start
+                self.state["step"][phase] += 1
+                if time.monotonic() - last_save > self.settings.checkpoint_minutes * 60:
+                    self._save()
+                    last_save = time.monotonic()
+            self._finish(phase)
+            self.state["phase"] += 1
+            self._save()
+            last_save = time.monotonic()
+        return self.export(self.out / "tiny-sd.safetensors")
+
+    def _finish(self, phase):
+        if phase == "vae":
+            self.state["scale_factor"] = self._measure_scale_factor()
+            self._record("vae", scale_factor=self.state["scale_factor"])
+        if phase == "pool" and self.pool is None:
+            self._pool_step()  # a budget too small for even one batch still yields a (tiny) pool
+
+    def _clip_step(self):
+        s = self.settings
+        step = self.state["step"]["clip"]
+        scenes = self.scenes.draw(s.clip_batch)
+        # captions fitting one window: the pooled EOS must see every object
+        captions = [loose_caption(sc.spec(), self.rng, s.p_tags * 0.5) for sc in scenes]
+        plans = [self.text_encoder.plan(c, long_prompt="truncate") for c in captions]
+        ids = torch.tensor([p.windows[0].ids(self.text_encoder.encoders[0].pad_id) for p in plans])  # [B, 77]
+        pixels = to_pixels([render(sc, self.config.image.canvas) for sc in scenes])
+        text = F.normalize(self.models["text"](ids, pooled=True).pooled, dim=-1)  # [B, P]
+        image = F.normalize(self.models["image"](pixels), dim=-1)  # [B, P]
+        logits = self.logit_scale.clamp(max=math.log(100)).exp() * image @ text.T  # [B, B]
+        labels = torch.arange(len(scenes))
+        loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+        self._update("clip", loss, s.clip_lr)
+        if step % s.log_every == 0:
+            accuracy = (logits.argmax(1) == labels).float().mean()
+            self._record("clip", loss=loss.item(), accuracy=accuracy.item())
+
+    def _vae_step(self):
+        s = self.settings
+        vae = self.models["vae"]
+        pixels = to_pixels([render(sc, self.config.image.canvas) for sc in self.scenes.draw(s.vae_batch)])
+        posterior = vae.encode(pixels)
+        decoded = vae.decode(posterior.sample(self.torch_rng))
+        recon = (decoded - pixels).abs().mean() + F.mse_loss(decoded, pixels)
+        kl = 0.5 * (posterior.mean**2 + posterior.std**2 - 1 - posterior.logvar).mean()
+        loss = recon + 1e-6 * kl * posterior.mean[0].numel()  # LDM's kl_weight on a per-image KL sum
+        self._update("vae", loss, s.vae_lr)
+        if self.state["step"]["vae"] % s.log_every == 0:
+            self._record("vae", loss=loss.item(), recon=recon.item(), kl=kl.item())
+
+    @torch.no_grad()
+    def _measure_scale_factor(self) -> float:
+        pixels = to_pixels([render(sc, self.config.image.canvas) for sc in self.scenes.draw(128)])
+        return float(1.0 / self.models["vae"].encode(pixels).mean.std())
+
+    @torch.no_grad()
+    def _pool_step(self):
+        s = self.settings
+        if self.pool is None:
+            self.pool = {"scenes": [], "latents": []}
+        scenes = self.scenes.draw(min(64, s.pool_size - len(self.pool["scenes"])))
+        pixels = to_pixels([render(sc, self.config.image.canvas) for sc in scenes])
+        latents = self.models["vae"].encode(pixels).mean * self.state["scale_factor"]  # [b, 4, h, w]
+        self.pool["scenes"] += scenes
+        self.pool["latents"].append(latents.half())
+        if len(self.pool["scenes"]) >= s.pool_size:
+            self._record("pool", size=len(self.pool["scenes"]))
+            return True
+        return False
+
+    def _unet_step(self):
+        from ..diffusion.denoiser import sd_alphas_cumprod
+
+        s = self.settings
+        unet = self.models["unet"]
+        if not isinstance(self.pool["latents"], torch.Tensor):
+            self.pool["latents"] = torch.cat(self.pool["latents"])  # [N, 4, h, w]
+        alphas = sd_alphas_cumprod().float()
+        index = self.rng.integers(len(self.pool["scenes"]), size=s.unet_batch)
+        captions = [
+            "" if self.rng.random() < s.caption_dropout else loose_caption(self.pool["scenes"][i].spec(), self.rng, s.p_tags)
+            for i in index
+        ]  # fmt: skip
+        x0 = self.pool["latents"][torch.from_numpy(index)].float()  # [B, 4, h, w]
+        t = torch.randint(0, len(alphas), (s.unet_batch,), generator=self.torch_rng)
+        noise = torch.randn(x0.shape, generator=self.torch_rng)
+        a = alphas[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        snr = alphas[t] / (1 - alphas[t])
+        weight = snr.clamp(max=5.0) / snr  # Min-SNR-gamma for eps prediction, gamma = 5
+        loss = 0.0
+        for members, context in ContextBuilder(self.text_encoder)(captions):
+            m = torch.tensor(members)
+            eps = unet(xt[m], t[m], context)
+            per_sample = ((eps - noise[m]) ** 2).mean(dim=(1, 2, 3))
+            loss = loss + (weight[m] * per_sample).sum() / s.unet_batch
+        self._update("unet", loss, s.unet_lr)
+        step = self.state["step"]["unet"]
+        decay = min(s.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for e, p in zip(self.models["ema"].parameters(), unet.parameters()):
+                e.lerp_(p, 1 - decay)
+        if step % s.log_every == 0:
+            self._record("unet", loss=loss.item())
+
+    def _update(self, phase, loss, base_lr):
+        optimizer = self.optimizers[phase]
+        for group in optimizer.param_groups:
+            group["lr"] = _lr(self.state["step"][phase], base_lr, self.settings.warmup)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 1.0)
+        optimizer.step()
+
+    # ---- export ---------------------------------------------------------------------------------------------
+
+    def pipeline(self, *, ema=True):
+        """A ``Pipeline`` over the current weights (the EMA UNet by default)."""
+        from ..diffusion.vae import AutoencoderKL
+        from ..pipeline import Pipeline
+
+        vae = self.models["vae"]
+        if self.state["scale_factor"] is not None:
+            vae = AutoencoderKL(dataclasses.replace(self.config.vae, scale_factor=self.state["scale_factor"]))
+            vae.load_state_dict(self.models["vae"].state_dict())
+        unet = self.models["ema" if ema else "unet"]
+        return Pipeline(self.text_encoder, unet.eval(), vae.eval(), "tiny", "eps", name="clipdiffusion-tiny",
+                        default_size=self.config.image.canvas)  # fmt: skip
+
+    def export(self, path) -> Path:
+        from ..checkpoints.save import save_checkpoint
+
+        meta = {"clipdiffusion.tiny.train_settings": json.dumps(self.state["settings"]),
+                "clipdiffusion.tiny.steps": json.dumps(self.state["step"])}  # fmt: skip
+        path = save_checkpoint(self.pipeline(), path, meta, dtype=torch.float16)
+        self.log(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+        return path
