@@ -372,3 +372,36 @@ def test_serve_command_line():
     assert main(["serve", "--model", "/no/such/model.safetensors"]) == 2
     assert main(["serve", "--api-auth", "nopassword"]) == 2
     assert main(["serve", "--max-steps", "0"]) == 2
+
+
+def test_tiny_pipeline_end_to_end():
+    """The real engine (random tiny weights) behind the real server: A1111 client, attention maps, encode."""
+    from clipdiffusion.testing import tiny_pipeline
+
+    pipes = []
+
+    def factory(name):
+        pipes.append(tiny_pipeline(seed=0))
+        return pipes[-1]
+
+    s = ServerSettings(models=(ModelEntry("tiny"),), max_width=64, max_height=64)
+    with ServerThread(create_app(factory, s)) as server, httpx.Client(base_url=server.url, timeout=60) as c:
+        names = [x["name"] for x in c.get("/sdapi/v1/samplers").json()]
+        assert {"Euler", "Euler a", "DPM++ 2M"} <= set(names)
+        result = api(server).txt2img(prompt="a red circle", seed=5, steps=2, width=32, height=32, batch_size=2,
+                                     sampler_name="DPM++ 2M", scheduler="karras")
+        assert [im.size for im in result.images] == [(32, 32)] * 2 and result.info["all_seeds"] == [5, 6]
+        again = api(server).txt2img(prompt="a red circle", seed=6, steps=2, width=32, height=32,
+                                    sampler_name="DPM++ 2M", scheduler="karras")
+        # seed 6 alone reproduces the second image of the batch
+        assert again.images[0].tobytes() == result.images[1].tobytes()
+        assert "Seed: 5" in result.info["infotexts"][0]
+        r = c.post("/api/generate", json={"prompt": "red cat", "steps": 2, "width": 32, "height": 32, "seed": 1,
+                                          "attention_maps": True})
+        assert r.status_code == 200, r.text
+        attention = r.json()["attention"]
+        assert attention["tokens"] == ["red", "cat"] and len(attention["maps"]) == 2
+        stats = c.post("/api/encode", json={"prompt": "red cat", "clip_skip": 2}).json()
+        assert stats["context"]["shape"][1] == 77 and stats["report"]["prompt"]["summary"] == "2/75"
+        field_error(c.post("/api/encode", json={"prompt": "red cat", "clip_skip": 9}), "body")
+    assert len(pipes) == 1  # loaded once, by the worker
