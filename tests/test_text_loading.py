@@ -268,3 +268,29 @@ def test_loaded_encoder_encodes_a_prompt(tmp_path, clip_l):
     with torch.no_grad():
         want = clip_l(ids, clip_skip=2).hidden
     assert (cond.context - want).abs().max() < TOL
+
+
+def test_long_clip_openclip_file_merges_its_two_position_tables(tmp_path):
+    # A Long-CLIP-L style checkpoint: OpenAI CLIP-L in OpenCLIP naming at the top level, beside a visual tower,
+    # with 248 positions split over positional_embedding (first 20 rows) and positional_embedding_res (rest).
+    torch.manual_seed(6)
+    config = CLIPTextConfig(vocab_size=49408, width=WIDTH, layers=LAYERS, heads=2, max_positions=248,
+                            projection_dim=32)
+    model = CLIPTextModel(config).eval()
+    tensors = to_open_clip_state_dict(model.state_dict())
+    table = tensors["positional_embedding"]
+    res = torch.randn(248, WIDTH)
+    tensors["positional_embedding_res"] = res
+    tensors["visual.conv1.weight"] = torch.zeros(4, 3, 2, 2)
+    tensors["visual.transformer.resblocks.0.ln_1.weight"] = torch.zeros(4)
+    tensors["logit_scale"] = torch.tensor(4.6)
+    path = tmp_path / "longclip.safetensors"
+    save_file(tensors, path)
+    family, (spec,), ignored = text_encoders_from_state_dict(dict(tensors))
+    assert family == "sd1" and spec.model.config.activation == "quick_gelu"  # OpenAI CLIP-L lineage
+    got = spec.model.embeddings.position_embedding.weight
+    assert torch.equal(got[:20], table[:20]) and torch.equal(got[20:], res[20:])
+    assert "visual.conv1.weight" in ignored and "positional_embedding_res" not in ignored
+    ids = torch.tensor([[BOS] + [320] * 200 + [EOS_ID] * 47])
+    with torch.no_grad():
+        assert load_text_encoder(path).encoders[0].model(ids).hidden.shape == (1, 248, WIDTH)

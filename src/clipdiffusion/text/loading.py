@@ -36,6 +36,8 @@ _SD2 = "cond_stage_model.model."
 _SD1 = "cond_stage_model.transformer."
 # Names under a text prefix that hold no text-encoder weight (regenerated buffers, CLIP's contrastive scalar).
 _IGNORED_LEAVES = ("position_ids", "logit_scale", "attn_mask")
+_LONG_CLIP_RES = "positional_embedding_res"
+LONG_CLIP_KEEP = 20  # rows of the original CLIP table that Long-CLIP keeps (its mask1)
 
 # OpenCLIP block names -> ours (transformers' CLIPEncoderLayer names)
 _OPENCLIP_BLOCK = {
@@ -238,7 +240,7 @@ def _plan_standalone(shapes: dict, source: str) -> _Plan:
         prefix_keys = [k for k in keys if k.startswith(prefix) and not k.startswith(prefix + "visual.")]
         if not prefix:  # a whole OpenCLIP model: only its text tower's top-level names are ours
             prefix_keys = [k for k in prefix_keys if k.startswith("transformer.") or k in _OPENCLIP_TOP or
-                           k in _IGNORED_LEAVES]
+                           k in _IGNORED_LEAVES or k == _LONG_CLIP_RES]
         width = _width(shapes, [prefix + "token_embedding.weight"])
         plan = _EncoderPlan("clip_l", "openclip", prefix)
     # Width tells the tower apart: 768 = OpenAI CLIP-L (quick_gelu), 1024 = OpenCLIP H, 1280 = OpenCLIP bigG.
@@ -265,6 +267,8 @@ def _rename(plan: _EncoderPlan, tensors: dict):
             ours[name], origin[name] = value, key
             continue
         targets = openclip_name_to_ours(sub)
+        if sub == _LONG_CLIP_RES:
+            continue  # merged into the position table below
         if targets is None:
             unexpected.append(key)
         elif len(targets) == 3:
@@ -280,7 +284,26 @@ def _rename(plan: _EncoderPlan, tensors: dict):
             ours[targets[0]], origin[targets[0]] = value.t(), key
         else:
             ours[targets[0]], origin[targets[0]] = value, key
+    res_key = plan.prefix + _LONG_CLIP_RES
+    if plan.kind == "openclip" and res_key in plan.keys:
+        _merge_long_clip_positions(ours, tensors[res_key], res_key, bad)
     return ours, origin, unexpected, bad
+
+
+def _merge_long_clip_positions(ours: dict, res, res_key: str, bad: list) -> None:
+    """Long-CLIP files keep two [248, D] tables: its encode_text adds ``positional_embedding`` masked to the first
+    20 rows and ``positional_embedding_res`` masked to the rest (beichenzbc/Long-CLIP model/model_longclip.py,
+    ``mask1``/``mask2``). Both are constants at inference, so one table holds the same sum."""
+    import torch
+
+    name = "embeddings.position_embedding.weight"
+    table = ours.get(name)
+    if table is None:
+        return  # reported as missing
+    if tuple(res.shape) != tuple(table.shape) or table.shape[0] <= LONG_CLIP_KEEP:
+        bad.append(f"{res_key} {list(res.shape)} (expected {list(table.shape)}, like positional_embedding)")
+        return
+    ours[name] = torch.cat([table[:LONG_CLIP_KEEP], res[LONG_CLIP_KEEP:]])
 
 
 def _file_name(plan: _EncoderPlan, ours: str) -> str:
