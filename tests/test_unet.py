@@ -211,3 +211,11 @@ def test_bad_config_raises():
         U.UNetConfig(num_heads=8, head_channels=64)
     with pytest.raises(ClipDiffusionError, match="transformer_depth"):
         U.UNetConfig(channel_mult=(1, 2))
+
+
+def test_config_survives_json_round_trip():
+    import dataclasses
+    import json
+
+    for preset in U.PRESETS.values():
+        assert U.UNetConfig(**json.loads(json.dumps(dataclasses.asdict(preset)))) == preset

@@ -118,3 +118,11 @@ def test_bad_input_names_the_field():
         vae.decode(torch.zeros(1, 3, 8, 8))
     with pytest.raises(ClipDiffusionError, match="overlap"):
         vae.decode_tiled(torch.zeros(1, 4, 8, 8), tile=8, overlap=8)
+
+
+def test_config_survives_json_round_trip():
+    import dataclasses
+    import json
+
+    for preset in V.PRESETS.values():
+        assert V.VAEConfig(**json.loads(json.dumps(dataclasses.asdict(preset)))) == preset

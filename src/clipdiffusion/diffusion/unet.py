@@ -39,6 +39,8 @@ class UNetConfig:
     norm_groups: int = 32
 
     def __post_init__(self):
+        for name in ("channel_mult", "transformer_depth"):  # JSON round trips give lists; keep configs hashable
+            object.__setattr__(self, name, tuple(getattr(self, name)))
         if (self.num_heads is None) == (self.head_channels is None):
             raise ClipDiffusionError(
                 f"UNetConfig: set exactly one of num_heads ({self.num_heads}) and head_channels ({self.head_channels})")

@@ -29,6 +29,9 @@ class VAEConfig:
     scale_factor: float = 0.18215
     norm_groups: int = 32
 
+    def __post_init__(self):
+        object.__setattr__(self, "ch_mult", tuple(self.ch_mult))  # JSON gives a list; keep configs hashable
+
     @property
     def downsample_factor(self) -> int:
         return 2 ** (len(self.ch_mult) - 1)

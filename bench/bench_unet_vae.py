@@ -1,0 +1,127 @@
+"""Benchmark: our UNet and VAE vs diffusers' UNet2DConditionModel / AutoencoderKL at full SD 1.5 size.
+
+One UNet step (batch 2, 4x64x64 latents, 77-token context: one classifier-free-guidance step at 512x512) and one
+VAE decode to 512x512 (batch 1), fp32 on CPU. Both sides run the *same* weight tensors: diffusers' random init
+is renamed through our table and assigned to our model without copying, so memory holds one set. Repetitions
+are interleaved (ours, reference, ours, ...) and the median is reported, because other processes share the
+machine. The UNet's FLOPs are counted once with FlopCounterMode and set against a measured fp32 matmul peak.
+
+    OMP_NUM_THREADS=2 .venv/bin/python bench/bench_unet_vae.py --threads 2 --reps 2
+"""
+
+import argparse
+import platform
+import statistics
+import subprocess
+import time
+
+import torch
+
+
+def machine() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def matmul_peak_gflops(n: int = 2048, reps: int = 5) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    best = min(_timed(lambda: torch.mm(a, b)) for _ in range(reps))
+    return 2 * n**3 / best / 1e9
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def build_unet():
+    import diffusers
+
+    from clipdiffusion.checkpoints.diffusers_unet import unet_config_from_diffusers, unet_diffusers_to_ldm
+    from clipdiffusion.diffusion.unet import UNetModel
+
+    torch.manual_seed(0)
+    ref = diffusers.UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8).eval()
+    cfg = unet_config_from_diffusers(dict(ref.config))
+    ours = UNetModel(cfg, device="meta").eval()
+    ours.load_state_dict(unet_diffusers_to_ldm(ref.state_dict(), cfg), strict=True, assign=True)
+    return ours, ref
+
+
+def build_vae():
+    import diffusers
+
+    from clipdiffusion.checkpoints.diffusers_vae import vae_config_from_diffusers, vae_diffusers_to_ldm
+    from clipdiffusion.diffusion.vae import AutoencoderKL
+
+    torch.manual_seed(0)
+    ref = diffusers.AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                                  down_block_types=("DownEncoderBlock2D",) * 4,
+                                  up_block_types=("UpDecoderBlock2D",) * 4).eval()
+    cfg = vae_config_from_diffusers(dict(ref.config))
+    ours = AutoencoderKL(cfg, device="meta").eval()
+    # diffusers' attention projections are Linear; the reshape to 1x1 conv makes views of the same storage.
+    ours.load_state_dict(vae_diffusers_to_ldm(ref.state_dict(), cfg), strict=True, assign=True)
+    return ours, ref
+
+
+def compare(name, ours_fn, ref_fn, reps):
+    diff = (ours_fn() - ref_fn()).abs().max().item()  # also the warm-up
+    times = {"ours": [], "diffusers": []}
+    for _ in range(reps):
+        times["ours"].append(_timed(ours_fn))
+        times["diffusers"].append(_timed(ref_fn))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"{name}: ours {med['ours']:.2f} s, diffusers {med['diffusers']:.2f} s, "
+          f"ratio ours/diffusers {med['ours'] / med['diffusers']:.3f}, max |diff| {diff:.2e}  "
+          f"(runs: ours {[round(t, 2) for t in times['ours']]}, diffusers {[round(t, 2) for t in times['diffusers']]})")
+    return med
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--skip-vae", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"machine: {machine()}; torch {torch.__version__}; threads {torch.get_num_threads()}; fp32 CPU")
+    peak = matmul_peak_gflops()
+    print(f"fp32 matmul peak (2048^3 torch.mm, best of 5): {peak:.1f} GFLOP/s")
+
+    with torch.inference_mode():
+        ours, ref = build_unet()
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(2, 4, 64, 64, generator=g)
+        t = torch.tensor([500.0, 500.0])
+        context = torch.randn(2, 77, 768, generator=g)
+        from torch.utils.flop_counter import FlopCounterMode
+
+        counter = FlopCounterMode(display=False)
+        with counter:
+            ours(x, t, context)
+        flops = counter.get_total_flops()
+        med = compare("UNet step (B=2, 4x64x64, T=77)", lambda: ours(x, t, context),
+                      lambda: ref(x, t, context).sample, args.reps)
+        print(f"UNet FLOPs per step: {flops / 1e9:.1f} GFLOP; achieved ours {flops / med['ours'] / 1e9:.1f} "
+              f"GFLOP/s ({100 * flops / med['ours'] / 1e9 / peak:.0f}% of matmul peak), diffusers "
+              f"{flops / med['diffusers'] / 1e9:.1f} GFLOP/s")
+        del ours, ref
+
+        if not args.skip_vae:
+            ours, ref = build_vae()
+            z = torch.randn(1, 4, 64, 64, generator=g)
+            compare("VAE decode (1x4x64x64 -> 512x512)", lambda: ours.decode(z), lambda: ref.decode(z).sample,
+                    args.reps)
+
+
+if __name__ == "__main__":
+    main()
