@@ -163,6 +163,10 @@ def _text_encoder(family, text_sd, configs, *, source, dtype, device):
             if spec.model.config != config:
                 model = CLIPTextModel.from_state_dict(spec.model.state_dict(), config, dtype=dtype, device=device)
                 encoders[i] = dataclasses.replace(spec, model=model.eval().requires_grad_(False))
+    if family == "sd2" and result.family != "sd2":
+        # An HF-layout tower is recognised as OpenCLIP-H by its width (1024); a narrower one in an SD2 folder
+        # (tests, distilled models) still follows SD2's recipe: OpenCLIP pads with 0.
+        encoders = [dataclasses.replace(e, name="clip_h", pad_id=0) for e in encoders]
     for spec in encoders:
         spec.model.eval().requires_grad_(False)
     return TextEncoder(family, encoders), tuple(result.ignored)
