@@ -294,3 +294,16 @@ def test_long_clip_openclip_file_merges_its_two_position_tables(tmp_path):
     ids = torch.tensor([[BOS] + [320] * 200 + [EOS_ID] * 47])
     with torch.no_grad():
         assert load_text_encoder(path).encoders[0].model(ids).hidden.shape == (1, 248, WIDTH)
+
+
+def test_diffusers_style_sd2_tower_keeps_its_layer_when_written_as_ldm(open_h):
+    # diffusers' SD2 text_encoder has 23 layers and uses the last; LDM readers take the penultimate of the file.
+    spec = EncoderSpec("clip_h", open_h, 0, True, 1)
+    tensors = text_encoder_to_ldm("sd2", [spec])
+    assert f"cond_stage_model.model.transformer.resblocks.{LAYERS}.ln_1.weight" in tensors
+    _, (loaded,), _ = text_encoders_from_state_dict(tensors)
+    assert loaded.model.config.layers == LAYERS + 1 and loaded.default_clip_skip == 2
+    with torch.no_grad():
+        got = loaded.model(_ids(0), clip_skip=2, pooled=True)
+        want = open_h(_ids(0), clip_skip=1, pooled=True)
+    assert (got.hidden - want.hidden).abs().max() < TOL and (got.pooled - want.pooled).abs().max() < TOL

@@ -208,9 +208,10 @@ def _plan(shapes: dict, source: str) -> _Plan:
     ignored = []
     for key in keys:
         owner = next((e for e in encoders if key.startswith(e.prefix)), None)
-        if owner is None or _leaf_ignored(key[len(owner.prefix) :]):
+        sub = key[len(owner.prefix) :] if owner else key
+        if owner is None or _leaf_ignored(sub):
             ignored.append(key)
-        elif owner.kind == "hf" and not owner.keep_projection and key[len(owner.prefix) :].startswith("text_projection"):
+        elif owner.kind == "hf" and not owner.keep_projection and sub.startswith("text_projection"):
             ignored.append(key)  # SD1/SDXL use CLIP-L's hidden states only; a stray projection is unused
         else:
             owner.keys.append(key)
@@ -264,7 +265,10 @@ def _rename(plan: _EncoderPlan, tensors: dict):
         sub, value = key[len(plan.prefix) :], tensors[key]
         if plan.kind == "hf":
             name = sub.removeprefix("text_model.")
-            ours[name], origin[name] = value, key
+            if name in ours:  # the same weight both with and without text_model.: which one is meant?
+                unexpected.append(key)
+            else:
+                ours[name], origin[name] = value, key
             continue
         targets = openclip_name_to_ours(sub)
         if sub == _LONG_CLIP_RES:
@@ -335,7 +339,7 @@ def _build(plan: _EncoderPlan, tensors: dict, *, activation, dtype, device, prob
     ]
     for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", bad)):
         if items:
-            problems.append(f"{label} ({len(items)}): {', '.join(sorted(set(items)))}")
+            problems.append(f"{plan.name} {label} ({len(items)}): {', '.join(sorted(set(items)))}")
     if len(problems) > problems_before:
         return None
     model = CLIPTextModel.from_state_dict(ours, config, dtype=dtype or torch.float32, device=device)
@@ -397,7 +401,7 @@ def _activation_beside(path: Path) -> str | None:
 def load_text_encoder(path, *, dtype=None, device="cpu", tokenizer=None):
     """Read a ``.safetensors`` (or weights-only pickle) file and return a ``TextEncoder``.
 
-    Only the text-encoder tensors are read from the file, so a 7 GB SDXL checkpoint costs ~1.6 GB, not 7.
+    Only the text-encoder tensors are read from the file (about 1.6 GB of a 7 GB fp16 SDXL checkpoint).
     A diffusers ``text_encoder`` folder (holding model.safetensors) is accepted too.
     """
     from ..checkpoints.safetensors_io import load_file, read_shapes
@@ -439,5 +443,33 @@ def text_encoder_to_ldm(family: str, encoders) -> dict:
     if family == "sdxl":
         return {**hf(_SDXL_L, models[0]), **openclip(_SDXL_G, models[1])}
     if family == "sd2":
-        return openclip(_SD2, models[0])
+        tensors = openclip(_SD2, models[0])
+        if getattr(encoders[0], "default_clip_skip", 2) == 1:
+            tensors.update(_identity_block(_SD2, models[0]))
+        return tensors
     return hf(_SD1, models[0])
+
+
+def _identity_block(prefix: str, model) -> dict:
+    """An extra last resblock that returns its input (zero out_proj and c_proj, so both residual branches add 0).
+
+    A diffusers-style SD2 tower (23 layers, default = its last layer) written in the LDM layout, whose readers
+    take the penultimate layer (``layer="penultimate"``), would otherwise lose a layer; with this block the
+    penultimate is the original last layer and the pooled vector is unchanged too.
+    """
+    import torch
+
+    width, n = model.config.width, model.config.layers
+    ref = model.final_layer_norm.weight
+    zeros = lambda *shape: torch.zeros(shape, dtype=ref.dtype, device=ref.device)  # noqa: E731
+    ones = lambda *shape: torch.ones(shape, dtype=ref.dtype, device=ref.device)  # noqa: E731
+    block = f"{prefix}transformer.resblocks.{n}."
+    return {
+        block + "ln_1.weight": ones(width), block + "ln_1.bias": zeros(width),
+        block + "attn.in_proj_weight": zeros(3 * width, width), block + "attn.in_proj_bias": zeros(3 * width),
+        block + "attn.out_proj.weight": zeros(width, width), block + "attn.out_proj.bias": zeros(width),
+        block + "ln_2.weight": ones(width), block + "ln_2.bias": zeros(width),
+        block + "mlp.c_fc.weight": zeros(model.config.hidden_mlp, width),
+        block + "mlp.c_fc.bias": zeros(model.config.hidden_mlp),
+        block + "mlp.c_proj.weight": zeros(width, model.config.hidden_mlp), block + "mlp.c_proj.bias": zeros(width),
+    }
