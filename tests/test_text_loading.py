@@ -184,12 +184,13 @@ def test_reverse_tables_round_trip(clip_l, open_h):
     big_g = _random_tower(4, activation="gelu", projection=WIDTH)
     cases = [("sd1", [clip_l]), ("sd2", [open_h]), ("sdxl", [clip_l, big_g])]
     for family, models in cases:
-        specs = [EncoderSpec("x", m, 0, True, 1) for m in models]
+        specs = [EncoderSpec("x", m, 0, True, 2) for m in models]  # penultimate defaults: a pure rename
         tensors = text_encoder_to_ldm(family, specs)
         assert all(not k.startswith("text_model.") for k in tensors)
         got_family, got, ignored = text_encoders_from_state_dict(tensors)
         assert got_family == family and ignored == []
         for spec, model in zip(got, models):
+            assert spec.model.config == model.config
             _same(spec.model, model, pad=0)
     assert "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight" in text_encoder_to_ldm(
         "sd2", [open_h])
