@@ -8,6 +8,7 @@ Scheduler alignment (what each diffusers scheduler needs to run the same sigmas 
 - euler / euler_a: Euler(Ancestral)DiscreteScheduler with timestep_spacing="linspace" equals our "normal" schedule
   when every linspace timestep is an integer (4 steps: 999, 666, 333, 0); use_karras_sigmas=True equals "karras".
   Their init_noise_sigma is sigma_max, as ours.
+- heun: HeunDiscreteScheduler with "linspace" spacing (it interleaves the doubled timesteps itself).
 - dpmpp_2m: DPMSolverMultistepScheduler (dpmsolver++, order 2) with our timesteps passed as custom `timesteps`.
 - ddim: DDIMScheduler with "leading" spacing, steps_offset=1 and set_alpha_to_one=True equals our "ddim" schedule.
   With set_alpha_to_one=False (the SD scheduler config) diffusers stops at sigma(t=0) = 0.029 instead of 0: not
@@ -125,3 +126,8 @@ def test_ddim_matches_ddim_scheduler(models):
                                     timestep_spacing="leading")
     sigma_start = float(((1 - sched.alphas_cumprod[751]) / sched.alphas_cumprod[751]) ** 0.5)  # first of 751..1
     _compare(models, sched, "ddim", "ddim", vp_start=sigma_start)
+
+
+def test_heun_matches_heun_discrete(models):
+    sched = diffusers.HeunDiscreteScheduler(**SD_SCHEDULE, timestep_spacing="linspace")
+    _compare(models, sched, "heun", "normal")
