@@ -39,9 +39,10 @@ class TinyModelConfig:
         return self.image.canvas // self.vae.downsample_factor
 
 
-# The shipped model. quick_gelu as in SD1's CLIP-L, so the tiny family behaves like sd1 everywhere.
+# The shipped model. quick_gelu and no text projection as in SD1's CLIP-L, so the tiny family loads and behaves
+# like sd1 everywhere; the contrastive projections live in the training code (ContrastiveHeads).
 TINY_SD = TinyModelConfig(
-    text=CLIPTextConfig(width=128, layers=4, heads=4, max_positions=77, projection_dim=128),
+    text=CLIPTextConfig(width=128, layers=4, heads=4, max_positions=77),
     # The VAE's full-resolution level is what costs on a CPU: 16 channels there, 64 at 16x16. GroupNorm groups
     # of 2 channels (the SD modules default to 32 groups, too many for these widths).
     vae=VAEConfig(ch=16, ch_mult=(1, 2, 4), num_res_blocks=1, norm_groups=8),
@@ -50,13 +51,24 @@ TINY_SD = TinyModelConfig(
 )
 # For tests of the training loop: seconds, not minutes; the vocabulary stays full so real token ids fit.
 MICRO = TinyModelConfig(
-    text=CLIPTextConfig(width=16, layers=2, heads=2, max_positions=77, projection_dim=16),
+    text=CLIPTextConfig(width=16, layers=2, heads=2, max_positions=77),
     vae=VAEConfig(ch=8, ch_mult=(1, 2), num_res_blocks=1, norm_groups=4),
     unet=UNetConfig(model_channels=16, channel_mult=(1, 2), num_res_blocks=1, transformer_depth=(1, 1),
                     context_dim=16, num_heads=2, norm_groups=4),  # fmt: skip
     image=ImageTowerConfig(canvas=32, channels=(8, 16), projection_dim=16),
 )
 PRESETS = {"tiny-sd": TINY_SD, "micro": MICRO}
+
+
+class ContrastiveHeads(nn.Module):
+    """What CLIP training needs beyond the text tower: the image tower, the text projection (pooled EOS state ->
+    shared space; not part of the SD checkpoint, whose CLIP-L has none) and the learned temperature."""
+
+    def __init__(self, config: "TinyModelConfig"):
+        super().__init__()
+        self.image = ImageTower(config.image)
+        self.text_projection = nn.Linear(config.text.width, config.image.projection_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(2.659))  # log(1 / 0.07), CLIP's initial temperature
 
 
 class ImageTower(nn.Module):

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from ..errors import ClipDiffusionError
 from .captions import caption
-from .models import PRESETS, ImageTower, TinyModelConfig
+from .models import PRESETS, ContrastiveHeads, TinyModelConfig
 from .world import SIZES, ObjectSpec, SceneSpec, realize, render, sample_spec
 
 PHASES = ("clip", "vae", "pool", "unet")
@@ -54,6 +54,7 @@ class TrainSettings:
     checkpoint_minutes: float = 3.0
     log_every: int = 10
     seed: int = 0
+    max_steps: int | None = None  # per phase, on top of the clock (tests; reproducible short runs)
 
     def __post_init__(self):
         if self.model not in PRESETS:
@@ -158,7 +159,7 @@ def build_models(config: TinyModelConfig, tokenizer=None):
     text = CLIPTextModel(config.text)
     models = {
         "text": text,
-        "image": ImageTower(config.image),
+        "heads": ContrastiveHeads(config),
         "vae": AutoencoderKL(config.vae),
         "unet": UNetModel(config.unet),
     }
@@ -185,11 +186,11 @@ class Trainer:
         self.settings = settings
         self.log = log
         self.config = settings.config
+        torch.manual_seed(settings.seed)  # initial weights are part of the run: reproducible from the seed
         self.models, self.text_encoder = build_models(self.config, tokenizer)
-        self.logit_scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         self.optimizers = {
-            "clip": _optimizer([*self.models["text"].parameters(), *self.models["image"].parameters(),
-                                self.logit_scale], settings.clip_lr),  # fmt: skip
+            "clip": _optimizer([*self.models["text"].parameters(), *self.models["heads"].parameters()],
+                               settings.clip_lr),  # fmt: skip
             "vae": _optimizer(self.models["vae"].parameters(), settings.vae_lr),
             "unet": _optimizer(self.models["unet"].parameters(), settings.unet_lr),
         }
@@ -216,7 +217,6 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         blob = {
             "models": {k: m.state_dict() for k, m in self.models.items()},
-            "logit_scale": self.logit_scale.detach(),
             "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
             "state": self.state,
             "rng": self.rng.bit_generator.state,
@@ -234,8 +234,6 @@ class Trainer:
                                      f"{blob['state']['settings']['model']!r}, not {self.settings.model!r}")  # fmt: skip
         for k, m in self.models.items():
             m.load_state_dict(blob["models"][k])
-        with torch.no_grad():
-            self.logit_scale.copy_(blob["logit_scale"])
         for k, o in self.optimizers.items():
             o.load_state_dict(blob["optimizers"][k])
         self.state = blob["state"]
@@ -253,14 +251,23 @@ class Trainer:
 
     # ---- the loop -------------------------------------------------------------------------------------------
 
-    def run(self) -> Path:
+    def run(self, *, stop_after: int | None = None) -> Path | None:
+        """Train until every phase has spent its budget (or ``max_steps``), then export. ``stop_after`` steps
+        of this call, the state is saved and None returned, as if the process had been killed (tests)."""
         budgets = phase_seconds(self.settings)
-        last_save = time.monotonic()
+        cap = self.settings.max_steps
+        last_save, steps_here = time.monotonic(), 0
         while self.state["phase"] < len(PHASES):
             phase = PHASES[self.state["phase"]]
             step_fn = getattr(self, f"_{phase}_step")
             done = False
             while not done and self.state["seconds"][phase] < budgets[phase]:
+                if cap is not None and self.state["step"][phase] >= cap:
+                    break
+                if stop_after is not None and steps_here >= stop_after:
+                    self._save()
+                    return None
+                steps_here += 1
                 start = time.monotonic()
                 done = step_fn() is True
                 self.state["seconds"][phase] += time.monotonic() - start
@@ -290,9 +297,10 @@ class Trainer:
         plans = [self.text_encoder.plan(c, long_prompt="truncate") for c in captions]
         ids = torch.tensor([p.windows[0].ids(self.text_encoder.encoders[0].pad_id) for p in plans])  # [B, 77]
         pixels = to_pixels([render(sc, self.config.image.canvas) for sc in scenes])
-        text = F.normalize(self.models["text"](ids, pooled=True).pooled, dim=-1)  # [B, P]
-        image = F.normalize(self.models["image"](pixels), dim=-1)  # [B, P]
-        logits = self.logit_scale.clamp(max=math.log(100)).exp() * image @ text.T  # [B, B]
+        heads = self.models["heads"]
+        text = F.normalize(heads.text_projection(self.models["text"](ids, pooled=True).pooled), dim=-1)  # [B, P]
+        image = F.normalize(heads.image(pixels), dim=-1)  # [B, P]
+        logits = heads.logit_scale.clamp(max=math.log(100)).exp() * image @ text.T  # [B, B]
         labels = torch.arange(len(scenes))
         loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
         self._update("clip", loss, s.clip_lr)

@@ -1,0 +1,108 @@
+"""Training of the tiny model: a few steps per phase on micro sizes, resume, export and loading."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from clipdiffusion.errors import ClipDiffusionError
+from clipdiffusion.tiny.train import ContextBuilder, Trainer, TrainSettings, caption_variants, loose_caption
+from clipdiffusion.tiny.world import ObjectSpec, SceneSpec
+
+MICRO = dict(model="micro", minutes=60.0, max_steps=2, clip_batch=8, vae_batch=2, unet_batch=4, pool_size=6,
+             warmup=2, log_every=1)  # fmt: skip
+
+
+def _settings(**kw):
+    return TrainSettings(**{**MICRO, **kw})
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("train")
+    trainer = Trainer(out, _settings(), log=lambda line: None)
+    return trainer, trainer.run()
+
+
+def test_all_phases_run_and_log(trained):
+    trainer, path = trained
+    assert trainer.state["step"] == {"clip": 2, "vae": 2, "pool": 1, "unet": 2}
+    entries = [json.loads(line) for line in (trainer.out / "log.jsonl").read_text().splitlines()]
+    assert {e["phase"] for e in entries} == {"clip", "vae", "pool", "unet"}
+    assert all(np.isfinite(e["loss"]) for e in entries if "loss" in e)
+    assert trainer.state["scale_factor"] > 0 and len(trainer.pool["scenes"]) == 6
+
+
+def test_export_is_a_tiny_ldm_checkpoint_that_loads_and_generates(trained):
+    from clipdiffusion import Pipeline
+    from clipdiffusion.checkpoints.safetensors_io import read_shapes
+
+    trainer, path = trained
+    shapes, dtypes, metadata = read_shapes(path)
+    assert metadata["clipdiffusion.family"] == "tiny"
+    assert "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight" in shapes
+    assert any(k.startswith("first_stage_model.encoder.") for k in shapes)
+    assert any(k.startswith("cond_stage_model.transformer.") for k in shapes)
+    assert set(dtypes.values()) <= {"F16", "I64"}
+    pipe = Pipeline.from_file(path)
+    assert pipe.family == "tiny"
+    assert abs(pipe.vae.config.scale_factor - trainer.state["scale_factor"]) < 1e-6
+    image = pipe.generate("a red circle at the top left", steps=2, seed=3).image
+    assert image.size == (64, 64)
+
+
+def test_resume_continues_exactly(tmp_path):
+    # uninterrupted run vs the same run killed after 3 steps and resumed: identical weights
+    straight = Trainer(tmp_path / "a", _settings(), log=lambda line: None)
+    straight.run()
+    first = Trainer(tmp_path / "b", _settings(), log=lambda line: None)
+    assert first.run(stop_after=3) is None
+    assert (tmp_path / "b" / "state.pt").exists() and not (tmp_path / "b" / "tiny-sd.safetensors").exists()
+    resumed = Trainer(tmp_path / "b", _settings(), resume=True, log=lambda line: None)
+    assert resumed.state["step"]["clip"] == 2 and resumed.state["step"]["vae"] == 1
+    resumed.run()
+    assert resumed.state["step"] == straight.state["step"]
+    for name in ("text", "vae", "unet", "ema"):
+        a, b = straight.models[name].state_dict(), resumed.models[name].state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_refuses_to_clobber_or_resume_nothing(tmp_path, trained):
+    trainer, _ = trained
+    with pytest.raises(ClipDiffusionError, match="--resume"):
+        Trainer(trainer.out, _settings())
+    with pytest.raises(ClipDiffusionError, match="state.pt is missing"):
+        Trainer(tmp_path / "empty", _settings(), resume=True)
+    with pytest.raises(ClipDiffusionError, match="model: unknown preset"):
+        TrainSettings(model="huge")
+
+
+def test_context_matches_inference_encoding_including_chunked_prompts(trained):
+    trainer, _ = trained
+    long = ", ".join(["masterpiece, best quality, highly detailed"] * 12) + ", a red circle at the top left"
+    captions = ["a blue square on the left", long, ""]
+    groups = ContextBuilder(trainer.text_encoder)(captions)
+    lengths = {len(members): ctx.shape[1] for members, ctx in groups}
+    assert sorted(ctx.shape[1] for _, ctx in groups) == [77, 154]
+    for members, ctx in groups:
+        for row, i in enumerate(members):
+            expected = trainer.text_encoder.encode(captions[i]).context[0]
+            torch.testing.assert_close(ctx[row], expected, rtol=1e-5, atol=1e-5)  # same windows, same model
+    assert lengths
+
+
+def test_training_captions_never_state_a_held_out_spec(trained):
+    trainer, _ = trained
+    rng = np.random.default_rng(0)
+    for scene in trainer.scenes.draw(200):
+        assert not any(v.key() in trainer.scenes.held_out for v in caption_variants(scene.spec()))
+        text = loose_caption(scene.spec(), rng, 0.3)
+        assert text  # captions of pooled scenes are fresh each time
+
+
+def test_caption_variants_cover_omissions():
+    spec = SceneSpec((ObjectSpec("red", "circle", 0, "small"), ObjectSpec("blue", "square", 4, "large")), "white")
+    variants = caption_variants(spec)
+    assert len(variants) == 8 and spec in variants
+    assert SceneSpec((ObjectSpec("red", "circle", 0), ObjectSpec("blue", "square", 4))) in variants
