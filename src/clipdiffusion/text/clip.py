@@ -302,11 +302,13 @@ class CLIPTextModel(nn.Module):
         clip_skip = self._check_clip_skip(clip_skip)
         table = self.embeddings.position_embedding.weight if position_embedding is None else position_embedding
         if position_embedding is not None and (
-            position_embedding.dim() != 2 or position_embedding.shape[1] != self.config.width
+            not torch.is_tensor(position_embedding)
+            or position_embedding.dim() != 2
+            or position_embedding.shape[1] != self.config.width
         ):
             raise ClipDiffusionError(
-                f"position_embedding must have shape [positions, {self.config.width}], "
-                f"got {tuple(position_embedding.shape)}"
+                f"position_embedding must be a tensor of shape [positions, {self.config.width}], "
+                f"got {tuple(getattr(position_embedding, 'shape', ())) or type(position_embedding).__name__}"
             )
         device = self.embeddings.token_embedding.weight.device
         ids = self._check_ids(ids, table.shape[0]).to(device)
