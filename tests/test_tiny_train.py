@@ -106,3 +106,21 @@ def test_caption_variants_cover_omissions():
     variants = caption_variants(spec)
     assert len(variants) == 8 and spec in variants
     assert SceneSpec((ObjectSpec("red", "circle", 0), ObjectSpec("blue", "square", 4))) in variants
+
+
+def test_eval_studies_run_on_a_trained_micro_model(trained, tmp_path):
+    from clipdiffusion.cli import main
+    from clipdiffusion.tiny import eval as ev
+
+    trainer, path = trained
+    heads = ev.load_heads(path.with_name("tiny-clip-heads.safetensors"))
+    cases = ev.prompt_set(1)
+    scores = ev.clip_score_study(trainer.pipeline(), heads, cases, steps=1)
+    assert set(scores) == {"generated", "ground_truth", "mismatched"}
+    assert all(-100 <= v <= 100 for v in scores.values())
+    rows = ev.clip_skip_study(trainer.pipeline(), cases, steps=1, repeats=1)
+    assert sorted(rows) == [1, 2]  # the micro text tower has 2 layers
+    args = ["eval", "--model", str(path), "--per-count", "1", "--steps", "1", "--studies", "clipscore",
+            "--clip-heads", str(path.with_name("tiny-clip-heads.safetensors")), "--out", str(tmp_path)]  # fmt: skip
+    assert main(args) == 0
+    assert "Tiny-CLIP score" in (tmp_path / "report.md").read_text()

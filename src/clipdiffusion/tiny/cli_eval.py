@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..errors import ClipDiffusionError
 
-STUDIES = ("main", "long", "clipskip")
+STUDIES = ("main", "long", "clipskip", "clipscore")
 REFERENCES = ("ground-truth", "noise")
 
 
@@ -22,6 +22,7 @@ def add_arguments(parser):
     parser.add_argument("--sampler", default="euler")
     parser.add_argument("--studies", default="main", help=f"comma list of {', '.join(STUDIES)}")
     parser.add_argument("--lengths", default="0,40,60,90,120,150", help="long-prompt study: style-tag tokens")
+    parser.add_argument("--clip-heads", help="tiny-clip-heads.safetensors from training (for the clipscore study)")
     parser.add_argument("--out", default="eval/latest", help="report folder")
 
 
@@ -104,6 +105,13 @@ def run(args) -> int:
             saved = 1 - row["encode_s"] / base if base == base and base > 0 else float("nan")
             lines.append(f"| {skip} | {row['recall']:.3f} | {row['encode_s']:.4f} | {saved:.1%} |")
         lines.append("")
+    if "clipscore" in studies:
+        if not args.clip_heads or getattr(pipe, "text_encoder", None) is None:
+            raise ClipDiffusionError("studies: clipscore needs --clip-heads FILE and a model (not a --reference)")
+        scores = ev.clip_score_study(pipe, ev.load_heads(args.clip_heads), cases, **gen)
+        results["clip_score"] = scores
+        lines += ["## Tiny-CLIP score (cosine x 100)", "", "| images | score |", "|---|---|"]
+        lines += [f"| {k.replace('_', ' ')} | {v:.2f} |" for k, v in scores.items()] + [""]
     (out / "report.md").write_text("\n".join(lines))
     (out / "report.json").write_text(json.dumps(results, indent=1, default=str))
     print(f"wrote {out / 'report.md'}", file=sys.stderr)

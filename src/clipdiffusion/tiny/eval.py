@@ -203,7 +203,8 @@ def clip_skip_study(pipe, cases, *, skips=(1, 2, 3, 4), repeats=3, **gen) -> dic
 
     rows = {}
     encoder = getattr(pipe, "text_encoder", None)
-    for skip in skips:
+    top = encoder.max_clip_skip if encoder is not None else max(skips)
+    for skip in [k for k in skips if k <= top]:
         report = evaluate(pipe, cases, clip_skip=skip, **gen)
         seconds = float("nan")
         if encoder is not None:
@@ -216,6 +217,50 @@ def clip_skip_study(pipe, cases, *, skips=(1, 2, 3, 4), repeats=3, **gen) -> dic
             seconds = float(np.median(times))
         rows[skip] = {"recall": report.accuracy["recall"][0], "success": report.success, "encode_s": seconds}
     return rows
+
+
+def load_heads(path):
+    """The contrastive heads written by training (``tiny-clip-heads.safetensors``)."""
+    from ..checkpoints.safetensors_io import load_file, read_shapes
+    from .models import PRESETS, ContrastiveHeads
+
+    _, _, metadata = read_shapes(path)
+    heads = ContrastiveHeads(PRESETS[metadata.get("clipdiffusion.tiny.model", "tiny-sd")])
+    heads.load_state_dict(load_file(path))
+    return heads.eval()
+
+
+def clip_scores(heads, text_encoder, images, prompts) -> list:
+    """Tiny-CLIP score (cosine x 100, as CLIPScore) of each image against its prompt; images are resized to the
+    image tower's canvas."""
+    import torch
+    import torch.nn.functional as F
+
+    from .train import to_pixels
+
+    canvas = heads.image.config.canvas
+    pixels = to_pixels([im.convert("RGB").resize((canvas, canvas)) for im in images])
+    spec = text_encoder.encoders[0]
+    ids = [text_encoder.plan(p, long_prompt="truncate").windows[0].ids(spec.pad_id) for p in prompts]
+    with torch.no_grad():
+        pooled = spec.model(torch.tensor(ids), pooled=True).pooled  # [B, D]
+        text = F.normalize(heads.text_projection(pooled), dim=-1)  # [B, P]
+        image = F.normalize(heads.image(pixels), dim=-1)  # [B, P]
+    return (100 * (text * image).sum(-1)).tolist()
+
+
+def clip_score_study(pipe, heads, cases, **gen) -> dict:
+    """Mean tiny-CLIP score of generated images, of ground-truth renders of the same prompts (the ceiling),
+    and of renders of a shuffled prompt (the floor)."""
+    generated = [pipe.generate(c.prompt, seed=c.seed, **gen).image for c in cases]
+    truth = [render_spec(c.spec, c.seed) for c in cases]
+    prompts = [c.prompt for c in cases]
+    shuffled = prompts[1:] + prompts[:1]
+    encoder = pipe.text_encoder
+    mean = lambda values: float(np.mean(values))  # noqa: E731
+    return {"generated": mean(clip_scores(heads, encoder, generated, prompts)),
+            "ground_truth": mean(clip_scores(heads, encoder, truth, prompts)),
+            "mismatched": mean(clip_scores(heads, encoder, truth, shuffled))}  # fmt: skip
 
 
 def plot_png(table: dict, path, *, title="object recall vs tokens of style tags before the objects") -> None:

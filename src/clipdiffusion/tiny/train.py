@@ -407,4 +407,14 @@ class Trainer:
                 "clipdiffusion.tiny.steps": json.dumps(self.state["step"])}  # fmt: skip
         path = save_checkpoint(self.pipeline(), path, meta, dtype=torch.float16)
         self.log(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+        self.export_heads(Path(path).with_name("tiny-clip-heads.safetensors"))
         return path
+
+    def export_heads(self, path) -> Path:
+        """The contrastive image tower, text projection and temperature (for the eval's tiny-CLIP score; not
+        part of the SD checkpoint, and kept out of tiny/data, where exactly one .safetensors must live)."""
+        from ..checkpoints.safetensors_io import save_file
+
+        tensors = {k: v.detach().contiguous() for k, v in self.models["heads"].state_dict().items()}
+        save_file(tensors, path, {"clipdiffusion.tiny.model": self.settings.model})
+        return Path(path)
