@@ -131,3 +131,31 @@ def test_ddim_matches_ddim_scheduler(models):
 def test_heun_matches_heun_discrete(models):
     sched = diffusers.HeunDiscreteScheduler(**SD_SCHEDULE, timestep_spacing="linspace")
     _compare(models, sched, "heun", "normal")
+
+
+def test_sdxl_size_conditioning_matches_stable_diffusion_xl_pipeline():
+    torch.manual_seed(1)
+    unet = _jitter(diffusers.UNet2DConditionModel(
+        sample_size=8, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
+        attention_head_dim=(2, 4), use_linear_projection=True, transformer_layers_per_block=(1, 2),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=16 + 6 * 8))
+    vae = _jitter(diffusers.AutoencoderKL(
+        block_out_channels=(32, 64), layers_per_block=1, latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2))
+    ucfg, vcfg = unet_config_from_diffusers(dict(unet.config)), vae_config_from_diffusers(dict(vae.config))
+    our_unet = UNetModel(ucfg).eval()
+    our_unet.load_state_dict(unet_diffusers_to_ldm(unet.state_dict(), ucfg), strict=True)
+    our_vae = AutoencoderKL(vcfg).eval()
+    our_vae.load_state_dict(vae_diffusers_to_ldm(vae.state_dict(), vcfg), strict=True)
+    ours = Pipeline(tiny_pipeline(0, "sdxl").text_encoder, our_unet, our_vae, "sdxl", "eps", default_size=SIZE)
+    sched = diffusers.EulerDiscreteScheduler(**SD_SCHEDULE, timestep_spacing="linspace")
+    ref = diffusers.StableDiffusionXLPipeline(vae=vae, text_encoder=None, text_encoder_2=None, tokenizer=None,
+                                              tokenizer_2=None, unet=unet, scheduler=sched)
+    ref.set_progress_bar_config(disable=True)
+    width, height = 24, 16  # not square, so a swapped (h, w) would show
+    got = ours.generate("a cat", "a dog", steps=4, seed=2, guidance=5.0, width=width, height=height)
+    cond = ours.text_encoder.encode("a cat", "a dog")
+    expected = ref(**cond.to_diffusers(), guidance_scale=5.0, width=width, height=height, num_inference_steps=4,
+                   output_type="np", generator=torch.Generator().manual_seed(2)).images
+    assert np.abs(got.pixels - expected).max() < ATOL
