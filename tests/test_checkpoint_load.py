@@ -1,5 +1,6 @@
 """Single-file and diffusers-folder loading at tiny size: exact round trips, strictness, ignored keys, shards."""
 
+import dataclasses
 import json
 from types import SimpleNamespace
 
@@ -29,12 +30,15 @@ def tiny_model(layout="tiny", seed=0):
         cfg = CLIPTextConfig(width=32, layers=3, heads=2, activation="gelu", projection_dim=32)
         specs = [EncoderSpec("clip_h", CLIPTextModel(cfg), 0, True, 2)]
         unet_cfg, vae_cfg = U.TINY_SD2, V.TINY
-    else:  # context = 16 (CLIP-L) + 16 (bigG); y = pooled 16 + 6 size embeddings x 8 = 64 = adm_in_channels
-        l_cfg = CLIPTextConfig(width=16, layers=2, heads=2)
-        g_cfg = CLIPTextConfig(width=16, layers=3, heads=2, activation="gelu", projection_dim=16)
+    else:
+        # context = 8 (CLIP-L) + 24 (bigG) = 32; y = pooled 24 + 6 size embeddings x 8 = 72. The towers' widths
+        # differ, as 768 and 1280 do: diffusers' single-file reader tells them apart by width.
+        l_cfg = CLIPTextConfig(width=8, layers=2, heads=2)
+        g_cfg = CLIPTextConfig(width=24, layers=3, heads=2, activation="gelu", projection_dim=24)
         specs = [EncoderSpec("clip_l", CLIPTextModel(l_cfg), 49407, False, 2),
                  EncoderSpec("clip_g", CLIPTextModel(g_cfg), 0, False, 2)]  # fmt: skip
-        unet_cfg, vae_cfg = U.TINY_SDXL, V.VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, scale_factor=0.13025)
+        unet_cfg = dataclasses.replace(U.TINY_SDXL, adm_in_channels=72)
+        vae_cfg = V.VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, scale_factor=0.13025)
     family = "tiny" if layout == "tiny" else layout
     return SimpleNamespace(
         family=family, prediction="v" if layout == "sd2" else "eps",
