@@ -272,3 +272,73 @@ def test_parity_with_transformers(tok, parse, clip_skip, pad_id, default_skip):
             out = ref(ids, output_hidden_states=True)
             want = ref.final_layer_norm(out.hidden_states[-layer])
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def _hf_pair(transformers, seed, width, layers, act, projection_dim=None):
+    """A tiny random transformers tower and ours with the same weights."""
+    config = transformers.CLIPTextConfig(
+        vocab_size=49408, hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers,
+        num_attention_heads=2, max_position_embeddings=77, hidden_act=act, bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID, projection_dim=projection_dim or 512,
+    )
+    torch.manual_seed(seed)
+    cls = transformers.CLIPTextModelWithProjection if projection_dim else transformers.CLIPTextModel
+    ref = cls(config).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    ours = CLIPTextModel(CLIPTextConfig(width=width, layers=layers, heads=2, activation=act,
+                                        projection_dim=projection_dim))
+    ours.load_state_dict({k.removeprefix("text_model."): v for k, v in ref.state_dict().items()}, strict=True)
+    return ref, ours.eval()
+
+
+def test_long_prompt_parity_with_a1111_loop_on_transformers(tok, parse):
+    """Three weighted chunks and an equalised negative equal A1111's per-chunk algorithm run on transformers
+    (``hidden_states[-2]`` + final LN, z*w, mean restored per chunk, empty-chunk padding). Tolerance 1e-5."""
+    transformers = pytest.importorskip("transformers")
+    ref, ours = _hf_pair(transformers, 3, 32, 3, "quick_gelu")
+    enc = TextEncoder("sd1", [EncoderSpec("clip_l", ours, EOS_ID, True, 1)], tok, parse=parse)
+    prompt = ", ".join(["a (red:1.3) cat on a [wooden] chair"] * 20)
+    cond = enc.encode(prompt, "blurry, (low quality:1.2)", clip_skip=2)
+
+    def a1111(plan):
+        zs = []
+        with torch.no_grad():
+            for window in plan.windows:
+                z = ref.final_layer_norm(ref(torch.tensor([window.ids()]), output_hidden_states=True).hidden_states[-2])
+                original = z.mean()
+                z = z * torch.tensor([window.position_weights()])[..., None]
+                zs.append(z * (original / z.mean()))
+        return torch.hstack(zs)
+
+    want = a1111(enc.plan(prompt))
+    assert want.shape == (1, 231, 32)
+    uncond = a1111(enc.plan("blurry, (low quality:1.2)"))
+    empty = a1111(enc.plan(""))
+    want_neg = torch.hstack([uncond, empty, empty])
+    torch.testing.assert_close(cond.context, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cond.negative_context, want_neg, rtol=1e-5, atol=1e-5)
+
+
+def test_sdxl_parity_with_diffusers_logic(tok, parse):
+    """SDXL as diffusers' ``StableDiffusionXLPipeline.encode_prompt`` computes it: both towers'
+    ``hidden_states[-2]`` without final LN (diffusers ``clip_skip=None``; ours 1), concatenated on channels; pooled
+    = the projected bigG output (``text_embeds``); CLIP-L ids padded with EOS, bigG ids with 0. Tolerance 1e-5."""
+    transformers = pytest.importorskip("transformers")
+    ref_l, ours_l = _hf_pair(transformers, 4, 32, 3, "quick_gelu")
+    ref_g, ours_g = _hf_pair(transformers, 5, 48, 4, "gelu", projection_dim=24)
+    enc = TextEncoder("sdxl", [EncoderSpec("clip_l", ours_l, EOS_ID, False, 2),
+                               EncoderSpec("clip_g", ours_g, 0, False, 2)], tok, parse=parse)
+    for clip_skip in (1, 2):
+        cond = enc.encode("a photograph of an astronaut riding a horse", "ugly", clip_skip=clip_skip,
+                          long_prompt="truncate", weighting="none")
+        for text, got, pooled in (("a photograph of an astronaut riding a horse", cond.context, cond.pooled),
+                                  ("ugly", cond.negative_context, cond.negative_pooled)):
+            with torch.no_grad():
+                out_l = ref_l(torch.tensor([window_ids(tok, text)]), output_hidden_states=True)
+                out_g = ref_g(torch.tensor([window_ids(tok, text, pad=0)]), output_hidden_states=True)
+            layer = clip_skip + 1  # diffusers: hidden_states[-(clip_skip_diffusers + 2)], clip_skip_diffusers = ours-1
+            want = torch.cat([out_l.hidden_states[-layer], out_g.hidden_states[-layer]], dim=-1)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(pooled, out_g.text_embeds, rtol=1e-5, atol=1e-5)
