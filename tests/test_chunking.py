@@ -187,3 +187,13 @@ def test_bad_input(tok):
         chunking.check_prompt_text("negative_prompt", "x" * (chunking.MAX_PROMPT_CHARS + 1))
     assert set(LONG_PROMPT_STRATEGIES) == {"truncate", "chunk", "window", "stretch"}
     assert BREAK_ID < 0
+
+
+def test_chunking_and_encode_parser_do_not_import_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, argparse; import clipdiffusion.text.chunking; from clipdiffusion.text import cli_encode; "
+            "cli_encode.add_arguments(argparse.ArgumentParser()); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
