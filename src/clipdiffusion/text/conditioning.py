@@ -175,6 +175,7 @@ class TextEncoder:
              window_stride=DEFAULT_WINDOW_STRIDE, field_name="prompt"):
         """Parse and lay out one prompt (no torch work): the :class:`chunking.Plan` that ``encode`` would use."""
         check_prompt_text(field_name, prompt)
+        _check_choice("weighting", weighting, WEIGHTINGS)
         segments = self.parse(prompt)
         if weighting == "none":
             # brackets are parsed away, their weights ignored; BREAK keeps its marker weight
@@ -222,7 +223,7 @@ class TextEncoder:
 
         SDXL with ``negative_prompt == ""`` (exactly): negative context and pooled are zeros, as A1111 and sgm
         (``force_zero_embeddings``) do; padding such a negative uses zero rows too, which is exact because a
-        context of zero rows gives the same cross-attention output at any length.
+        context of zero rows gives the same cross-attention output at any length (SD's to_k/to_v have no bias).
         """
         check_prompt_text("prompt", prompt)
         check_prompt_text("negative_prompt", negative_prompt)
@@ -235,40 +236,21 @@ class TextEncoder:
         zero_negative = self.family == "sdxl" and negative_prompt == ""
         plans = [pos] if zero_negative else [pos, neg]
         lengths = (len(pos.rows), len(neg.rows))
-        positions = pos.positions
         need_empty = (
             any(p.uses_empty_window for p in plans)
             or (weighting == "comfy" and any(w != 1.0 for p in plans for win in p.windows for w in win.weights))
             or (equalize and lengths[0] != lengths[1] and not (zero_negative and lengths[0] >= lengths[1]))
         )
-        windows = [w for p in plans for w in p.windows] + ([Window((), (), positions)] if need_empty else [])
+        contexts, empty_rows, pooled = self._encode_plans(plans, skips, weighting, need_empty)
 
-        contexts = [[] for _ in plans]
-        empties, pooled = [], None
-        for index, (spec, skip) in enumerate(zip(self.encoders, skips)):
-            want_pooled = self.family == "sdxl" and index == len(self.encoders) - 1
-            out = self._run(spec, skip, windows, positions, want_pooled)
-            empty = out.hidden[-1] if need_empty else None  # (P, D)
-            start = 0
-            for k, plan in enumerate(plans):
-                z = out.hidden[start:start + len(plan.windows)]  # (N, P, D)
-                weights = torch.tensor([w.position_weights() for w in plan.windows], dtype=z.dtype, device=z.device)
-                z = WEIGHTINGS[weighting](z, weights, empty)
-                contexts[k].append(_assemble(z, empty, plan.rows))
-                start += len(plan.windows)
-            empties.append(empty)
-            if want_pooled:
-                pooled = out.pooled[[0] + ([len(pos.windows)] if not zero_negative else [])]  # (1 or 2, P)
-
-        context = torch.cat(contexts[0], dim=-1)  # SDXL: (1, T, 768 + 1280)
-        empty_rows = torch.cat(empties, dim=-1)[None] if need_empty else None  # (1, P, D)
+        context = contexts[0]
         notes = []
         if zero_negative:
             negative_context = context.new_zeros((1, lengths[1], context.shape[-1]))
             negative_pooled = torch.zeros_like(pooled[0:1])
             notes.append("negative_prompt is empty: SDXL negative context and pooled are zeros (A1111/sgm)")
         else:
-            negative_context = torch.cat(contexts[1], dim=-1)
+            negative_context = contexts[1]
             negative_pooled = pooled[1:2] if pooled is not None else None
         if equalize and lengths[0] != lengths[1]:
             context, negative_context, note = _equalize(context, negative_context, empty_rows, zero_negative)
@@ -276,6 +258,31 @@ class TextEncoder:
         report = ConditioningReport(pos.report, neg.report, tuple(notes))
         return Conditioning(context, negative_context, pooled[0:1] if pooled is not None else None,
                             negative_pooled, report, lengths)
+
+    def _encode_plans(self, plans, skips, weighting, need_empty):
+        """Every window of every plan (and the empty prompt when needed) through each tower in one batch, weighted
+        and assembled: contexts [1, T, D_total] per plan, the empty prompt's rows [1, P, D_total] | None, and the
+        pooled vectors of each plan's first window [len(plans), P'] (SDXL) | None."""
+        positions = plans[0].positions
+        windows = [w for p in plans for w in p.windows] + ([Window((), (), positions)] if need_empty else [])
+        firsts = [sum(len(p.windows) for p in plans[:k]) for k in range(len(plans))]
+        per_tower, empties, pooled = [], [], None
+        for index, (spec, skip) in enumerate(zip(self.encoders, skips)):
+            want_pooled = self.family == "sdxl" and index == len(self.encoders) - 1  # bigG
+            out = self._run(spec, skip, windows, positions, want_pooled)
+            empty = out.hidden[-1] if need_empty else None  # (P, D)
+            tower = []
+            for first, plan in zip(firsts, plans):
+                z = out.hidden[first:first + len(plan.windows)]  # (N, P, D)
+                weights = torch.tensor([w.position_weights() for w in plan.windows], dtype=z.dtype, device=z.device)
+                tower.append(_assemble(WEIGHTINGS[weighting](z, weights, empty), empty, plan.rows))
+            per_tower.append(tower)
+            empties.append(empty)
+            if want_pooled:
+                pooled = out.pooled[firsts]  # (len(plans), P')
+        contexts = [torch.cat(parts, dim=-1) for parts in zip(*per_tower)]  # SDXL: (1, T, 768 + 1280)
+        empty_rows = torch.cat(empties, dim=-1)[None] if need_empty else None  # (1, P, D_total)
+        return contexts, empty_rows, pooled
 
     def _run(self, spec, clip_skip, windows, positions, pooled):
         """All windows through one tower in a single batch: hidden [N, P, D] and pooled [N, P'] | None."""
