@@ -16,10 +16,10 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-import uvicorn
 from PIL import Image
 
 from clipdiffusion.infotext import GenerationParameters, format_infotext
+from clipdiffusion.server.cli import graceful_server
 
 FAKE_SAMPLERS = ("euler", "euler_a", "heun", "dpmpp_2m", "ddim")
 FAKE_SCHEDULES = ("normal", "karras", "ddim")
@@ -139,8 +139,7 @@ class ServerThread:
 
     def __init__(self, app, port: int | None = None):
         self.port = port or free_port()
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")
-        self.server = uvicorn.Server(config)
+        self.server = graceful_server(app, "127.0.0.1", self.port, log_level="warning")
         self.thread = threading.Thread(target=self.server.run, name="uvicorn-test", daemon=True)
 
     @property
@@ -156,7 +155,11 @@ class ServerThread:
             time.sleep(0.02)
         return self
 
-    def __exit__(self, *exc):
+    def stop(self, timeout: float = 20) -> None:
         self.server.should_exit = True
-        self.thread.join(20)
+        self.thread.join(timeout)
         assert not self.thread.is_alive(), "uvicorn did not stop"
+
+    def __exit__(self, *exc):
+        if self.thread.is_alive():
+            self.stop()

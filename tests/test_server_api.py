@@ -405,3 +405,31 @@ def test_tiny_pipeline_end_to_end():
         assert stats["context"]["shape"][1] == 77 and stats["report"]["prompt"]["summary"] == "2/75"
         field_error(c.post("/api/encode", json={"prompt": "red cat", "clip_skip": 9}), "body")
     assert len(pipes) == 1  # loaded once, by the worker
+
+
+def test_server_shutdown_answers_in_flight_requests():
+    """Ctrl-C while a job runs and another waits: the running one answers (interrupted), the queued one 503."""
+    gate = threading.Semaphore(0)
+    pipe = FakePipeline(gate=gate)
+    app = create_app(fake_factory(pipe), settings())
+    server = ServerThread(app)
+    with server, httpx.Client(base_url=server.url, timeout=30) as c:
+        body = {"prompt": "slow", "steps": 40, "width": 16, "height": 16}
+        out1, out2 = [], []
+        t1 = _post_in_thread(server.url + "/sdapi/v1/txt2img", body, out1)
+        _wait(lambda: c.get("/sdapi/v1/progress").json()["state"]["job_count"] == 1)
+        t2 = _post_in_thread(server.url + "/sdapi/v1/txt2img", body, out2)
+        _wait(lambda: c.get("/sdapi/v1/progress").json()["state"]["job_count"] == 2)
+        gate.release(2)
+        stopping = time.monotonic()
+        stopper = threading.Thread(target=server.stop)
+        stopper.start()
+        _wait(lambda: app.state.server.worker.stopping)
+        gate.release(100)
+        stopper.join(20)
+        t1.join(10)
+        t2.join(10)
+        assert time.monotonic() - stopping < 10
+    assert out1[0].status_code == 200 and json.loads(out1[0].json()["info"])["interrupted"] is True
+    assert out2[0].status_code == 503 and "shutting down" in out2[0].json()["detail"]
+    assert len(pipe.calls) == 1 and pipe.calls[0]["steps_done"] < 40

@@ -71,9 +71,25 @@ def pipeline_factory(settings: ServerSettings):
     return load
 
 
-def run(args: argparse.Namespace) -> int:
+def graceful_server(app, host: str, port: int, log_level: str = "info"):
+    """A uvicorn.Server that, on shutdown (Ctrl-C, SIGTERM), first stops the model worker: the running job is
+    interrupted and answers with what it has, queued jobs answer 503, and only then does uvicorn wait for the
+    connections to finish. Plain uvicorn would wait for every queued generation to run before exiting."""
+    import asyncio
+
     import uvicorn
 
+    class GracefulServer(uvicorn.Server):
+        async def shutdown(self, sockets=None):
+            await asyncio.get_running_loop().run_in_executor(None, app.state.server.worker.stop)
+            await super().shutdown(sockets)
+
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
+                            timeout_graceful_shutdown=30)
+    return GracefulServer(config)
+
+
+def run(args: argparse.Namespace) -> int:
     from .app import create_app
 
     settings = build_settings(args)
@@ -82,5 +98,5 @@ def run(args: argparse.Namespace) -> int:
               "reach this port can use the API", file=sys.stderr)
     app = create_app(pipeline_factory(settings), settings)
     print(f"clipdiffusion serve: http://{settings.host}:{settings.port}/ (API docs at /docs)", file=sys.stderr)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", timeout_graceful_shutdown=30)
+    graceful_server(app, settings.host, settings.port).run()
     return 0

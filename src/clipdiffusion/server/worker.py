@@ -112,6 +112,10 @@ class Worker:
         return self
 
     @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
