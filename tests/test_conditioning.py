@@ -244,6 +244,7 @@ def test_bad_input(sd1, tok):
     assert list(WEIGHTINGS) == ["a1111", "comfy", "none"]
 
 
+@pytest.mark.slow  # importing transformers takes ~5 s on 2 shared cores
 @pytest.mark.parametrize("clip_skip", [1, 2])
 @pytest.mark.parametrize("pad_id,default_skip", [(EOS_ID, 1), (0, 2)])
 def test_parity_with_transformers(tok, parse, clip_skip, pad_id, default_skip):
@@ -293,6 +294,7 @@ def _hf_pair(transformers, seed, width, layers, act, projection_dim=None):
     return ref, ours.eval()
 
 
+@pytest.mark.slow  # importing transformers takes ~5 s on 2 shared cores
 def test_long_prompt_parity_with_a1111_loop_on_transformers(tok, parse):
     """Three weighted chunks and an equalised negative equal A1111's per-chunk algorithm run on transformers
     (``hidden_states[-2]`` + final LN, z*w, mean restored per chunk, empty-chunk padding). Tolerance 1e-5."""
@@ -321,6 +323,7 @@ def test_long_prompt_parity_with_a1111_loop_on_transformers(tok, parse):
     torch.testing.assert_close(cond.negative_context, want_neg, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # importing transformers takes ~5 s on 2 shared cores
 def test_sdxl_parity_with_diffusers_logic(tok, parse):
     """SDXL as diffusers' ``StableDiffusionXLPipeline.encode_prompt`` computes it: both towers'
     ``hidden_states[-2]`` without final LN (diffusers ``clip_skip=None``; ours 1), concatenated on channels; pooled
