@@ -102,7 +102,8 @@ def main():
                 t2 = time.perf_counter()
                 ours_t.append(t1 - t0)
                 ref_t.append(t2 - t1)
-            diff = max((cond.context[0] - z[0]).abs().max().item(), (cond.negative_context[0] - z[1]).abs().max().item())
+            diff = max((cond.context[0] - z[0]).abs().max().item(),
+                       (cond.negative_context[0] - z[1]).abs().max().item())
             a, b = statistics.median(ours_t), statistics.median(ref_t)
             print(f"{label}, clip_skip={clip_skip}, tokens {plans[0].report.summary()}: ours {a * 1000:.1f} ms, "
                   f"transformers A1111-loop {b * 1000:.1f} ms, ratio ours/ref {a / b:.2f}, max|diff| {diff:.2e}")

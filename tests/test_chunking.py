@@ -175,6 +175,9 @@ def test_bad_input(tok):
         plan_prompt([("cat", 1.0)], tok, "slide")
     with pytest.raises(PromptError, match="nan"):
         plan_prompt([("cat", float("nan"))], tok)
+    with pytest.raises(PromptError, match="weight 1e\\+44 of segment 'cat' is outside -1000..1000"):
+        plan_prompt([("cat", 1e44)], tok)
+    assert plan_prompt([("cat", -5.0)], tok).windows[0].weights == (-5.0,)  # negative weights are allowed (A1111)
     with pytest.raises(PromptError, match="10000"):
         plan_prompt([(words("cat", chunking.MAX_PROMPT_TOKENS + 1), 1.0)], tok)
     with pytest.raises(PromptError, match="window_stride=0"):

@@ -33,6 +33,8 @@ STRETCH_TOKENS = STRETCH_POSITIONS - 2
 MAX_PROMPT_TOKENS = 10_000
 # Checked before tokenizing so that a megabyte of text is rejected without spending seconds on BPE.
 MAX_PROMPT_CHARS = 200_000
+# |weight| bound: CLIP hidden values reach ~30, so larger weights overflow half precision (65504) to inf/NaN.
+MAX_ABS_WEIGHT = 1000.0
 BREAK_ID = -1  # token stream marker for BREAK; never a real id
 EMPTY_WINDOW = -1  # row source meaning "the empty prompt's window at this position"
 REPORT_WORDS = 8  # tokens decoded for a chunk's "first words"
@@ -255,8 +257,12 @@ def tokenize_segments(segments, tokenizer) -> list:
         if text == "BREAK" and weight == -1.0:
             stream.append((BREAK_ID, -1.0))
             continue
-        if not isinstance(weight, (int, float)) or not math.isfinite(weight):
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
             raise PromptError(f"prompt weight {weight!r} of segment {text[:40]!r} is not a finite number")
+        if abs(weight) > MAX_ABS_WEIGHT:
+            raise PromptError(
+                f"prompt weight {weight:g} of segment {text[:40]!r} is outside -{MAX_ABS_WEIGHT:g}..{MAX_ABS_WEIGHT:g}"
+            )
         ids = tokenizer.encode(text)
         if len(stream) + len(ids) > MAX_PROMPT_TOKENS:
             raise PromptError(f"prompt is longer than {MAX_PROMPT_TOKENS} tokens (the maximum); shorten it")
