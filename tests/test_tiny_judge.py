@@ -125,3 +125,12 @@ def test_plot_png_and_cli_with_reference(tmp_path):
     report = (tmp_path / "r" / "report.md").read_text()
     assert "success, 3 objects | 1.000" in report
     assert main(["eval", "--reference", "noise", "--studies", "bogus", "--out", str(tmp_path / "r")]) == 2
+
+
+def test_ground_truth_with_a_tokenizer_loses_objects_past_75_tokens_when_truncating():
+    tok = _WordTokenizer()
+    tok.decode = lambda ids: " ".join(ids)
+    cases = ev.long_prompt_cases(tok, 90, per_count=2)
+    pipe = ev.GroundTruthPipeline(tokenizer=tok)
+    assert ev.evaluate(pipe, cases, long_prompt="truncate").accuracy["recall"][0] == 0.0
+    assert ev.evaluate(pipe, cases, long_prompt="chunk").accuracy["recall"][0] == 1.0

@@ -30,7 +30,9 @@ def _load(args):
     from .eval import GroundTruthPipeline, NoisePipeline
 
     if args.reference == "ground-truth":
-        return GroundTruthPipeline()
+        from ..text.tokenizer import CLIPTokenizer
+
+        return GroundTruthPipeline(tokenizer=CLIPTokenizer())
     if args.reference == "noise":
         return NoisePipeline()
     from ..pipeline import Pipeline
@@ -68,7 +70,7 @@ def run(args) -> int:
     cases = ev.prompt_set(args.per_count)
     lines = [f"# Synthetic-world evaluation: {name}", "",
              f"{len(cases)} held-out prompts, {args.steps} steps, guidance {args.guidance}, sampler {args.sampler}",
-             f"command: clipdiffusion {' '.join(sys.argv[2:]) if len(sys.argv) > 2 else 'eval'}", ""]  # fmt: skip
+             f"command: `clipdiffusion {' '.join(sys.argv[1:]) if sys.argv[1:2] == ['eval'] else 'eval'}`", ""]  # fmt: skip
     results: dict = {"model": name, **gen}
 
     def progress(i, n):

@@ -137,13 +137,31 @@ class _Result:
 
 
 class GroundTruthPipeline:
-    """Draws exactly what the prompt says (parsed with ``parse_caption``); open attributes come from the seed."""
+    """Draws exactly what the prompt says (parsed with ``parse_caption``); open attributes come from the seed.
 
-    def __init__(self, canvas: int = 64):
+    With a ``tokenizer`` it sees only what a text encoder would: under ``long_prompt="truncate"`` the words past
+    the first 75 tokens are gone (246 for ``stretch``), so its long-prompt table is each strategy's ceiling."""
+
+    def __init__(self, canvas: int = 64, tokenizer=None):
         self.canvas = canvas
+        self.tokenizer = tokenizer
 
-    def generate(self, prompt, *, seed=0, **_ignored):
-        return _Result([render_spec(parse_caption(prompt), seed=max(seed, 0), canvas=self.canvas)])
+    def generate(self, prompt, *, seed=0, long_prompt="chunk", **_ignored):
+        limit = {"truncate": 75, "stretch": 246}.get(long_prompt)
+        if self.tokenizer is not None and limit is not None:
+            prompt = self.tokenizer.decode(self.tokenizer.encode(prompt)[:limit])
+        words = prompt.split()
+        while words:  # a cut-off last object (no position yet) is not drawn
+            try:
+                spec = parse_caption(" ".join(words))
+                break
+            except ValueError:
+                words.pop()
+        else:
+            from PIL import Image
+
+            return _Result([Image.new("RGB", (self.canvas, self.canvas), (128, 128, 128))])
+        return _Result([render_spec(spec, seed=max(seed, 0), canvas=self.canvas)])
 
 
 class NoisePipeline:
@@ -284,12 +302,14 @@ def plot_png(table: dict, path, *, title="object recall vs tokens of style tags 
     for x in xs:
         px, _ = at(x, 0)
         draw.text((px - 8, height - bottom + 6), str(x), fill="black")
+    draw.text((width - right - 150, height - 14), "tokens before the objects", fill="black")
     draw.line([at(0, 0), at(x_max, 0)], fill="black")
     draw.line([at(0, 0), at(0, 1)], fill="black")
     palette = [(220, 30, 30), (30, 60, 220), (30, 150, 30), (250, 140, 20), (140, 40, 200)]
     for i, (name, series) in enumerate(table.items()):
         color = palette[i % len(palette)]
-        points = [at(x, series[x]) for x in sorted(series)]
+        # series nudged 2 px apart so that equal ones (chunk = window = 1.0) stay visible
+        points = [(px, py - 2 * i) for px, py in (at(x, series[x]) for x in sorted(series))]
         if len(points) > 1:
             draw.line(points, fill=color, width=2)
         for px, py in points:
