@@ -200,3 +200,54 @@ def test_chunking_and_encode_parser_do_not_import_torch():
             "cli_encode.add_arguments(argparse.ArgumentParser()); print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def _a1111_tokenize_line(stream, backtrack):
+    """The control flow of A1111's ``sd_hijack_clip.py: tokenize_line`` (v1.10, read at 5ad03e65) on a token
+    stream, kept literal (no embeddings): an independent oracle for ``chunk``. Returns padded 77-id chunks."""
+    chunks, chunk, mults = [], [], []
+    last_comma = -1
+
+    def next_chunk():
+        nonlocal chunk, mults, last_comma
+        to_add = 75 - len(chunk)
+        chunks.append(([BOS_ID] + chunk + [EOS_ID] * to_add + [EOS_ID], [1.0] + mults + [1.0] * to_add + [1.0]))
+        chunk, mults, last_comma = [], [], -1
+
+    for token, weight in stream:
+        if token == BREAK_ID:
+            next_chunk()
+            continue
+        if token == COMMA_ID:
+            last_comma = len(chunk)
+        elif backtrack != 0 and len(chunk) == 75 and last_comma != -1 and len(chunk) - last_comma <= backtrack:
+            cut = last_comma + 1
+            reloc, reloc_mults = chunk[cut:], mults[cut:]
+            chunk, mults = chunk[:cut], mults[:cut]
+            next_chunk()
+            chunk, mults = reloc, reloc_mults
+        if len(chunk) == 75:
+            next_chunk()
+        chunk.append(token)
+        mults.append(weight)
+    if chunk or not chunks:
+        next_chunk()
+    return chunks
+
+
+def test_chunk_matches_a1111_control_flow_on_random_streams(tok):
+    import random
+
+    rng = random.Random(0)
+    for trial in range(300):
+        n = rng.choice([0, 1, 74, 75, 76, rng.randrange(300)])
+        p_comma, p_break = rng.choice([0.0, 0.05, 0.3]), rng.choice([0.0, 0.01, 0.1])
+        stream = []
+        for _ in range(n):
+            r = rng.random()
+            token = BREAK_ID if r < p_break else COMMA_ID if r < p_break + p_comma else rng.randrange(300, 49000)
+            stream.append((token, -1.0 if token == BREAK_ID else rng.choice([1.0, 1.1, 0.9, 1.5])))
+        backtrack = rng.choice([0, 1, 5, 20, 74])
+        plan = plan_stream(stream, tok, "chunk", backtrack=backtrack)
+        ours = [(w.ids(), w.position_weights()) for w in plan.windows]
+        assert ours == _a1111_tokenize_line(stream, backtrack), (trial, backtrack)
