@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 import threading
 import time
@@ -34,6 +35,7 @@ from .settings import ServerSettings
 from .worker import Job, JobControl, QueueFull, Worker, WorkerStopped
 
 STATIC = Path(__file__).parent / "static"
+logger = logging.getLogger("clipdiffusion.server")
 
 
 class JobFailed(RuntimeError):
@@ -164,6 +166,19 @@ def _install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(body, status_code=500)
 
 
+def _preload(state: ServerState) -> None:
+    model = state.options_snapshot()["sd_model_checkpoint"]
+    future = state.worker.submit(Job("load", model, lambda pipe, control: None))
+
+    def report(f):
+        if f.exception() is not None:
+            logger.error("could not load model %r: %s", model, f.exception())
+        else:
+            logger.info("model %r loaded", model)
+
+    future.add_done_callback(report)
+
+
 def create_app(pipeline_factory: Callable[[str], Any], settings: ServerSettings | None = None, *,
                tokenizer_factory: Callable[[], Any] | None = None) -> FastAPI:
     settings = settings or ServerSettings()
@@ -172,6 +187,8 @@ def create_app(pipeline_factory: Callable[[str], Any], settings: ServerSettings 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         state.worker.start()
+        if settings.preload:
+            _preload(state)
         try:
             yield
         finally:

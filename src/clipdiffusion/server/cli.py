@@ -7,6 +7,7 @@ and --api-auth user:password puts HTTP basic auth in front of every route (pages
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
@@ -50,7 +51,7 @@ def build_settings(args: argparse.Namespace) -> ServerSettings:
         api_auth=parse_api_auth(args.api_auth) if args.api_auth else (),
         max_width=args.max_width, max_height=args.max_height, max_steps=args.max_steps,
         max_batch_size=args.max_batch_size, max_prompt_chars=args.max_prompt_chars,
-        max_body_bytes=args.max_body_mb * 2**20, queue_size=args.queue_size)
+        max_body_bytes=args.max_body_mb * 2**20, queue_size=args.queue_size, preload=True)
 
 
 def pipeline_factory(settings: ServerSettings):
@@ -93,6 +94,11 @@ def run(args: argparse.Namespace) -> int:
     from .app import create_app
 
     settings = build_settings(args)
+    log = logging.getLogger("clipdiffusion.server")
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("clipdiffusion serve: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
     if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_auth:
         print(f"clipdiffusion serve: warning: listening on {settings.host} without --api-auth; anyone who can "
               "reach this port can use the API", file=sys.stderr)

@@ -52,6 +52,9 @@ class ServerSettings:
     samplers: tuple[str, ...] | None = None
     schedules: tuple[str, ...] | None = None
     default_clip_skip: int = 1
+    # Load the default model when the server starts (the CLI does), so a broken model shows up in the log at once
+    # rather than in the first client's error; tests leave it off.
+    preload: bool = False
 
     def __post_init__(self):
         for name in ("max_width", "max_height", "max_steps", "max_batch_size", "max_n_iter", "max_prompt_chars",
