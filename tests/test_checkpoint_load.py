@@ -105,7 +105,7 @@ def test_conditioning_survives_both_round_trips(model, tmp_path):
     the unused last text layer, diffusers' convention, and must still condition identically)."""
     want = model.text_encoder.encode(PROMPT)
     single = load_checkpoint(save_checkpoint(model, tmp_path / "m.safetensors")).text_encoder.encode(PROMPT)
-    folder = load_diffusers(save_diffusers(model, tmp_path / "d")).text_encoder.encode(PROMPT)
+    folder = load_diffusers(save_diffusers(model, tmp_path / "d", tokenizer=False)).text_encoder.encode(PROMPT)
     for got in (single, folder):
         torch.testing.assert_close(got.context, want.context, rtol=0, atol=1e-6)  # same weights, same math
         if want.pooled is not None:
@@ -113,7 +113,7 @@ def test_conditioning_survives_both_round_trips(model, tmp_path):
 
 
 def test_diffusers_round_trip_is_exact(model, tmp_path):
-    folder = save_diffusers(model, tmp_path / "d")
+    folder = save_diffusers(model, tmp_path / "d", tokenizer=False)
     index = json.loads((folder / "model_index.json").read_text())
     assert index["_class_name"] == ("StableDiffusionXLPipeline" if model.family == "sdxl" else "StableDiffusionPipeline")
     loaded = load_diffusers(folder)
@@ -239,7 +239,7 @@ def _shard(folder, stem="diffusion_pytorch_model", names=("a", "b")):
 
 def test_sharded_and_variant_weights(tmp_path):
     model = tiny_model("tiny")
-    folder = save_diffusers(model, tmp_path / "d")
+    folder = save_diffusers(model, tmp_path / "d", tokenizer=False)
     _shard(folder / "unet")
     vae_file = folder / "vae" / "diffusion_pytorch_model.safetensors"
     vae_file.rename(folder / "vae" / "diffusion_pytorch_model.fp16.safetensors")
@@ -249,7 +249,7 @@ def test_sharded_and_variant_weights(tmp_path):
 
 
 def test_shard_names_cannot_leave_the_folder(tmp_path):
-    folder = save_diffusers(tiny_model("tiny"), tmp_path / "d")
+    folder = save_diffusers(tiny_model("tiny"), tmp_path / "d", tokenizer=False)
     _shard(folder / "unet")
     index = folder / "unet" / "diffusion_pytorch_model.safetensors.index.json"
     data = json.loads(index.read_text())
@@ -265,7 +265,7 @@ def test_bad_folders_are_refused(tmp_path):
     (tmp_path / "model_index.json").write_text('{"_class_name": "KandinskyPipeline"}')
     with pytest.raises(CheckpointError, match="KandinskyPipeline"):
         load_diffusers(tmp_path)
-    folder = save_diffusers(tiny_model("tiny"), tmp_path / "d")
+    folder = save_diffusers(tiny_model("tiny"), tmp_path / "d", tokenizer=False)
     _rewrite(folder / "vae" / "diffusion_pytorch_model.safetensors", lambda t: t.pop("decoder.conv_out.bias"))
     with pytest.raises(CheckpointError, match="decoder.conv_out.bias"):
         load_diffusers(folder)

@@ -113,6 +113,7 @@ def test_convert_file_to_folder_and_back(tmp_path, capsys):
     model = tiny_model("tiny")
     src = save_checkpoint(model, tmp_path / "in.safetensors")
     assert main(["convert", str(src), str(tmp_path / "folder")]) == 0
+    assert (tmp_path / "folder" / "tokenizer" / "vocab.json").is_file()
     assert (tmp_path / "folder" / "model_index.json").is_file()
     assert main(["convert", str(tmp_path / "folder"), str(tmp_path / "out.safetensors"), "--dtype", "fp32"]) == 0
     assert "wrote single file" in capsys.readouterr().out

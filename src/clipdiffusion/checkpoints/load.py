@@ -126,13 +126,14 @@ def _problems(what, expected: dict, given: dict) -> list[str]:
     return out
 
 
-def _expected(cls, config, prefix=""):
-    return {prefix + k: tuple(v.shape) for k, v in cls(config, device="meta").state_dict().items()}
+def _expected(model, prefix=""):
+    return {prefix + k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-def build_module(cls, config, tensors: dict, *, dtype, device):
-    """Instantiate on the meta device and adopt ``tensors`` (already checked): no random init, no extra copy."""
-    model = cls(config, device="meta")
+def build_module(cls, config, tensors: dict, *, dtype, device, model=None):
+    """Adopt ``tensors`` (already checked) into a meta-device instance (``model``, or a new one): no random
+    init, no extra copy."""
+    model = model if model is not None else cls(config, device="meta")
     cast = {}
     for name, value in tensors.items():
         if dtype is not None and value.is_floating_point():
@@ -201,8 +202,9 @@ def load_checkpoint(path, *, dtype=torch.float32, device="cpu", prediction=None)
     text_keys = [k for k in shapes if k.startswith(text_prefixes)]
     ignored = [k for k in shapes if detect.is_ignored_key(k) and not k.startswith(text_prefixes)]
     stray = sorted(set(shapes) - set(unet_keys) - set(vae_keys) - set(text_keys) - set(ignored))
-    problems = _problems("UNet", _expected(UNetModel, unet_config, detect.UNET_PREFIX), {k: shapes[k] for k in unet_keys})
-    problems += _problems("VAE", _expected(AutoencoderKL, vae_config, detect.VAE_PREFIX), {k: shapes[k] for k in vae_keys})
+    unet_meta, vae_meta = UNetModel(unet_config, device="meta"), AutoencoderKL(vae_config, device="meta")
+    problems = _problems("UNet", _expected(unet_meta, detect.UNET_PREFIX), {k: shapes[k] for k in unet_keys})
+    problems += _problems("VAE", _expected(vae_meta, detect.VAE_PREFIX), {k: shapes[k] for k in vae_keys})
     if stray:
         problems.append(f"unexpected keys outside any component ({len(stray)}): {', '.join(stray)}")
     if problems:
@@ -215,8 +217,10 @@ def load_checkpoint(path, *, dtype=torch.float32, device="cpu", prediction=None)
         fam.name, {k: tensors[k] for k in text_keys}, text_configs, source=source, dtype=dtype, device=device
     )
     n_unet, n_vae = len(detect.UNET_PREFIX), len(detect.VAE_PREFIX)
-    unet = build_module(UNetModel, unet_config, {k[n_unet:]: tensors[k] for k in unet_keys}, dtype=dtype, device=device)
-    vae = build_module(AutoencoderKL, vae_config, {k[n_vae:]: tensors[k] for k in vae_keys}, dtype=dtype, device=device)
+    unet = build_module(UNetModel, unet_config, {k[n_unet:]: tensors[k] for k in unet_keys}, dtype=dtype,
+                        device=device, model=unet_meta)  # fmt: skip
+    vae = build_module(AutoencoderKL, vae_config, {k[n_vae:]: tensors[k] for k in vae_keys}, dtype=dtype,
+                       device=device, model=vae_meta)  # fmt: skip
     return LoadedModel(
         family=fam.name, prediction=fam.prediction, text_encoder=text_encoder, unet=unet, vae=vae,
         unet_config=unet_config, vae_config=vae_config, metadata=dict(metadata),
@@ -366,9 +370,10 @@ def load_diffusers(folder, *, dtype=torch.float32, device="cpu", prediction=None
         raise CheckpointError(folder, str(exc)) from None
 
     problems = []
-    parts = {}
+    parts, metas = {}, {}
     for name, cls, config, convert in (("unet", UNetModel, unet_config, unet_diffusers_to_ldm),
                                        ("vae", AutoencoderKL, vae_config, vae_diffusers_to_ldm)):  # fmt: skip
+        metas[name] = cls(config, device="meta")
         raw = load_component_files(component_weights(folder / name, "diffusion_pytorch_model", variant))
         try:
             ldm = convert(raw, config, source=str(folder / name))
@@ -376,8 +381,7 @@ def load_diffusers(folder, *, dtype=torch.float32, device="cpu", prediction=None
             problems.append(exc.reason)
             continue
         shapes = {k: tuple(v.shape) for k, v in ldm.items()}
-        found = _problems(name.upper() if name == "vae" else "UNet", _expected(cls, config), shapes)
-        problems += found
+        problems += _problems(name.upper() if name == "vae" else "UNet", _expected(metas[name]), shapes)
         parts[name] = ldm
     if problems:
         raise CheckpointError(folder, f"{family} diffusers folder does not match: " + "; ".join(problems))
@@ -385,8 +389,8 @@ def load_diffusers(folder, *, dtype=torch.float32, device="cpu", prediction=None
     text_encoder, text_ignored = _text_encoder(
         family, text_sd, _text_configs_from_diffusers(folder, family), source=str(folder), dtype=dtype, device=device
     )
-    unet = build_module(UNetModel, unet_config, parts["unet"], dtype=dtype, device=device)
-    vae = build_module(AutoencoderKL, vae_config, parts["vae"], dtype=dtype, device=device)
+    unet = build_module(UNetModel, unet_config, parts["unet"], dtype=dtype, device=device, model=metas["unet"])
+    vae = build_module(AutoencoderKL, vae_config, parts["vae"], dtype=dtype, device=device, model=metas["vae"])
     return LoadedModel(
         family=family, prediction=pred, text_encoder=text_encoder, unet=unet, vae=vae, unet_config=unet_config,
         vae_config=vae_config, metadata={"model_index": json.dumps(index)}, ignored_keys=tuple(text_ignored),
