@@ -207,10 +207,11 @@ def window(stream, *, backtrack=20, stride=60) -> _Layout:
         return _Layout(windows, _all_rows(windows), [], notes)
     starts = _window_starts(len(pairs), stride)
     windows = [_window(pairs[s:s + CHUNK_TOKENS]) for s in starts]
-    rows = [(0, 0)]
-    for i in range(len(pairs)):
-        w = next(k for k, s in enumerate(starts) if s <= i < s + CHUNK_TOKENS)
-        rows.append((w, 1 + i - starts[w]))
+    rows, covered = [(0, 0)], 0
+    for w, start in enumerate(starts):
+        # tokens before `covered` already came from an earlier window, where they had more context
+        rows += [(w, 1 + i - start) for i in range(covered, start + CHUNK_TOKENS)]
+        covered = start + CHUNK_TOKENS
     rows.append((len(windows) - 1, CHUNK_TOKENS + 1))
     total = math.ceil(len(rows) / CHUNK_POSITIONS) * CHUNK_POSITIONS
     rows += [(EMPTY_WINDOW, r % CHUNK_POSITIONS) for r in range(len(rows), total)]
