@@ -433,3 +433,20 @@ def test_server_shutdown_answers_in_flight_requests():
     assert out1[0].status_code == 200 and json.loads(out1[0].json()["info"])["interrupted"] is True
     assert out2[0].status_code == 503 and "shutting down" in out2[0].json()["detail"]
     assert len(pipe.calls) == 1 and pipe.calls[0]["steps_done"] < 40
+
+
+def test_webuiapi_helpers_and_preload():
+    loaded = []
+    app = create_app(fake_factory(FakePipeline(), loaded), settings(preload=True))
+    with ServerThread(app) as server:
+        _wait(lambda: loaded == ["tiny-a"])  # the default model loads at startup, before any request
+        client = api(server)
+        assert client.util_get_model_names() == ["broken", "tiny-a", "tiny-b"]
+        client.util_set_model("tiny-b", find_closest=False)
+        assert client.util_get_current_model() == "tiny-b"
+        assert "Euler a" in client.util_get_sampler_names() and "karras" in client.util_get_scheduler_names()
+        client.util_wait_for_ready(check_interval=0.05)
+        assert client.interrupt() == {}
+        body = {"prompt": "p", "steps": 1, "width": 16, "height": 16, "init_images": ["x"] * 5}
+        with httpx.Client(base_url=server.url) as c:
+            field_error(c.post("/sdapi/v1/img2img", json=body), "init_images")

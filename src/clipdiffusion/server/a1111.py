@@ -366,6 +366,9 @@ def plan_a1111(req: Txt2ImgRequest, settings: ServerSettings, defaults: dict, sa
     if isinstance(req, Img2ImgRequest):
         if not req.init_images:
             raise RequestError("init_images", req.init_images, "img2img needs at least one init image")
+        if len(req.init_images) > settings.max_batch_size:
+            raise RequestError("init_images", f"{len(req.init_images)} images",
+                               f"at most {settings.max_batch_size} (the batch size limit)")
         strength = req.denoising_strength
         if not isinstance(strength, (int, float)) or not 0.0 < strength <= 1.0:
             raise RequestError("denoising_strength", strength, "must be in (0, 1]")
