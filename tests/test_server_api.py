@@ -450,3 +450,12 @@ def test_webuiapi_helpers_and_preload():
         body = {"prompt": "p", "steps": 1, "width": 16, "height": 16, "init_images": ["x"] * 5}
         with httpx.Client(base_url=server.url) as c:
             field_error(c.post("/sdapi/v1/img2img", json=body), "init_images")
+
+
+def test_null_fields_take_defaults(client, served):
+    r = client.post("/sdapi/v1/txt2img", json={"prompt": "p", "negative_prompt": None, "seed": None, "steps": 2,
+                                               "width": 16, "height": 16, "sampler_name": None, "scheduler": None,
+                                               "override_settings": None, "cfg_scale": None})
+    assert r.status_code == 200, r.text
+    call = served.pipe.calls[-1]
+    assert (call["negative_prompt"], call["sampler"], call["guidance"]) == ("", "euler", 7.0)

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..errors import ClipDiffusionError
 from .settings import ServerSettings
@@ -173,6 +173,14 @@ class Txt2ImgRequest(BaseModel):
     override_settings_restore_afterwards: bool = True
     send_images: bool = True
     save_images: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data):
+        # A1111 declares every field Optional, and clients send null for "not set": take our default instead.
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None or k not in cls.model_fields}
+        return data
 
 
 class Img2ImgRequest(Txt2ImgRequest):
