@@ -189,6 +189,7 @@ def create_app(pipeline_factory: Callable[[str], Any], settings: ServerSettings 
         state.worker.start()
         if settings.preload:
             _preload(state)
+            await run_in_threadpool(state.tables)  # imports the engine now, not in the first request's handler
         try:
             yield
         finally:

@@ -74,7 +74,7 @@ class ServerSettings:
     def model(self, name: str) -> ModelEntry | None:
         """The listed model called `name` (its name or its file's base name), or None."""
         for entry in self.models:
-            if name in (entry.name, entry.filename) or name == f"{entry.name} [{entry.filename}]":
+            if name in (entry.name, entry.filename):
                 return entry
         return None
 
