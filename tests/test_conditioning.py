@@ -139,6 +139,13 @@ def test_comfy_weighting_lerps_from_empty(sd1):
     torch.testing.assert_close(cond, expected, rtol=1e-5, atol=1e-6)
 
 
+def test_comfy_without_weights_is_plain(sd1):
+    for long_prompt in ("truncate", "chunk", "window", "stretch"):
+        plain = sd1.encode("cat dog", "ugly", long_prompt=long_prompt, weighting="none")
+        comfy = sd1.encode("cat dog", "ugly", long_prompt=long_prompt, weighting="comfy")
+        assert torch.equal(plain.context, comfy.context) and torch.equal(plain.negative_context, comfy.negative_context)
+
+
 def test_none_weighting_ignores_weights(sd1):
     a = sd1.encode("(cat:1.5) dog", weighting="none").context
     b = sd1.encode("cat dog", weighting="a1111").context
@@ -345,3 +352,16 @@ def test_sdxl_parity_with_diffusers_logic(tok, parse):
             want = torch.cat([out_l.hidden_states[-layer], out_g.hidden_states[-layer]], dim=-1)
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(pooled, out_g.text_embeds, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("long_prompt", ["truncate", "chunk", "window", "stretch"])
+@pytest.mark.parametrize("weighting", ["a1111", "comfy", "none"])
+def test_every_strategy_and_weighting_gives_equal_finite_contexts(sd1, sdxl, long_prompt, weighting):
+    prompt = "(red:1.3) cat, " + " ".join(["dog"] * 90) + " BREAK [sky]"
+    for enc in (sd1, sdxl):
+        for negative in ("", "ugly, (bad:1.2)"):
+            cond = enc.encode(prompt, negative, long_prompt=long_prompt, weighting=weighting)
+            assert cond.context.shape == cond.negative_context.shape
+            assert torch.isfinite(cond.context).all() and torch.isfinite(cond.negative_context).all()
+            rows = {"truncate": 77, "chunk": 231, "window": 154, "stretch": 248}[long_prompt]  # chunk: BREAK
+            assert cond.context.shape[1] == rows

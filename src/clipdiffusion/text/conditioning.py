@@ -115,6 +115,9 @@ def _weight_a1111(z, weights, empty):
 def _weight_comfy(z, weights, empty):
     """ComfyUI (``comfy/sd1_clip.py: encode_token_weights``): z' = empty + (z - empty) * w at the same position,
     with ``empty`` the encoding of ``""``; no renormalisation. Tokens of weight 1 are untouched."""
+    if empty is None:  # encode() skips the empty prompt when no token is weighted
+        assert bool((weights == 1).all())
+        return z
     lerped = empty[None] + (z - empty[None]) * weights[..., None]
     return torch.where((weights == 1)[..., None], z, lerped)
 
