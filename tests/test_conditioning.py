@@ -365,3 +365,12 @@ def test_every_strategy_and_weighting_gives_equal_finite_contexts(sd1, sdxl, lon
             assert torch.isfinite(cond.context).all() and torch.isfinite(cond.negative_context).all()
             rows = {"truncate": 77, "chunk": 231, "window": 154, "stretch": 248}[long_prompt]  # chunk: BREAK
             assert cond.context.shape[1] == rows
+
+
+def test_stretch_uses_a_native_248_table_as_is(tok, parse):
+    torch.manual_seed(9)
+    model = CLIPTextModel(CLIPTextConfig(width=32, layers=2, heads=2, max_positions=248)).eval()
+    enc = TextEncoder("sd1", [EncoderSpec("clip_l", model, EOS_ID, True, 1)], tok, parse=parse)
+    cond = enc.encode("a red cat", long_prompt="stretch", weighting="none")
+    ref = direct(enc.encoders[0], window_ids(tok, "a red cat", positions=248), 1).hidden[0]
+    torch.testing.assert_close(cond.context[0], ref, rtol=0, atol=1e-6)

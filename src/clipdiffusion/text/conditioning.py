@@ -288,7 +288,10 @@ class TextEncoder:
         return contexts, empty_rows, pooled
 
     def _run(self, spec, clip_skip, windows, positions, pooled):
-        """All windows through one tower in a single batch: hidden [N, P, D] and pooled [N, P'] | None."""
+        """All windows through one tower in a single batch: hidden [N, P, D] and pooled [N, P'] | None.
+
+        ``stretch`` stretches the learned 77-row position table; a tower that already has 248 positions (a
+        converted Long-CLIP, ``max_position_embeddings: 248``) uses its own table."""
         model = spec.model
         table = None
         if positions == STRETCH_POSITIONS and model.config.max_positions < STRETCH_POSITIONS:
