@@ -168,3 +168,62 @@ def test_info_on_refused_files_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and all(line.startswith("clipdiffusion info: error:") for line in err)
     assert "Traceback" not in "".join(err)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+def test_full_size_single_file_layout_matches_diffusers(family):
+    """At full size, on the meta device (no memory): diffusers' own single-file code recognises the model type of
+    the file we would write, and its LDM converters turn every one of our keys into exactly the keys and shapes of
+    its models (UNet, VAE, each text tower), so real SD1.5/SD2.1/SDXL files and ours are the same layout."""
+    from types import SimpleNamespace
+
+    diffusers_pipeline_class("tiny")
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders import single_file_utils as S
+    from transformers import CLIPTextConfig as HFConfig
+    from transformers import CLIPTextModel as HFText
+    from transformers import CLIPTextModelWithProjection as HFTextProjected
+
+    from clipdiffusion.checkpoints.detect import detect_family
+    from clipdiffusion.checkpoints.diffusers_unet import unet_config_to_diffusers
+    from clipdiffusion.checkpoints.diffusers_vae import vae_config_to_diffusers
+    from clipdiffusion.checkpoints.save import checkpoint_state_dict
+    from clipdiffusion.diffusion import unet as U
+    from clipdiffusion.diffusion import vae as V
+    from clipdiffusion.text import clip as C
+
+    towers = {"sd1": [C.SD1_CLIP_L], "sd2": [C.SD2_OPENCLIP_H], "sdxl": [C.SDXL_CLIP_L, C.SDXL_OPENCLIP_BIGG]}
+    model = SimpleNamespace(
+        family=family, prediction="eps", unet=U.UNetModel(U.PRESETS[family], device="meta"),
+        vae=V.AutoencoderKL(V.PRESETS[family], device="meta"),
+        text_encoder=SimpleNamespace(encoders=[SimpleNamespace(model=C.CLIPTextModel(c, device="meta"))
+                                               for c in towers[family]]),
+    )  # fmt: skip
+    ckpt = checkpoint_state_dict(model)
+
+    def shapes(sd):
+        return {k.removeprefix("text_model."): tuple(v.shape) for k, v in sd.items() if "position_ids" not in k}
+
+    assert S.infer_diffusers_model_type(ckpt) == {"sd1": "v1", "sd2": "v2", "sdxl": "xl_base"}[family]
+    assert detect_family(shapes(ckpt)).name == family
+    unet_cfg = {k: v for k, v in unet_config_to_diffusers(U.PRESETS[family]).items() if k != "_class_name"}
+    vae_cfg = {k: v for k, v in vae_config_to_diffusers(V.PRESETS[family]).items() if k != "_class_name"}
+    clip_l = HFConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+                      hidden_act="quick_gelu")  # fmt: skip
+    with torch.device("meta"):
+        pairs = [(UNet2DConditionModel(**unet_cfg), S.convert_ldm_unet_checkpoint(ckpt, unet_cfg)),
+                 (AutoencoderKL(**vae_cfg), S.convert_ldm_vae_checkpoint(ckpt, vae_cfg))]  # fmt: skip
+        if family == "sd1":
+            pairs.append((HFText(clip_l), S.convert_ldm_clip_checkpoint(ckpt)))
+        elif family == "sd2":  # diffusers keeps 23 of OpenCLIP-H's 24 layers
+            h = HFText(HFConfig(hidden_size=1024, intermediate_size=4096, num_attention_heads=16,
+                                num_hidden_layers=23, hidden_act="gelu"))  # fmt: skip
+            pairs.append((h, S.convert_open_clip_checkpoint(h, ckpt)))
+        else:
+            g = HFTextProjected(HFConfig(hidden_size=1280, intermediate_size=5120, num_attention_heads=20,
+                                         num_hidden_layers=32, hidden_act="gelu", projection_dim=1280))  # fmt: skip
+            pairs.append((HFText(clip_l), S.convert_ldm_clip_checkpoint(ckpt, "conditioner.embedders.0.transformer.")))
+            pairs.append((g, S.convert_open_clip_checkpoint(g, ckpt, prefix="conditioner.embedders.1.model.")))
+    for theirs, converted in pairs:
+        assert shapes(converted) == shapes(theirs.state_dict()), type(theirs).__name__
