@@ -12,8 +12,8 @@ characters and merged by byte-level BPE (48,894 merges, 49,408 ids). Where the s
   whitespace; each whitespace-separated word maps to its ids through a bounded LRU cache. Everything else takes
   the exact slow path. ``tests/test_tokenizer.py`` checks the fixed-point claim on random ASCII.
 - The byte-to-character map is identity on printable ASCII, so ASCII pieces need no mapping at all.
-- BPE results are cached per piece (bounded LRU); long pieces merge with a heap in O(n log n) instead of the
-  reference's O(n^2) rescans (same result: CLIP's merge list only merges symbols that earlier merges made).
+- BPE results are cached per piece (bounded LRU); the merges use a heap, O(n log n) instead of the reference's
+  O(n^2) rescans (same result: CLIP's merge list only merges symbols that earlier merges made).
 - The vocabulary loads on first use, with C-level dict builds (about 30 ms).
 
 The special tokens recognised in text are open_clip's ``<start_of_text>`` / ``<end_of_text>``. OpenAI's original
@@ -22,9 +22,11 @@ release (and Hugging Face's tokenizer, which A1111 uses for SD1's CLIP-L) spell 
 """
 
 import html
+import re
 import threading
 import zlib
 from functools import lru_cache
+from itertools import chain
 from heapq import heapify, heappop, heappush
 from pathlib import Path
 
@@ -38,8 +40,7 @@ OPENAI_SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
 DEFAULT_VOCAB = Path(__file__).parent / "data" / "bpe_simple_vocab_16e6.txt.gz"
 _N_MERGES = 49152 - 256 - 2  # merge lines used by CLIP (the file has more); 512 byte symbols + merges + 2 specials
 _WORD_CACHE = 1 << 16  # entries per cache; a word costs a few hundred bytes, so tens of MB at worst
-_HEAP_MIN_SYMBOLS = 24  # pieces this long merge with the heap; shorter ones rescan (less overhead)
-_CONTROL = frozenset(chr(c) for c in range(32) if chr(c) not in "\t\n\r") | {"\x7f"}
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # ASCII controls except tab, LF, CR
 
 
 def _byte_chars() -> list:
@@ -58,7 +59,8 @@ def _byte_chars() -> list:
 
 def _is_fast_text(text: str) -> bool:
     """True when ``ftfy.fix_text`` and ``html.unescape`` leave ``text`` unchanged (see the module docstring)."""
-    return text.isascii() and "&" not in text and _CONTROL.isdisjoint(text)
+    # isprintable() settles the common case in C; only text with tabs or newlines needs the regex
+    return text.isascii() and "&" not in text and (text.isprintable() or _CONTROL.search(text) is None)
 
 
 def decode_prompt_bytes(data, field: str = "prompt") -> str:
@@ -173,28 +175,23 @@ class CLIPTokenizer:
         text = _check_text(text, "text")
         if self._vocab is None:
             self._load()
-        out = []
         if _is_fast_text(text):
-            word_ids = self._word_ids
-            for word in text.lower().split():
-                out += word_ids(word)
-            return out
+            return list(chain.from_iterable(map(self._word_ids, text.lower().split())))
         _check_surrogates(text, "text")
         import ftfy
 
         text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
         text = " ".join(text.split()).lower()
-        table, piece_ids = self._vocab.byte_table, self._piece_ids
+        table, piece_ids, out = self._vocab.byte_table, self._piece_ids, []
         for piece in self._pattern.findall(text):
             # printable ASCII stands for itself under the byte map; anything else (controls ftfy kept too) maps
-            mapped = piece.isascii() and piece.isprintable()
-            out += piece_ids(piece if mapped else piece.encode("utf-8").decode("latin-1").translate(table))
+            as_is = piece.isascii() and piece.isprintable()
+            out += piece_ids(piece if as_is else piece.encode("utf-8").decode("latin-1").translate(table))
         return out
 
     def _ascii_word(self, word: str) -> tuple:
         # printable ASCII maps to itself under the byte map, so the regex pieces are already BPE input
-        piece_ids = self._piece_ids
-        return tuple(i for piece in self._pattern.findall(word) for i in piece_ids(piece))
+        return tuple(chain.from_iterable(map(self._piece_ids, self._pattern.findall(word))))
 
     def _bpe(self, piece: str) -> tuple:
         """Ids of one byte-mapped regex piece."""
@@ -202,13 +199,8 @@ class CLIPTokenizer:
         special = v.specials.get(piece)
         if special is not None:
             return (special,)
-        symbols = [*piece[:-1], piece[-1] + "</w>"]
-        if len(symbols) >= _HEAP_MIN_SYMBOLS:
-            symbols = _merge_heap(symbols, v.ranks)
-        else:
-            symbols = _merge_scan(symbols, v.ranks)
         ids = v.ids
-        return tuple(ids[s] for s in symbols)
+        return tuple(ids[s] for s in _merge([*piece[:-1], piece[-1] + "</w>"], v.ranks))
 
     # -- decoding --------------------------------------------------------------------------------------------
 
@@ -261,33 +253,10 @@ def _show_bytes(raw: bytes):
             i += 1
 
 
-def _merge_scan(symbols: list, ranks: dict) -> list:
-    """Reference BPE: merge the lowest-ranked adjacent pair, all its occurrences left to right, until none
-    is in the merge list. O(n^2) per piece but with little overhead; used for short pieces."""
-    while len(symbols) > 1:
-        best, best_rank = None, _N_MERGES
-        for i in range(len(symbols) - 1):
-            r = ranks.get(symbols[i] + " " + symbols[i + 1], _N_MERGES)
-            if r < best_rank:
-                best, best_rank = i, r
-        if best is None:
-            break
-        first, second = symbols[best], symbols[best + 1]
-        merged = first + second
-        out, i, n = [], 0, len(symbols)
-        while i < n:
-            if i + 1 < n and symbols[i] == first and symbols[i + 1] == second:
-                out.append(merged)
-                i += 2
-            else:
-                out.append(symbols[i])
-                i += 1
-        symbols = out
-    return symbols
-
-
-def _merge_heap(symbols: list, ranks: dict) -> list:
-    """The same merges with a heap of (rank, position) over a linked list: O(n log n) for long pieces.
+def _merge(symbols: list, ranks: dict) -> list:
+    """Byte-level BPE. The reference merges the lowest-ranked adjacent pair, all its occurrences left to right,
+    and rescans, until no pair is in the merge list: O(n^2) per piece. This does the same with a heap of
+    (rank, position) over a linked list: O(n log n), and faster even for short pieces.
 
     Equal ranks pop in position order, which reproduces the reference's left-to-right pass over all occurrences
     of the chosen pair (an occurrence overlapping a merged one is stale and skipped). A merge creates only
