@@ -185,6 +185,17 @@ def test_ignored_keys_are_listed(tmp_path):
     assert any("EMA" in n for n in loaded.notes)
 
 
+def test_sd2_in_sgm_layout_loads(tmp_path):
+    model = tiny_model("sd2")
+    path = save_checkpoint(model, tmp_path / "m.safetensors")
+
+    def move(t):
+        for k in [k for k in t if k.startswith("cond_stage_model.model.")]:
+            t["conditioner.embedders.0.model." + k.removeprefix("cond_stage_model.model.")] = t.pop(k)
+
+    assert_same_model(model, load_checkpoint(_rewrite(path, move)))
+
+
 def test_pickle_without_metadata_goes_through_detection(tmp_path):
     model = tiny_model("tiny")
     from clipdiffusion.checkpoints.save import checkpoint_state_dict
