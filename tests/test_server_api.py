@@ -263,6 +263,9 @@ def test_docs_page_and_openapi(client):
     assert client.get("/docs").status_code == 200
     spec = client.get("/openapi.json").json()
     assert {"/sdapi/v1/txt2img", "/sdapi/v1/img2img", "/api/generate", "/api/tokenize"} <= set(spec["paths"])
+    info = client.get("/api/info").json()
+    assert {"a1111", "comfy"} <= set(info["weighting"]) and info["long_prompt"][:2] == ["truncate", "chunk"]
+    assert info["models"] == ["tiny-a", "tiny-b", "broken"] and info["limits"]["max_width"] == 256
     page = client.get("/")
     assert page.status_code == 200 and "clipdiffusion" in page.text
 

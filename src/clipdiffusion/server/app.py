@@ -300,14 +300,19 @@ def _a1111_routes(app: FastAPI, state: ServerState) -> None:
 def _own_routes(app: FastAPI, state: ServerState) -> None:
     settings = state.settings
 
+    def weightings() -> list[str]:
+        from ..text.conditioning import WEIGHTINGS  # torch-side module: imported in a pool thread
+
+        return list(WEIGHTINGS)
+
     @app.get("/api/info", tags=["clipdiffusion"])
     async def info() -> dict:
-        samplers, schedules = state.tables()
+        samplers, schedules = await run_in_threadpool(state.tables)
         from ..text.chunking import LONG_PROMPT_STRATEGIES
 
         return {"models": [m.name for m in settings.models], "options": state.options_snapshot(),
                 "samplers": list(samplers), "schedules": list(schedules),
-                "long_prompt": list(LONG_PROMPT_STRATEGIES), "weighting": ["a1111"],
+                "long_prompt": list(LONG_PROMPT_STRATEGIES), "weighting": await run_in_threadpool(weightings),
                 "limits": {"max_width": settings.max_width, "max_height": settings.max_height,
                            "max_steps": settings.max_steps, "max_batch_size": settings.max_batch_size,
                            "max_prompt_chars": settings.max_prompt_chars}}
