@@ -59,7 +59,12 @@ def caption(spec: SceneSpec, rng: np.random.Generator, *, p_tags: float = 0.3, m
     phrases = [object_phrase(spec.objects[i], rng) for i in order]
     tags_before, tags_after = [], []
     if rng.random() < p_tags:
-        total = int(min(max_tags, 1 + rng.geometric(0.12)))
+        # mostly a few tags; a quarter of the time a long run, so that prompts past 75 tokens (two CLIP chunks,
+        # objects in the second) are common enough to learn from
+        if rng.random() < 0.25:
+            total = int(rng.integers(min(15, max_tags), max_tags + 1))
+        else:
+            total = int(min(max_tags, 1 + rng.geometric(0.2)))
         slots = rng.integers(0, len(phrases) + 1, size=total)  # 0 = before, k = after the k-th object
         for slot, tag in zip(slots, style_tags(rng, total)):
             if slot == 0:
