@@ -151,3 +151,11 @@ def test_ddim_schedule_matches_diffusers_ddim_leading_timesteps(steps):
     expected = TABLE[sched.timesteps]
     torch.testing.assert_close(get_sigmas_ddim(TABLE, steps)[:-1], expected.float())
     assert get_sigmas_ddim(TABLE, steps)[-1] == 0
+
+
+def test_ddim_schedule_never_repeats_a_timestep():
+    sigmas = get_sigmas_ddim(TABLE, 1000)
+    assert bool((sigmas[:-1] > sigmas[1:]).all())
+    x, _ = start(n=64)
+    out = sample_dpmpp_2m(gaussian_denoiser, x, sigmas.double())
+    assert torch.isfinite(out).all()

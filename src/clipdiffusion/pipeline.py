@@ -154,12 +154,12 @@ class Pipeline:
     def _check_size(self, width, height):
         width = self.default_size if width is None else width
         height = self.default_size if height is None else height
-        f = self.latent_factor
+        f, vae_f = self.latent_factor, self.vae.config.downsample_factor
         for name, value in (("width", width), ("height", height)):
             _check_int(name, value, f, MAX_SIDE)
             if value % f:
                 raise ClipDiffusionError(f"{name}={value}: must be a multiple of {f} for this model "
-                                         f"(VAE x{self.vae.config.downsample_factor}, UNet x{f // self.vae.config.downsample_factor})")
+                                         f"(VAE x{vae_f}, UNet x{f // vae_f})")
         if width * height > MAX_PIXELS:
             raise ClipDiffusionError(f"size={width}x{height}: more than {MAX_PIXELS} pixels")
         return width, height

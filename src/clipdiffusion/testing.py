@@ -34,7 +34,8 @@ def _text_encoder(family):
 
 
 def tiny_pipeline(seed: int = 0, family: str = "sd1", prediction: str = "eps"):
-    """A ``Pipeline`` with random tiny weights drawn from ``torch.manual_seed(seed)``-style local generator.
+    """A ``Pipeline`` with random tiny weights: the same ``seed`` gives the same weights (the global torch RNG is
+    seeded for construction and restored afterwards).
 
     ``family``: "sd1" | "sd2" | "sdxl" | "tiny". Default image size ``TINY_SIZE``; width and height must be
     multiples of 4 (tiny VAE x2, tiny UNet x2).

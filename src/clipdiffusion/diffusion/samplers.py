@@ -53,7 +53,8 @@ def get_sigmas_ddim(denoiser_sigmas: torch.Tensor, steps: int) -> torch.Tensor:
     of 0 and so leaves a trace of noise in the result; this schedule ends at 0 like A1111.
     """
     ratio = max(len(denoiser_sigmas) // steps, 1)
-    t = (torch.arange(steps) * ratio + 1).clamp(max=len(denoiser_sigmas) - 1).flip(0)
+    # unique: with steps >= N the clamp would repeat the last timestep, a zero-length step
+    t = torch.unique((torch.arange(steps) * ratio + 1).clamp(max=len(denoiser_sigmas) - 1)).flip(0)
     return _append_zero(denoiser_sigmas[t]).float()
 
 
@@ -197,7 +198,7 @@ def sample_dpmpp_2m(denoiser, x, sigmas, *, generator=None, callback=None, shoul
         denoised = loop.denoise(denoiser, x, sigma)
         if sigma_next == 0:
             x = denoised
-        else:
+        elif sigma_next != sigma:
             h = math.log(sigma) - math.log(sigma_next)  # lambda_next - lambda
             if old_denoised is None:
                 denoised_d = denoised
