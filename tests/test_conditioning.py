@@ -374,3 +374,53 @@ def test_stretch_uses_a_native_248_table_as_is(tok, parse):
     cond = enc.encode("a red cat", long_prompt="stretch", weighting="none")
     ref = direct(enc.encoders[0], window_ids(tok, "a red cat", positions=248), 1).hidden[0]
     torch.testing.assert_close(cond.context[0], ref, rtol=0, atol=1e-6)
+
+
+def _hf_tokenizer_from_our_bpe(transformers, folder):
+    """transformers' CLIPTokenizer built from the BPE merges we ship (no download): vocab = 256 byte characters,
+    the same with ``</w>``, one entry per merge, then BOS/EOS, which is how CLIP's vocab.json is laid out."""
+    import gzip
+    import json
+    from importlib.resources import files
+
+    lines = gzip.decompress((files("clipdiffusion.text") / "data" / "bpe_simple_vocab_16e6.txt.gz").read_bytes())
+    merges = [tuple(m.split()) for m in lines.decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]]
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = [b for b in range(256) if b not in printable]
+    chars = [chr(c) for c in printable] + [chr(256 + i) for i in range(len(extra))]
+    vocab = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    (folder / "vocab.json").write_text(json.dumps({v: i for i, v in enumerate(vocab)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    return transformers.CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"),
+                                      pad_token="<|endoftext|>", model_max_length=77)
+
+
+@pytest.mark.slow  # imports diffusers
+def test_parity_with_diffusers_encode_prompt(tok, parse, tmp_path):
+    """diffusers' own ``StableDiffusionPipeline.encode_prompt`` (its tokenizer, padding and layer choice) on the same
+    tiny weights: prompt and negative at diffusers ``clip_skip=None`` equal ours at 1; diffusers ``clip_skip=1``
+    equals ours at 2. diffusers 0.42 + transformers >= 5.6 break ``clip_skip`` (``text_model`` is gone, diffusers
+    #14124); the test gives the model that attribute back. Tolerance 1e-5."""
+    import types
+
+    transformers = pytest.importorskip("transformers")
+    diffusers = pytest.importorskip("diffusers")
+    ref, ours = _hf_pair(transformers, 11, 32, 3, "quick_gelu")
+    hf_tok = _hf_tokenizer_from_our_bpe(transformers, tmp_path)
+    if not hasattr(ref, "text_model"):
+        object.__setattr__(ref, "text_model", types.SimpleNamespace(final_layer_norm=ref.final_layer_norm))
+    pipe = diffusers.StableDiffusionPipeline.__new__(diffusers.StableDiffusionPipeline)  # only the text parts
+    object.__setattr__(pipe, "text_encoder", ref)
+    object.__setattr__(pipe, "tokenizer", hf_tok)
+    enc = TextEncoder("sd1", [EncoderSpec("clip_l", ours, EOS_ID, True, 1)], tok, parse=parse)
+    prompt, negative = "a photograph of an astronaut riding a horse, café", "blurry, low quality"
+    with torch.no_grad():
+        want, want_neg = pipe.encode_prompt(prompt, "cpu", 1, True, negative, clip_skip=None)
+        want_skip = pipe.encode_prompt(prompt, "cpu", 1, False, clip_skip=1)[0]
+        want_neg_skip = pipe.encode_prompt(negative, "cpu", 1, False, clip_skip=1)[0]
+    cond = enc.encode(prompt, negative, clip_skip=1, long_prompt="truncate", weighting="none")
+    torch.testing.assert_close(cond.context, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cond.negative_context, want_neg, rtol=1e-5, atol=1e-5)
+    cond = enc.encode(prompt, negative, clip_skip=2, long_prompt="truncate", weighting="none")
+    torch.testing.assert_close(cond.context, want_skip, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cond.negative_context, want_neg_skip, rtol=1e-5, atol=1e-5)  # skip on negative too
