@@ -52,6 +52,7 @@ def test_export_is_a_tiny_ldm_checkpoint_that_loads_and_generates(trained):
     assert image.size == (64, 64)
 
 
+@pytest.mark.slow  # two more micro trainings, ~5 s on a loaded 2-core machine
 def test_resume_continues_exactly(tmp_path):
     # uninterrupted run vs the same run killed after 3 steps and resumed: identical weights
     straight = Trainer(tmp_path / "a", _settings(), log=lambda line: None)
