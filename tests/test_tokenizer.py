@@ -22,11 +22,11 @@ TAGS = [
 WEIGHTED = ["(red hair:1.2)", "((blue eyes))", "[blurry]", "(worst quality:1.4)", "\\(escaped\\)", "(a: 0.8 )",
             "[[cat]]", "BREAK", "(x:abc)", "cat:1.2)"]
 UNICODE = [
-    "café", "naïve", "Ångström", "jalapeño", "Straße", "İstanbul", "ﬁne ﬂower", "日本語の猫", "一只可爱的猫",
-    "고양이", "кошка на крыше", "القطة", "बिल्ली", "แมว", "😀", "🐱‍👤", "👨‍👩‍👧", "❤️", "✨sparkles✨",
-    "ｆｕｌｌ ｗｉｄｔｈ", "ＡＢＣ１２３", "“curly” ‘quotes’", "em—dash…", "e\u0301", "Z̤͔ͧ̑̓a͖̞lgo", "½ ² ⅷ",
-    "١٢٣ digits", "€100 ¥200 £3", "©®™", "\u200bzero\u200dwidth", "\u00a0nbsp\u00a0", "\u3000ideographic",
-    "\u2028line\u2029sep", "\ufeffbom", "ǅ titlecase", "ΣΑΣ σας", "ⅰⅱⅲ", "x\u0300\u0301\u0302",
+    'café', 'naïve', 'Ångström', 'jalapeño', 'Straße', 'İstanbul', 'ﬁne ﬂower', '日本語の猫', '一只可爱的猫', '고양이',
+    'кошка на крыше', 'القطة', 'बिल्ली', 'แมว', '😀', '🐱\u200d👤', '👨\u200d👩\u200d👧', '❤️', '✨sparkles✨',
+    'ｆｕｌｌ ｗｉｄｔｈ', 'ＡＢＣ１２３', '“curly” ‘quotes’', 'em—dash…', 'é', 'Z̤͔ͧ̑̓a͖̞lgo', '½ ² ⅷ', '١٢٣ digits',
+    '€100 ¥200 £3', '©®™', '\u200bzero\u200dwidth', '\xa0nbsp\xa0', '\u3000ideographic', '\u2028line\u2029sep',
+    '\ufeffbom', 'ǅ titlecase', 'ΣΑΣ σας', 'ⅰⅱⅲ', 'x̀́̂',
 ]
 MOJIBAKE = ["cafÃ©", "naÃ¯ve", "Ã¼ber", "â€œquotedâ€\x9d", "donâ€™t", "â€”", "Ã\xa0 la", "ðŸ˜€"]
 HTML = ["&amp;", "&#39;", "&lt;b&gt;bold&lt;/b&gt;", "AT&T", "R&D", "&amp;amp;amp;", "&nbsp;x", "&#x27;hex",
@@ -202,6 +202,13 @@ def test_caches_are_bounded_and_per_instance():
     assert small._word_ids.cache_info().currsize <= 4
     assert small._piece_ids.cache_info().currsize <= 4
     assert [small.encode(w) for w in words] == first
+
+
+def test_instances_share_loaded_tables_but_not_caches():
+    a, b = CLIPTokenizer(), CLIPTokenizer()
+    assert a.encode("a cat") == b.encode("a cat")
+    assert a.vocab is b.vocab and a._word_ids is not b._word_ids
+    assert CLIPTokenizer(special_tokens=tk.OPENAI_SPECIAL_TOKENS).vocab is not a.vocab
 
 
 def test_lazy_and_light_import():

@@ -14,7 +14,7 @@ characters and merged by byte-level BPE (48,894 merges, 49,408 ids). Where the s
 - The byte-to-character map is identity on printable ASCII, so ASCII pieces need no mapping at all.
 - BPE results are cached per piece (bounded LRU); the merges use a heap, O(n log n) instead of the reference's
   O(n^2) rescans (same result: CLIP's merge list only merges symbols that earlier merges made).
-- The vocabulary loads on first use, with C-level dict builds (about 30 ms).
+- The vocabulary loads on first use, with C-level dict builds (about 30 ms), and is shared by later instances.
 
 The special tokens recognised in text are open_clip's ``<start_of_text>`` / ``<end_of_text>``. OpenAI's original
 release (and Hugging Face's tokenizer, which A1111 uses for SD1's CLIP-L) spell them ``<|startoftext|>`` /
@@ -23,7 +23,6 @@ release (and Hugging Face's tokenizer, which A1111 uses for SD1's CLIP-L) spell 
 
 import html
 import re
-import threading
 import zlib
 from functools import lru_cache
 from itertools import chain
@@ -130,6 +129,22 @@ class _Vocab:
         self.char_bytes = {c: b for b, c in byte_chars}
 
 
+@lru_cache(maxsize=4)
+def _load_vocab(path: str, special_tokens: tuple) -> _Vocab:
+    """Tables are immutable and the same for every tokenizer on one file, so instances share them: a second
+    ``CLIPTokenizer()`` (a server request, another encoder) costs nothing to load."""
+    return _Vocab(path, special_tokens)
+
+
+@lru_cache(maxsize=4)
+def _clip_pattern(special_tokens: tuple):
+    import regex
+
+    specials = "|".join(regex.escape(t) for t in special_tokens)
+    # the CLIP pattern; IGNORECASE as in the reference (the text is lowercased before anyway)
+    return regex.compile(specials + r"""|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""", regex.IGNORECASE)
+
+
 class CLIPTokenizer:
     """``CLIPTokenizer(vocab_path=None).encode(text) -> list[int]`` without BOS/EOS; see the module docstring."""
 
@@ -144,7 +159,6 @@ class CLIPTokenizer:
         self.special_tokens = tuple(special_tokens)
         self._vocab = None
         self._pattern = None
-        self._lock = threading.Lock()
         # per-instance caches (not lru_cache on the method, which would keep every instance alive)
         self._piece_ids = lru_cache(maxsize=cache_size)(self._bpe)
         self._word_ids = lru_cache(maxsize=cache_size)(self._ascii_word)
@@ -152,16 +166,9 @@ class CLIPTokenizer:
     # -- loading ---------------------------------------------------------------------------------------------
 
     def _load(self) -> _Vocab:
-        with self._lock:
-            if self._vocab is None:
-                import regex
-
-                specials = "|".join(regex.escape(t) for t in self.special_tokens)
-                # the CLIP pattern; IGNORECASE as in the reference (the text is lowercased before anyway)
-                self._pattern = regex.compile(
-                    specials + r"""|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""", regex.IGNORECASE
-                )
-                self._vocab = _Vocab(self.vocab_path, self.special_tokens)
+        # pattern first: a thread that sees _vocab set also sees _pattern
+        self._pattern = _clip_pattern(self.special_tokens)
+        self._vocab = _load_vocab(str(self.vocab_path), self.special_tokens)
         return self._vocab
 
     @property
