@@ -8,9 +8,9 @@ characters and merged by byte-level BPE (48,894 merges, 49,408 ids). Where the s
 - A pure-ASCII text without ``&`` and without control characters other than tab/newline/CR is a fixed point of
   ``ftfy.fix_text`` (ftfy's fixes act on non-ASCII characters, HTML entities, terminal escapes and control
   characters; its CR -> LF is erased by the whitespace collapse) and of ``html.unescape`` (which does nothing
-  without ``&``). Such text skips both and is split on
-  whitespace; each whitespace-separated word maps to its ids through a bounded LRU cache. Everything else takes
-  the exact slow path. ``tests/test_tokenizer.py`` checks the fixed-point claim on random ASCII.
+  without ``&``). Such text skips both and is split on whitespace; each whitespace-separated word maps to its
+  ids through a bounded LRU cache. Everything else takes the exact slow path. ``tests/test_tokenizer.py`` checks
+  the fixed-point claim on random ASCII.
 - The byte-to-character map is identity on printable ASCII, so ASCII pieces need no mapping at all.
 - BPE results are cached per piece (bounded LRU); the merges use a heap, O(n log n) instead of the reference's
   O(n^2) rescans (same result: CLIP's merge list only merges symbols that earlier merges made).
@@ -52,8 +52,8 @@ def _byte_chars() -> list:
         if b not in chars:
             chars[b] = chr(extra)
             extra += 1
-    # vocabulary order is the printable bytes first, then the rest in byte order
-    return [(b, chars[b]) for b in printable] + [(b, chars[b]) for b in range(256) if b not in set(printable)]
+    # vocabulary order is the printable bytes first, then the rest in byte order (dict insertion order)
+    return list(chars.items())
 
 
 def _is_fast_text(text: str) -> bool:
@@ -95,7 +95,7 @@ def _check_surrogates(text: str, field: str) -> None:
 
 
 def _merge_lines(path) -> str:
-    """The merge lines CLIP uses, as one string. Only the first quarter of the file is needed, so only that much
+    """The merge lines CLIP uses, as one string. Only the first part of the file is needed, so only that much
     is decompressed (this halves the load time)."""
     try:
         data = Path(path).read_bytes()
@@ -142,7 +142,8 @@ def _clip_pattern(special_tokens: tuple):
 
     specials = "|".join(regex.escape(t) for t in special_tokens)
     # the CLIP pattern; IGNORECASE as in the reference (the text is lowercased before anyway)
-    return regex.compile(specials + r"""|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""", regex.IGNORECASE)
+    pattern = specials + r"""|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+    return regex.compile(pattern, regex.IGNORECASE)
 
 
 class CLIPTokenizer:
