@@ -269,7 +269,13 @@ class Trainer:
                     return None
                 steps_here += 1
                 start = time.monotonic()
-                done = step_fn() is True
+                try:
+                    done = step_fn() is True
+                except KeyboardInterrupt:
+                    # keep the work done so far; the interrupted step is simply redone after --resume
+                    self._save()
+                    self.log(f"interrupted: state saved in {self.out / 'state.pt'}; continue with --resume")
+                    raise
                 self.state["seconds"][phase] += time.monotonic() - start
                 self.state["step"][phase] += 1
                 if time.monotonic() - last_save > self.settings.checkpoint_minutes * 60:
