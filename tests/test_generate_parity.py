@@ -13,6 +13,8 @@ Scheduler alignment (what each diffusers scheduler needs to run the same sigmas 
 - ddim: DDIMScheduler with "leading" spacing, steps_offset=1 and set_alpha_to_one=True equals our "ddim" schedule.
   With set_alpha_to_one=False (the SD scheduler config) diffusers stops at sigma(t=0) = 0.029 instead of 0: not
   aligned, by design (we end at 0 like A1111).
+- img2img: StableDiffusionImg2ImgPipeline with the Euler "linspace" scheduler; both sample the VAE posterior and
+  then the noise from the seed's generator, and run the last int(steps * strength) steps.
 - VP-space schedulers (DPM-Solver, DDIM) start from unit-variance latents, which is sqrt(sigma^2 + 1) in sigma
   units; we start from sigma * noise (k-diffusion, A1111). The test hands diffusers the same start by passing
   latents = noise * sigma / sqrt(sigma^2 + 1).
@@ -158,4 +160,23 @@ def test_sdxl_size_conditioning_matches_stable_diffusion_xl_pipeline():
     cond = ours.text_encoder.encode("a cat", "a dog")
     expected = ref(**cond.to_diffusers(), guidance_scale=5.0, width=width, height=height, num_inference_steps=4,
                    output_type="np", generator=torch.Generator().manual_seed(2)).images
+    assert np.abs(got.pixels - expected).max() < ATOL
+
+
+def test_img2img_matches_stable_diffusion_img2img_pipeline(models):
+    from PIL import Image
+
+    unet, vae, our_unet, our_vae, text_encoder = models
+    sched = diffusers.EulerDiscreteScheduler(**SD_SCHEDULE, timestep_spacing="linspace")
+    ref = diffusers.StableDiffusionImg2ImgPipeline(vae=vae, text_encoder=None, tokenizer=None, unet=unet,
+                                                   scheduler=sched, safety_checker=None, feature_extractor=None,
+                                                   requires_safety_checker=False)
+    ref.set_progress_bar_config(disable=True)
+    ours = Pipeline(text_encoder, our_unet, our_vae, "sd1", "eps", default_size=SIZE)
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8))
+    got = ours.generate("a red circle", "blurry", steps=4, strength=0.5, seed=4, guidance=6.0, init_image=image)
+    cond = ours.text_encoder.encode("a red circle", "blurry")
+    expected = ref(**cond.to_diffusers(), image=image, strength=0.5, num_inference_steps=4, guidance_scale=6.0,
+                   output_type="np", generator=torch.Generator().manual_seed(4)).images
     assert np.abs(got.pixels - expected).max() < ATOL

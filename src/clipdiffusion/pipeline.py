@@ -180,7 +180,9 @@ class Pipeline:
         negative_y = sdxl_vector(cond.negative_pooled.float().expand(batch, -1), ids, size)
         return y, negative_y
 
-    def _init_latents(self, init_image, width, height, device):
+    @staticmethod
+    def _image_pixels(init_image, width, height):
+        """PIL image -> [1,3,H,W] in [-1,1], resized to width x height (diffusers' VaeImageProcessor)."""
         import torch
 
         if not hasattr(init_image, "convert"):
@@ -188,11 +190,8 @@ class Pipeline:
         image = init_image.convert("RGB")
         if image.size != (width, height):
             image = image.resize((width, height), resample=3)  # 3 = PIL.Image.BICUBIC
-        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0)  # [H,W,3] in [-1,1]
-        pixels = pixels.permute(2, 0, 1)[None].to(device)  # [1,3,H,W]
-        with torch.no_grad():
-            # the posterior mean: img2img that depends on the seed only through the added noise
-            return self.vae.encode(pixels).mode().float() * self.vae.config.scale_factor
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0 * 2.0 - 1.0)  # [H,W,3]
+        return pixels.permute(2, 0, 1)[None]  # [1,3,H,W]
 
     def _token_rows(self, prompt, long_prompt, weighting):
         """Context rows that carry prompt tokens, and their text, for attention maps."""
@@ -220,8 +219,9 @@ class Pipeline:
         ``callback(step, total, latents)`` runs after each sampler step; ``should_stop()`` is polled before each
         step, and when it returns True the images are decoded from the latest denoised estimate
         (``result.interrupted``). img2img (``init_image``, a PIL image, resized to width x height; its size when
-        those are None) noises the encoded image to the schedule's sigma at ``1 - strength`` and samples from there
-        (diffusers' convention: ``int(steps * strength)`` steps run).
+        those are None) samples the VAE posterior, noises it to the schedule's sigma at ``1 - strength`` and
+        samples from there: the last ``int(steps * strength)`` steps run. Both draws come from the image's seed in
+        diffusers' order, so StableDiffusionImg2ImgPipeline with the same seed starts from the same latents.
         """
         import torch
 
@@ -239,6 +239,7 @@ class Pipeline:
                 f = self.latent_factor
                 width, height = (max(f, s // f * f) for s in init_image.size)
         width, height = self._check_size(width, height)
+        init_pixels = None if init_image is None else self._image_pixels(init_image, width, height)
         for name, fn in (("callback", callback), ("should_stop", should_stop)):
             if fn is not None and not callable(fn):
                 raise ClipDiffusionError(f"{name}: expected a callable, got {type(fn).__name__}")
@@ -264,14 +265,20 @@ class Pipeline:
         f = self.vae.config.downsample_factor
         shape = (1, self.unet.config.in_channels, height // f, width // f)
         generators = [torch.Generator().manual_seed(s) for s in seeds]
-        noise = torch.cat([torch.randn(shape, generator=g) for g in generators]).to(device)  # [B,C,h,w]
-
-        if init_image is None:
+        if init_pixels is None:
+            noise = torch.cat([torch.randn(shape, generator=g) for g in generators]).to(device)  # [B,C,h,w]
             x = noise * sigmas[0]
         else:
-            run = min(max(int(steps * strength), 1), steps)
+            run = min(max(int(steps * strength), 1), steps)  # diffusers' get_timesteps, at least one step
             sigmas = sigmas[steps - run:]
-            x = self._init_latents(init_image, width, height, device).expand(B, -1, -1, -1) + noise * sigmas[0]
+            with torch.no_grad():
+                posterior = self.vae.encode(init_pixels.to(device))  # over [1,C,h,w]
+            rows = []
+            for g in generators:
+                # diffusers' order on each image's generator: the posterior sample first, then the noise
+                z = posterior.sample(g).float() * self.vae.config.scale_factor
+                rows.append(z + torch.randn(shape, generator=g).to(device) * sigmas[0])
+            x = torch.cat(rows)  # [B,C,h,w]
 
         recorder = None
         if attention_maps:
