@@ -224,12 +224,15 @@ def test_sdxl_pooled_from_first_chunk_unweighted_and_zero_padding(sdxl, tok):
 
 
 def test_sdxl_clip_skip_moves_both_towers(sdxl, tok):
-    cond = sdxl.encode("a red cat", "blurry", clip_skip=2, weighting="none")
+    # default (None) and 2 are the penultimate layer; 3 moves both towers one layer earlier
+    default = sdxl.encode("a red cat", "blurry", weighting="none")
+    assert torch.equal(default.context, sdxl.encode("a red cat", "blurry", clip_skip=2, weighting="none").context)
+    cond = sdxl.encode("a red cat", "blurry", clip_skip=3, weighting="none")
     l_ref = direct(sdxl.encoders[0], window_ids(tok, "blurry"), 3).hidden[0]
     g_ref = direct(sdxl.encoders[1], window_ids(tok, "blurry", pad=0), 3).hidden[0]
     torch.testing.assert_close(cond.negative_context[0], torch.cat([l_ref, g_ref], -1), rtol=0, atol=1e-6)
-    with pytest.raises(ClipDiffusionError, match=r"1\.\.2"):
-        sdxl.encode("cat", clip_skip=3)
+    with pytest.raises(ClipDiffusionError, match=r"1\.\.3"):
+        sdxl.encode("cat", clip_skip=4)
 
 
 def test_bad_input(sd1, tok):
@@ -273,7 +276,7 @@ def test_parity_with_transformers(tok, parse, clip_skip, pad_id, default_skip):
     enc = TextEncoder("sd1", [EncoderSpec("clip", ours.eval(), pad_id, True, default_skip)], tok, parse=parse)
     prompt, negative = "a photograph of an astronaut riding a horse", "blurry, low quality"
     cond = enc.encode(prompt, negative, clip_skip=clip_skip, long_prompt="truncate", weighting="none")
-    layer = default_skip + clip_skip - 1  # hidden_states[-layer]; diffusers' clip_skip = layer - 1
+    layer = clip_skip  # hidden_states[-layer] whatever the family default; diffusers' SD1 clip_skip = layer - 1
     for text, got in ((prompt, cond.context), (negative, cond.negative_context)):
         ids = torch.tensor([window_ids(tok, text, pad=pad_id)])
         with torch.no_grad():
@@ -333,14 +336,14 @@ def test_long_prompt_parity_with_a1111_loop_on_transformers(tok, parse):
 @pytest.mark.slow  # importing transformers takes ~5 s on 2 shared cores
 def test_sdxl_parity_with_diffusers_logic(tok, parse):
     """SDXL as diffusers' ``StableDiffusionXLPipeline.encode_prompt`` computes it: both towers'
-    ``hidden_states[-2]`` without final LN (diffusers ``clip_skip=None``; ours 1), concatenated on channels; pooled
+    ``hidden_states[-2]`` without final LN (diffusers ``clip_skip=None``; ours None or 2), concatenated on channels; pooled
     = the projected bigG output (``text_embeds``); CLIP-L ids padded with EOS, bigG ids with 0. Tolerance 1e-5."""
     transformers = pytest.importorskip("transformers")
     ref_l, ours_l = _hf_pair(transformers, 4, 32, 3, "quick_gelu")
     ref_g, ours_g = _hf_pair(transformers, 5, 48, 4, "gelu", projection_dim=24)
     enc = TextEncoder("sdxl", [EncoderSpec("clip_l", ours_l, EOS_ID, False, 2),
                                EncoderSpec("clip_g", ours_g, 0, False, 2)], tok, parse=parse)
-    for clip_skip in (1, 2):
+    for clip_skip in (None, 2, 3):
         cond = enc.encode("a photograph of an astronaut riding a horse", "ugly", clip_skip=clip_skip,
                           long_prompt="truncate", weighting="none")
         for text, got, pooled in (("a photograph of an astronaut riding a horse", cond.context, cond.pooled),
@@ -348,7 +351,7 @@ def test_sdxl_parity_with_diffusers_logic(tok, parse):
             with torch.no_grad():
                 out_l = ref_l(torch.tensor([window_ids(tok, text)]), output_hidden_states=True)
                 out_g = ref_g(torch.tensor([window_ids(tok, text, pad=0)]), output_hidden_states=True)
-            layer = clip_skip + 1  # diffusers: hidden_states[-(clip_skip_diffusers + 2)], clip_skip_diffusers = ours-1
+            layer = clip_skip or 2  # diffusers: hidden_states[-(clip_skip_diffusers + 2)], clip_skip_diffusers = ours-2
             want = torch.cat([out_l.hidden_states[-layer], out_g.hidden_states[-layer]], dim=-1)
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(pooled, out_g.text_embeds, rtol=1e-5, atol=1e-5)

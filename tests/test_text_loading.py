@@ -299,11 +299,12 @@ def test_long_clip_openclip_file_merges_its_two_position_tables(tmp_path):
 
 def test_diffusers_style_sd2_tower_keeps_its_layer_when_written_as_ldm(open_h):
     # diffusers' SD2 text_encoder has 23 layers and uses the last; LDM readers take the penultimate of the file.
-    spec = EncoderSpec("clip_h", open_h, 0, True, 1)
+    spec = EncoderSpec("clip_h", open_h, 0, True, 2, removed_layers=1)
     tensors = text_encoder_to_ldm("sd2", [spec])
     assert f"cond_stage_model.model.transformer.resblocks.{LAYERS}.ln_1.weight" in tensors
     _, (loaded,), _ = text_encoders_from_state_dict(tensors)
     assert loaded.model.config.layers == LAYERS + 1 and loaded.default_clip_skip == 2
+    assert loaded.removed_layers == 0
     with torch.no_grad():
         got = loaded.model(_ids(0), clip_skip=2, pooled=True)
         want = open_h(_ids(0), clip_skip=1, pooled=True)

@@ -19,8 +19,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--text-encoder", required=True, metavar="FILE",
                         help="checkpoint or text-encoder .safetensors (SD1/SD2/SDXL single file, HF, OpenCLIP)")
     parser.add_argument("--negative", default="", metavar="TEXT", help="negative prompt (default: empty)")
-    parser.add_argument("--clip-skip", type=int, default=1, metavar="N",
-                        help="1 = the family's default layer (A1111 counting; diffusers n-1, ComfyUI -n)")
+    parser.add_argument("--clip-skip", type=int, default=None, metavar="N",
+                        help="1 = last layer, 2 = penultimate (A1111 counting; ComfyUI -n); "
+                             "default: the family's (SD1 1, SD2/SDXL 2)")
     parser.add_argument("--long-prompt", default="chunk", choices=list(LONG_PROMPT_STRATEGIES),
                         help="how prompts over 75 tokens are handled (default: chunk, as A1111)")
     parser.add_argument("--weighting", default="a1111", choices=WEIGHTING_NAMES,

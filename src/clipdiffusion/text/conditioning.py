@@ -33,9 +33,10 @@ class EncoderSpec:
     """One text tower and how a family uses it.
 
     ``pad_id``: 49407 (EOS) for OpenAI CLIP-L, 0 for OpenCLIP H/bigG. ``final_norm``: apply final_layer_norm to the
-    chosen layer (SD1, SD2: yes; SDXL: no). ``default_clip_skip``: the layer the family uses when the user asks for
-    clip skip 1, in the model's own A1111 counting (SD1: 1 = last; SD2/SDXL: 2 = penultimate; an HF-format SD2
-    tower that already dropped its last layer: 1).
+    chosen layer (SD1, SD2: yes; SDXL: no). ``default_clip_skip``: the layer the family uses when the user gives no
+    clip skip, in A1111 counting on the family's full tower (SD1: 1 = last; SD2 and SDXL: 2 = penultimate).
+    ``removed_layers``: layers the stored tower lacks at its end (diffusers' SD2 ``text_encoder`` dropped the last
+    of OpenCLIP-H's 24 layers: 1), so that clip skip n means the same layer whichever layout the weights came in.
     """
 
     name: str
@@ -43,10 +44,19 @@ class EncoderSpec:
     pad_id: int
     final_norm: bool
     default_clip_skip: int = 1
+    removed_layers: int = 0
+
+    @property
+    def min_clip_skip(self) -> int:
+        return 1 + self.removed_layers
 
     @property
     def max_clip_skip(self) -> int:
-        return self.model.config.layers - self.default_clip_skip + 1
+        return self.model.config.layers + self.removed_layers
+
+    def model_clip_skip(self, clip_skip: int) -> int:
+        """The clip skip to ask of the stored tower for the family-level ``clip_skip``."""
+        return clip_skip - self.removed_layers
 
 
 @dataclass(frozen=True)
@@ -169,6 +179,14 @@ class TextEncoder:
     def max_clip_skip(self) -> int:
         return min(e.max_clip_skip for e in self.encoders)
 
+    @property
+    def min_clip_skip(self) -> int:
+        return max(e.min_clip_skip for e in self.encoders)
+
+    @property
+    def default_clip_skip(self) -> int:
+        return self.encoders[0].default_clip_skip
+
     def to(self, device=None, dtype=None) -> "TextEncoder":
         for spec in self.encoders:
             spec.model.to(device=device, dtype=dtype)
@@ -186,34 +204,38 @@ class TextEncoder:
         return plan_prompt(segments, self.tokenizer, long_prompt, backtrack=chunk_backtrack, stride=window_stride)
 
     def _layer_skips(self, clip_skip) -> list:
-        top = self.max_clip_skip
-        if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or not 1 <= clip_skip <= top:
+        """Per tower, the clip skip to run it at (``None``: each tower's family default)."""
+        if clip_skip is None:
+            return [e.model_clip_skip(e.default_clip_skip) for e in self.encoders]
+        low, top = self.min_clip_skip, self.max_clip_skip
+        if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or not low <= clip_skip <= top:
             raise ClipDiffusionError(
-                f"clip_skip={clip_skip!r} is out of range: this {self.family} text encoder accepts 1..{top} "
-                "(1 = the family's default layer)"
+                f"clip_skip={clip_skip!r} is out of range: this {self.family} text encoder accepts {low}..{top} "
+                f"(1 = last layer, 2 = penultimate; default {self.default_clip_skip})"
             )
-        return [e.default_clip_skip + clip_skip - 1 for e in self.encoders]
+        return [e.model_clip_skip(clip_skip) for e in self.encoders]
 
-    def encode(self, prompt, negative_prompt="", clip_skip=1, long_prompt="chunk", weighting="a1111", *,
+    def encode(self, prompt, negative_prompt="", clip_skip=None, long_prompt="chunk", weighting="a1111", *,
                chunk_backtrack=DEFAULT_CHUNK_BACKTRACK, window_stride=DEFAULT_WINDOW_STRIDE, equalize=True):
         """Encode a prompt and its negative to a :class:`Conditioning`.
 
-        ``clip_skip`` counts like AUTOMATIC1111 (1 = the family's default layer; each step one layer earlier), and
-        the same value applies to the negative prompt (diffusers' ``encode_prompt`` forgets it there):
+        ``clip_skip`` counts like AUTOMATIC1111 and stable-diffusion.cpp: 1 = the last layer, 2 = the penultimate,
+        n = ``hidden_states[-n]`` of the family's full tower; ``None`` = the family's default (SD1: 1; SD2, SDXL: 2,
+        the layer they were trained on). The same value applies to the negative prompt (diffusers'
+        ``encode_prompt`` forgets it there), and the layers after the chosen one are never computed:
 
-        ======  ===========================================  ========  ===================  =============
-        family  clip_skip=n selects (HF hidden_states index)  final LN  diffusers clip_skip  ComfyUI layer
-        ======  ===========================================  ========  ===================  =============
-        sd1     [-n]; 1 = last layer                          yes       n-1 (None for 1)     -n
-        sd2     [-(n+1)]; 1 = penultimate                     yes       n-1 (HF: 23 layers)  -(n+1)
-        sdxl    [-(n+1)] in both towers; 1 = penultimate      no        n-1                  -(n+1)
-        ======  ===========================================  ========  ===================  =============
+        ======  ======================  ========  ====================================  =============
+        family  default (``None``)      final LN  diffusers ``clip_skip``               ComfyUI layer
+        ======  ======================  ========  ====================================  =============
+        sd1     1 (last layer)          yes       n-1 (``None`` for 1)                  -n
+        sd2     2 (penultimate)         yes       n-2 (its HF tower has 23 layers)      -n
+        sdxl    2 (penultimate), both   no        n-2 (``None`` for 2)                  -n
+        ======  ======================  ========  ====================================  =============
 
-        SD2 and SDXL count from their penultimate default, so clip skip 1 is always what the model was trained
-        with. A1111 differs there: it ignores the slider on SD2, and on SDXL it moves only CLIP-L (option
-        ``sdxl_clip_l_skip``, where its N means ``hidden_states[-N]``, so its 2 is our 1); ComfyUI and
-        stable-diffusion.cpp move both SDXL towers as we do. The SDXL pooled vector always comes from bigG's last
-        layer (final LN, projection) at the first EOS of the **first** window, unweighted.
+        A1111 differs on SD2, where it ignores the slider (always penultimate), and on SDXL, where it moves only
+        CLIP-L and only with its ``sdxl_clip_l_skip`` option; ComfyUI (``CLIPSetLastLayer(-n)``) and
+        stable-diffusion.cpp (``--clip-skip n``) move both SDXL towers as we do. The SDXL pooled vector always
+        comes from bigG's last layer (final LN, projection) at the first EOS of the **first** window, unweighted.
 
         ``long_prompt``: ``truncate | chunk | window | stretch`` (``chunking.py``). ``weighting``: ``a1111`` (z*w,
         mean restored per window and encoder), ``comfy`` (lerp from the empty prompt's encoding), ``none``

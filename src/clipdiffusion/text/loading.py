@@ -351,9 +351,9 @@ def _spec(family: str, plan: _EncoderPlan, model):
 
     if plan.name == "clip_h":
         # SD2 uses OpenCLIP-H's penultimate layer + final LN (LDM FrozenOpenCLIPEmbedder layer="penultimate").
-        # diffusers' SD2 text_encoder (HF layout) already dropped the last of 24 layers, so there it is the last.
-        skip = 2 if plan.kind == "openclip" or model.config.layers >= 24 else 1
-        return EncoderSpec(plan.name, model, pad_id=0, final_norm=True, default_clip_skip=skip)
+        # diffusers' SD2 text_encoder (HF layout) already dropped the last of 24 layers: its last is the penultimate.
+        removed = 0 if plan.kind == "openclip" or model.config.layers >= 24 else 1
+        return EncoderSpec(plan.name, model, pad_id=0, final_norm=True, default_clip_skip=2, removed_layers=removed)
     if family == "sdxl":
         # Both SDXL encoders feed the penultimate layer without final LN (sgm layer_idx 11 / "penultimate").
         pad = EOS_ID if plan.name == "clip_l" else 0
@@ -444,7 +444,7 @@ def text_encoder_to_ldm(family: str, encoders) -> dict:
         return {**hf(_SDXL_L, models[0]), **openclip(_SDXL_G, models[1])}
     if family == "sd2":
         tensors = openclip(_SD2, models[0])
-        if getattr(encoders[0], "default_clip_skip", 2) == 1:
+        if getattr(encoders[0], "removed_layers", 0) == 1:
             tensors.update(_identity_block(_SD2, models[0]))
         return tensors
     return hf(_SD1, models[0])
