@@ -76,6 +76,18 @@ def test_parity_with_open_clip_on_varied_prompts(tok, ref):
     assert not mismatches, mismatches[:3]
 
 
+def test_encode_words_concatenates_to_encode(tok):
+    for p in _prompts():
+        words = tok.encode_words(p)
+        assert [i for _, ids in words for i in ids] == tok.encode(p), repr(p)
+        assert all(w and not any(c.isspace() for c in w) for w, _ in words)
+    assert tok.encode_words("Tag21, x  &amp; \u03a3\u0391\u03a3 cafe\u0301") == [
+        ("Tag21,", [3640, 273, 272, 267]), ("x", [343]), ("&", [261]),
+        ("\u03a3\u0391\u03a3", tok.encode("\u03c3\u03b1\u03c2")),  # final sigma, as in the whole-text lowercasing
+        ("caf\u00e9", tok.encode("caf\u00e9")),
+    ]
+
+
 def test_parity_on_random_ascii_including_entities_and_controls(tok, ref):
     rng = random.Random(7)
     alphabet = [chr(c) for c in range(128)] + ["&amp;", "&#39;", "&lt;", "<", "'s", "'ll"] * 8

@@ -185,11 +185,29 @@ class CLIPTokenizer:
             self._load()
         if _is_fast_text(text):
             return list(chain.from_iterable(map(self._word_ids, text.lower().split())))
+        return self._text_ids(self._clean(text).lower())
+
+    def encode_words(self, text) -> list:
+        """``[(word, ids), ...]`` for each whitespace-separated word of the cleaned text (for plain ASCII, the
+        words as written); the ids concatenated are ``encode(text)``. For reports in the user's own words: ids
+        lose the spacing ("tag21" and "tag 2 1" give the same tokens)."""
+        text = _check_text(text, "text")
+        if self._vocab is None:
+            self._load()
+        if _is_fast_text(text):
+            return [(word, list(self._word_ids(word.lower()))) for word in text.split()]
+        # lowercasing word by word equals lowercasing the text: a space ends every case context (final sigma)
+        return [(word, self._text_ids(word.lower())) for word in self._clean(text).split(" ") if word]
+
+    @staticmethod
+    def _clean(text: str) -> str:
+        """The reference's cleaning up to (not including) the lowercasing."""
         _check_surrogates(text, "text")
         import ftfy
 
-        text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
-        text = " ".join(text.split()).lower()
+        return " ".join(html.unescape(html.unescape(ftfy.fix_text(text))).split())
+
+    def _text_ids(self, text: str) -> list:
         table, piece_ids, out = self._vocab.byte_table, self._piece_ids, []
         for piece in self._pattern.findall(text):
             # printable ASCII stands for itself under the byte map; anything else (controls ftfy kept too) maps
