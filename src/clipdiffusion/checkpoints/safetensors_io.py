@@ -204,15 +204,18 @@ def _check_keys(path, available, keys):
     return keys
 
 
-def load_file(path, *, dtype=None, device="cpu", keys=None) -> dict:
+def load_file(path, *, dtype=None, device="cpu", keys=None, copy=True) -> dict:
     """Load tensors from a ``.safetensors`` file (validated first) or a pickle via the weights-only unpickler.
 
     ``dtype`` casts floating-point tensors only (integer buffers keep their type); ``keys`` loads a subset.
+    ``copy=True`` detaches every tensor from the file mapping: a mapped file that is truncated or rewritten
+    later would otherwise change the weights or crash the process with SIGBUS (checkpoints.md §8.4 item 9).
+    ``copy=False`` keeps the zero-copy mapping for callers that own the file.
     """
     if is_pickle_path(path):
         tensors = load_pickle(path)
         names = _check_keys(path, tensors, keys)
-        return {name: _cast(tensors[name], dtype, device) for name in names}
+        return {name: _cast(tensors[name], dtype, device, copy) for name in names}
     header = read_header(path)
     names = _check_keys(path, header.tensors, keys)
     from safetensors import safe_open
@@ -221,7 +224,7 @@ def load_file(path, *, dtype=None, device="cpu", keys=None) -> dict:
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             for name in names:
-                out[name] = _cast(f.get_tensor(name), dtype, device)
+                out[name] = _cast(f.get_tensor(name), dtype, device, copy)
     except ClipDiffusionError:
         raise
     except Exception as exc:  # the file changed after validation, or the mapping failed
@@ -229,12 +232,12 @@ def load_file(path, *, dtype=None, device="cpu", keys=None) -> dict:
     return out
 
 
-def _cast(tensor, dtype, device):
+def _cast(tensor, dtype, device, copy):
     if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
-        tensor = tensor.to(dtype)
+        return tensor.to(dtype=dtype, device=device)  # a new tensor already
     if str(device) != "cpu":
-        tensor = tensor.to(device)
-    return tensor
+        return tensor.to(device)
+    return tensor.clone() if copy else tensor
 
 
 # torch releases whose weights-only unpickler has a published code-execution bug (CVE-2025-32434 <= 2.5.1,

@@ -169,8 +169,11 @@ def write_tokenizer(folder: Path, pad_token: str):
     })  # fmt: skip
 
 
-def save_diffusers(model, folder, *, dtype=None, tokenizer: bool = True) -> Path:
-    """Write ``model`` as a diffusers pipeline folder that diffusers' ``from_pretrained`` reads offline."""
+def save_diffusers(model, folder, *, dtype=None, tokenizer: bool = True, weights: bool = True) -> Path:
+    """Write ``model`` as a diffusers pipeline folder that diffusers' ``from_pretrained`` reads offline.
+
+    ``weights=False`` writes the configs only: the ``config=`` folder diffusers' ``from_single_file`` needs to
+    read a single file offline."""
     from .diffusers_unet import unet_config_to_diffusers, unet_ldm_to_diffusers
     from .diffusers_vae import vae_config_to_diffusers, vae_ldm_to_diffusers
 
@@ -197,12 +200,13 @@ def save_diffusers(model, folder, *, dtype=None, tokenizer: bool = True) -> Path
         index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
 
     unet_dir, vae_dir = folder / "unet", folder / "vae"
-    unet_sd = unet_ldm_to_diffusers(dict(unet.state_dict()), unet.config)
-    vae_sd = vae_ldm_to_diffusers(dict(vae.state_dict()), vae.config)
     _write_json(unet_dir / "config.json", unet_config_to_diffusers(unet.config, sample_size=native // 8))
-    save_file(_cast(unet_sd, dtype), unet_dir / "diffusion_pytorch_model.safetensors")
     _write_json(vae_dir / "config.json", vae_config_to_diffusers(vae.config, sample_size=native))
-    save_file(_cast(vae_sd, dtype), vae_dir / "diffusion_pytorch_model.safetensors")
+    if weights:
+        unet_sd = unet_ldm_to_diffusers(dict(unet.state_dict()), unet.config)
+        save_file(_cast(unet_sd, dtype), unet_dir / "diffusion_pytorch_model.safetensors")
+        vae_sd = vae_ldm_to_diffusers(dict(vae.state_dict()), vae.config)
+        save_file(_cast(vae_sd, dtype), vae_dir / "diffusion_pytorch_model.safetensors")
 
     towers = [("text_encoder", encoders[0], False)] + ([("text_encoder_2", encoders[1], True)] if xl else [])
     for sub, spec, with_projection in towers:
@@ -210,7 +214,8 @@ def save_diffusers(model, folder, *, dtype=None, tokenizer: bool = True) -> Path
         drop = family == "sd2" and spec.default_clip_skip >= 2
         tensors, config = _hf_text_tensors(spec.model, with_projection=with_projection, drop_last_layer=drop)
         _write_json(folder / sub / "config.json", _hf_text_config(config, with_projection=with_projection))
-        save_file(_cast(tensors, dtype), folder / sub / "model.safetensors")
+        if weights:
+            save_file(_cast(tensors, dtype), folder / sub / "model.safetensors")
     if tokenizer:
         write_tokenizer(folder / "tokenizer", "<|endoftext|>" if family != "sd2" else "!")
         if xl:
