@@ -39,7 +39,23 @@ def test_truncate_reports_dropped_words(capsys):
     rc, out, _ = _run(capsys, prompt, "--long-prompt", "truncate")
     assert rc == 0
     assert out.splitlines()[0] == "78 tokens, 1 window (long_prompt=truncate): 75/75"
-    assert "3 of 78 tokens dropped by long_prompt='truncate': 'a purple dragon'" in out
+    assert "dropped: 3 of 78 tokens: 'a purple dragon'" in out
+    assert "note:" not in out  # chunking's own drop note is replaced by the line in the user's words
+
+
+def test_reports_use_the_users_words(capsys):
+    # digits are separate tokens, so decoded text would read "tag 2 1 ,"; the report shows what was typed
+    prompt = ", ".join(f"tag{i}" for i in range(40))
+    _, out, _ = _run(capsys, prompt, "--long-prompt", "truncate")
+    assert "starts: tag0, tag1, tag2, ..." in out
+    assert "dropped: 74 of 149 tokens: '…21, tag22, tag23," in out  # the cut falls inside "tag21,"
+    _, out, _ = _run(capsys, "(red)hair (big)(cat), [x] BREAK y")
+    assert "starts: redhair bigcat, x" in out
+    _, out, _ = _run(capsys, prompt, "--long-prompt", "window", "--json")
+    report = json.loads(out)
+    starts = [c["starts_with"] for c in report["chunks"]]
+    assert starts[0] == "tag0, tag1, tag2, ..." and all(s for s in starts)
+    assert report["tokens"][0]["word"] == "tag0,"
 
 
 def test_weights_and_break_in_text_output(capsys):
@@ -127,3 +143,26 @@ def test_tokens_command_does_not_import_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+def test_report_without_word_alignment_falls_back_to_decoded_text():
+    from clipdiffusion.text.cli_tokens import format_report, tokens_report
+
+    class StandIn:  # a tokenizer with only the agreed interface (no encode_words)
+        def __init__(self):
+            self._tok = CLIPTokenizer()
+
+        def encode(self, text):
+            return self._tok.encode(text)
+
+        def decode(self, ids):
+            return self._tok.decode(ids)
+
+        def token_strings(self, ids):
+            return self._tok.token_strings(ids)
+
+    report = tokens_report("cat " * 80, long_prompt="truncate", tokenizer=StandIn())
+    assert report["chunks"][0]["starts_with"] is None and report["dropped_words"] == ""
+    assert report["tokens"][0] == {"id": CAT_ID, "text": "cat", "weight": 1.0, "word": None}
+    text = format_report(report)
+    assert "starts: cat cat cat" in text and "5 of 80 tokens dropped" in text

@@ -11,9 +11,10 @@ import sys
 
 from ..errors import PromptError
 from . import chunking
-from .prompt import parse_prompt
+from .prompt import BREAK, parse_prompt
 
 STDIN = "-"
+REPORT_TOKENS = 8  # tokens whose words show where a window starts
 
 
 def add_arguments(parser) -> None:
@@ -40,10 +41,13 @@ def tokens_report(prompt, *, long_prompt="chunk", weights=True, tokenizer=None) 
     """Everything the ``tokens`` command shows, as a JSON-ready dict::
 
         {"prompt", "long_prompt", "weights": bool, "segments": [{"text", "weight"}],
-         "tokens": [{"id", "text", "weight"}],           # in prompt order, BREAK markers left out
-         "chunks": [{"tokens", "capacity", "first_words", "ids", "weights"}],
-         "summary": "75/75 | 12/75", "total_tokens", "dropped_tokens", "dropped_text", "notes": [...],
-         "truncate_would_drop": {"tokens", "text"} | None}   # for other strategies, when over 75 tokens
+         "tokens": [{"id", "text", "weight", "word"}],   # prompt order, BREAK markers left out
+         "chunks": [{"tokens", "capacity", "first_words", "starts_with", "ids", "weights"}],
+         "summary": "75/75 | 12/75", "total_tokens", "dropped_tokens", "dropped_text", "dropped_words",
+         "notes": [...], "truncate_would_drop": {"tokens", "text", "words"} | None}  # other strategies, >75 tokens
+
+    ``first_words`` and ``dropped_text`` are decoded tokens (chunking's report); ``starts_with``,
+    ``dropped_words`` and ``word`` are the user's own words, which keep the spacing that tokens lose.
     """
     prompt = chunking.check_prompt_text("prompt", prompt)
     chunking.check_strategy(long_prompt)
@@ -64,11 +68,90 @@ def tokens_report(prompt, *, long_prompt="chunk", weights=True, tokenizer=None) 
     for info, window in zip(out["chunks"], plan.windows):
         info["ids"] = list(window.tokens)
         info["weights"] = list(window.weights)
+    labels = _token_words(segments, tokenizer, ids)
+    ranges = _window_ranges(plan, ids, long_prompt)
+    for k, token in enumerate(out["tokens"]):
+        token["word"] = labels[k][0] if labels else None
+    for info, span in zip(out["chunks"], ranges or [None] * len(plan.windows)):
+        info["starts_with"] = _render(labels, strings, *span, limit=REPORT_TOKENS) if labels and span else None
+    out["dropped_words"] = ""
+    if plan.report.dropped_tokens and labels and ranges:
+        kept = ranges[-1][1]
+        if len(ids) - kept == plan.report.dropped_tokens:
+            out["dropped_words"] = _render(labels, strings, kept, len(ids))
     out["truncate_would_drop"] = None
     if long_prompt != "truncate" and len(ids) > chunking.CHUNK_TOKENS:
         cut = chunking.plan_stream(stream, tokenizer, "truncate").report
-        out["truncate_would_drop"] = {"tokens": cut.dropped_tokens, "text": cut.dropped_text}
+        words = _render(labels, strings, chunking.CHUNK_TOKENS, len(ids)) if labels else cut.dropped_text
+        out["truncate_would_drop"] = {"tokens": cut.dropped_tokens, "text": cut.dropped_text, "words": words}
     return out
+
+
+def _token_words(segments, tokenizer, ids):
+    """``(word, starts_word, glued_to_previous_word)`` per content token, the word as the user wrote it (after the tokenizer's cleaning);
+    None if the tokenizer cannot tell (a stand-in without ``encode_words``) or disagrees with ``ids``."""
+    encode_words = getattr(tokenizer, "encode_words", None)
+    if encode_words is None:
+        return None
+    labels, seen, spaced = [], [], True
+    for text, weight in segments:
+        if (text, weight) == BREAK:
+            spaced = True
+            continue  # the chunker's break marker, not text
+        for n, (word, word_ids) in enumerate(encode_words(text)):
+            # glued: "(red hair), x" has "," right after "hair" although they are in different segments
+            glued = n == 0 and not spaced and not text[:1].isspace()
+            labels += [(word, k == 0, glued) for k in range(len(word_ids))]
+            seen += word_ids
+        if text:
+            spaced = text[-1].isspace()
+    return labels if seen == ids else None
+
+
+def _window_ranges(plan, ids, strategy):
+    """``(start, stop)`` in the content-token stream for each window, or None if they cannot be matched.
+
+    ``window`` overlaps: its output rows 1..n carry the tokens in prompt order, each from the window it is taken
+    from, which gives each window's start. The other strategies lay windows out one after the other."""
+    ranges = []
+    if strategy == "window" and len(plan.windows) > 1:
+        starts = {}
+        for token, (w, position) in enumerate(plan.rows[1:len(ids) + 1]):
+            starts.setdefault(w, token - (position - 1))
+        for w, window in enumerate(plan.windows):
+            start = starts.get(w, -1)
+            ranges.append((start, start + len(window.tokens)))
+    else:
+        offset = 0
+        for window in plan.windows:
+            ranges.append((offset, offset + len(window.tokens)))
+            offset += len(window.tokens)
+    ok = all(a >= 0 and ids[a:b] == list(w.tokens) for (a, b), w in zip(ranges, plan.windows))
+    return ranges if ok else None
+
+
+def _render(labels, strings, start, stop, limit=None) -> str:
+    """The user's words for content tokens ``[start, stop)``. A word cut by the range shows the tokens inside it
+    with "…" on the cut side; ``limit`` shows the words of the first ``limit`` tokens, then " ..."."""
+    if start >= stop:
+        return ""
+    shown = stop
+    if limit is not None and stop - start > limit:
+        shown = start + limit
+        while shown < stop and not labels[shown][1]:
+            shown += 1  # finish the word
+    out, i = "", start
+    while i < shown:
+        end = i + 1
+        while end < len(labels) and not labels[end][1]:
+            end += 1
+        word, starts_word, glued = labels[i]
+        cut_left, cut_right = not starts_word, end > stop
+        if cut_left or cut_right:
+            word = ("…" if cut_left else "") + "".join(strings[i:min(end, stop)]) + ("…" if cut_right else "")
+        out += word if not out or (glued and not cut_left) else " " + word
+        i = min(end, stop)
+    return out + (" ..." if shown < stop else "")
 
 
 def _weight(w: float) -> str:
@@ -85,7 +168,7 @@ def format_report(report: dict) -> str:
     ]
     width = len(str(len(chunks)))
     for n, c in enumerate(chunks, 1):
-        start = c["first_words"] or "(empty: padding only)"
+        start = c.get("starts_with") or c["first_words"] or "(empty: padding only)"
         lines.append(f"  {noun} {n:>{width}}  {c['tokens']:>3}/{c['capacity']}  starts: {start}")
     breaks = [s for s in report["segments"] if (s["text"], s["weight"]) == ("BREAK", -1.0)]
     weighted = [s for s in report["segments"] if s["weight"] != 1.0 and s["text"].strip() and s not in breaks]
@@ -93,11 +176,16 @@ def format_report(report: dict) -> str:
         shown = ", ".join(f"{s['text'].strip()!r} x{_weight(s['weight'])}" for s in weighted[:12])
         more = f", ... ({len(weighted) - 12} more)" if len(weighted) > 12 else ""
         lines.append(f"weighted: {shown}{more}")
+    dropped = report.get("dropped_words")
     for note in report["notes"]:
+        if dropped and "dropped by long_prompt" in note:
+            continue  # said below in the user's words
         lines.append(f"note: {note}")
+    if dropped:
+        lines.append(f"dropped: {report['dropped_tokens']} of {report['total_tokens']} tokens: {dropped!r}")
     cut = report["truncate_would_drop"]
     if cut:
-        lines.append(f"with --long-prompt truncate, {cut['tokens']} tokens would be dropped: {cut['text']!r}")
+        lines.append(f"with --long-prompt truncate, {cut['tokens']} tokens would be dropped: {cut['words']!r}")
     return "\n".join(lines)
 
 
