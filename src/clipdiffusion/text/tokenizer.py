@@ -40,6 +40,7 @@ DEFAULT_VOCAB = Path(__file__).parent / "data" / "bpe_simple_vocab_16e6.txt.gz"
 _N_MERGES = 49152 - 256 - 2  # merge lines used by CLIP (the file has more); 512 byte symbols + merges + 2 specials
 _WORD_CACHE = 1 << 16  # entries per cache; a word costs a few hundred bytes, so tens of MB at worst
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # ASCII controls except tab, LF, CR
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _byte_chars() -> list:
@@ -82,6 +83,8 @@ def _check_text(text, field: str) -> str:
 def _check_surrogates(text: str, field: str) -> None:
     """Reject unpaired surrogates (not text; on Linux they are how Python smuggles non-UTF-8 argv bytes).
     Paired ones are left for ftfy, which joins them into one character as the reference does."""
+    if _SURROGATE.search(text) is None:
+        return
     i, n = 0, len(text)
     while i < n:
         c = ord(text[i])
