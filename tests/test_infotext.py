@@ -30,7 +30,7 @@ def test_round_trip_without_negative_and_defaults():
     p = GenerationParameters(prompt="dog", steps=1, sampler="ddim", schedule="normal", guidance=0.0, seed=0,
                              width=8, height=8)
     text = format_infotext(p)
-    assert "Negative prompt" not in text and "Clip skip" not in text
+    assert "Negative prompt" not in text and "Clip skip" not in text and parse_infotext(text).clip_skip is None
     assert parse_infotext(text) == p
 
 

@@ -170,3 +170,15 @@ def test_default_pipeline_reports_a_missing_embedded_model(monkeypatch, tmp_path
     monkeypatch.setattr(pl, "TINY_DATA", tmp_path)
     with pytest.raises(ClipDiffusionError, match="embedded tiny model is missing"):
         pl.Pipeline.default()
+
+
+def test_clip_skip_default_is_the_family_default_and_only_other_values_are_recorded(pipe):
+    assert "Clip skip" not in gen(pipe).infotexts[0]
+    assert "Clip skip" not in gen(pipe, clip_skip=1).infotexts[0]
+    assert np.abs(gen(pipe, clip_skip=2).pixels - gen(pipe).pixels).max() > 1e-4
+    xl = tiny_pipeline(1, "sdxl")
+    default, last = xl.generate("a cat", steps=1, seed=0), xl.generate("a cat", steps=1, seed=0, clip_skip=1)
+    assert "Clip skip" not in default.infotexts[0] and "Clip skip: 1" in last.infotexts[0]
+    np.testing.assert_array_equal(default.pixels, xl.generate("a cat", steps=1, seed=0, clip_skip=2).pixels)
+    with pytest.raises(ClipDiffusionError, match="clip_skip=9"):
+        gen(pipe, clip_skip=9)

@@ -31,7 +31,9 @@ def add_arguments(parser):
     parser.add_argument("--guidance", type=float, default=7.0, help="classifier-free guidance scale (CFG)")
     parser.add_argument("--width", type=int, help="default: the model's native size")
     parser.add_argument("--height", type=int, help="default: the model's native size")
-    parser.add_argument("--clip-skip", type=int, default=1, help="A1111 counting: 1 = the model's default layer")
+    parser.add_argument("--clip-skip", type=int, default=None,
+                        help="A1111 counting: 1 = last layer, 2 = penultimate (default: the model's own, SD1 1, "
+                             "SD2/SDXL 2)")
     parser.add_argument("--long-prompt", choices=LONG_PROMPT_CHOICES, default="chunk")
     parser.add_argument("--weighting", choices=WEIGHTING_CHOICES, default="a1111")
     parser.add_argument("--batch-size", type=int, default=1)

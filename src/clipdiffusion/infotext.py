@@ -47,7 +47,9 @@ class GenerationParameters:
     width: int | None = None
     height: int | None = None
     model: str | None = None
-    clip_skip: int = 1
+    # A1111 counting (1 = last layer, 2 = penultimate); None = the family's default (SD1 1, SD2/SDXL 2), which
+    # is what an A1111 text without "Clip skip" means
+    clip_skip: int | None = None
     strength: float | None = None  # img2img "Denoising strength"
     long_prompt: str = _DEFAULT_LONG_PROMPT
     weighting: str = _DEFAULT_WEIGHTING
@@ -95,7 +97,7 @@ def format_infotext(p: GenerationParameters) -> str:
         pairs.append(("Model", p.model))
     if p.strength is not None:
         pairs.append(("Denoising strength", _number(p.strength)))
-    if p.clip_skip != 1:  # A1111 omits the default
+    if p.clip_skip is not None:
         pairs.append(("Clip skip", p.clip_skip))
     if p.long_prompt != _DEFAULT_LONG_PROMPT:
         pairs.append(("Long prompt", p.long_prompt))

@@ -180,6 +180,28 @@ class Pipeline:
         negative_y = sdxl_vector(cond.negative_pooled.float().expand(batch, -1), ids, size)
         return y, negative_y
 
+    def _initial_latents(self, generators, sigmas, width, height, init_pixels, strength, device):
+        """Starting latents [B,C,h,w] and the sigmas left to run. Each image's noise comes from its own CPU
+        generator in diffusers' order: txt2img draws the noise; img2img the VAE posterior sample, then the noise,
+        and runs the last int(steps * strength) steps (diffusers' get_timesteps, at least one)."""
+        import torch
+
+        f = self.vae.config.downsample_factor
+        shape = (1, self.unet.config.in_channels, height // f, width // f)
+        if init_pixels is None:
+            noise = torch.cat([torch.randn(shape, generator=g) for g in generators]).to(device)  # [B,C,h,w]
+            return noise * sigmas[0], sigmas
+        steps = len(sigmas) - 1
+        run = min(max(int(steps * strength), 1), steps)
+        sigmas = sigmas[steps - run:]
+        with torch.no_grad():
+            posterior = self.vae.encode(init_pixels.to(device))  # over [1,C,h,w]
+        rows = []
+        for g in generators:
+            z = posterior.sample(g).float() * self.vae.config.scale_factor
+            rows.append(z + torch.randn(shape, generator=g).to(device) * sigmas[0])
+        return torch.cat(rows), sigmas  # [B,C,h,w]
+
     @staticmethod
     def _image_pixels(init_image, width, height):
         """PIL image -> [1,3,H,W] in [-1,1], resized to width x height (diffusers' VaeImageProcessor)."""
@@ -211,11 +233,13 @@ class Pipeline:
     # ---- generation --------------------------------------------------------------------------------------------
 
     def generate(self, prompt, negative_prompt="", *, steps=20, guidance=7.0, seed=-1, sampler="euler",
-                 schedule="normal", width=None, height=None, clip_skip=1, long_prompt="chunk", weighting="a1111",
+                 schedule="normal", width=None, height=None, clip_skip=None, long_prompt="chunk", weighting="a1111",
                  batch_size=1, init_image=None, strength=0.75, attention_maps=False, callback=None,
                  should_stop=None) -> GenerationResult:
         """Generate ``batch_size`` images; see DEVELOPING.md for the contract.
 
+        ``clip_skip`` counts like A1111 (1 = last layer, 2 = penultimate); None is the family's default (SD1 1,
+        SD2/SDXL 2), and only a value other than that default is written to the infotext.
         ``callback(step, total, latents)`` runs after each sampler step; ``should_stop()`` is polled before each
         step, and when it returns True the images are decoded from the latest denoised estimate
         (``result.interrupted``). img2img (``init_image``, a PIL image, resized to width x height; its size when
@@ -262,33 +286,14 @@ class Pipeline:
         cfg = CFGDenoiser(denoiser, context, negative_context, guidance, y=y, negative_y=negative_y)
         sigmas = make_sigmas(denoiser.sigmas, steps)
 
-        f = self.vae.config.downsample_factor
-        shape = (1, self.unet.config.in_channels, height // f, width // f)
         generators = [torch.Generator().manual_seed(s) for s in seeds]
-        if init_pixels is None:
-            noise = torch.cat([torch.randn(shape, generator=g) for g in generators]).to(device)  # [B,C,h,w]
-            x = noise * sigmas[0]
-        else:
-            run = min(max(int(steps * strength), 1), steps)  # diffusers' get_timesteps, at least one step
-            sigmas = sigmas[steps - run:]
-            with torch.no_grad():
-                posterior = self.vae.encode(init_pixels.to(device))  # over [1,C,h,w]
-            rows = []
-            for g in generators:
-                # diffusers' order on each image's generator: the posterior sample first, then the noise
-                z = posterior.sample(g).float() * self.vae.config.scale_factor
-                rows.append(z + torch.randn(shape, generator=g).to(device) * sigmas[0])
-            x = torch.cat(rows)  # [B,C,h,w]
+        x, sigmas = self._initial_latents(generators, sigmas, width, height, init_pixels, strength, device)
 
         recorder = None
         if attention_maps:
             rows, labels = self._token_rows(prompt, long_prompt, weighting)
             recorder = _AttentionAccumulator(rows, x.shape[-2:])
             cfg.attention_recorder = recorder
-
-        def on_step(step, total, latents):
-            if callback is not None:
-                callback(step, total, latents)
 
         stopped = []
 
@@ -299,15 +304,17 @@ class Pipeline:
             return False
 
         with torch.no_grad():
-            latents = sample(cfg, x, sigmas, generator=generators, callback=on_step, should_stop=stop)
+            latents = sample(cfg, x, sigmas, generator=generators, callback=callback, should_stop=stop)
             pixels = self.vae.decode(latents / self.vae.config.scale_factor).float()  # [B,3,H,W] in [-1,1]
         pixels = (pixels / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()  # [B,H,W,3]
         images = [_to_pil(p) for p in pixels]
 
+        default_skip = getattr(self.text_encoder, "default_clip_skip", 1)
+        recorded_skip = None if clip_skip in (None, default_skip) else clip_skip
         infotexts = [
             format_infotext(GenerationParameters(
                 prompt=prompt, negative_prompt=negative_prompt, steps=steps, sampler=sampler, schedule=schedule,
-                guidance=guidance, seed=s, width=width, height=height, model=self.name, clip_skip=clip_skip,
+                guidance=guidance, seed=s, width=width, height=height, model=self.name, clip_skip=recorded_skip,
                 strength=strength if init_image is not None else None, long_prompt=long_prompt,
                 weighting=weighting))
             for s in seeds
