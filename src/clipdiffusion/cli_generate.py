@@ -13,12 +13,11 @@ from pathlib import Path
 
 from .errors import ClipDiffusionError
 
-LONG_PROMPT_CHOICES = ("truncate", "chunk", "window", "stretch")  # text/chunking.py LONG_PROMPT_STRATEGIES
-WEIGHTING_CHOICES = ("a1111", "comfy", "none")  # text/conditioning.py WEIGHTINGS
-
 
 def add_arguments(parser):
     from .diffusion.samplers import SAMPLERS, SCHEDULES
+    from .text.chunking import LONG_PROMPT_STRATEGIES
+    from .text.conditioning import WEIGHTINGS
 
     parser.add_argument("prompt", help="the prompt (A1111 emphasis syntax, BREAK)")
     parser.add_argument("--model", metavar="FILE|FOLDER",
@@ -34,8 +33,8 @@ def add_arguments(parser):
     parser.add_argument("--clip-skip", type=int, default=None,
                         help="A1111 counting: 1 = last layer, 2 = penultimate (default: the model's own, SD1 1, "
                              "SD2/SDXL 2)")
-    parser.add_argument("--long-prompt", choices=LONG_PROMPT_CHOICES, default="chunk")
-    parser.add_argument("--weighting", choices=WEIGHTING_CHOICES, default="a1111")
+    parser.add_argument("--long-prompt", choices=list(LONG_PROMPT_STRATEGIES), default="chunk")
+    parser.add_argument("--weighting", choices=list(WEIGHTINGS), default="a1111")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--prediction", choices=("eps", "v"),
                         help="override the detected prediction type (SD2 768-v models are v)")
