@@ -105,8 +105,11 @@ def test_conditioning_survives_both_round_trips(model, tmp_path):
     the unused last text layer, diffusers' convention, and must still condition identically)."""
     want = model.text_encoder.encode(PROMPT)
     single = load_checkpoint(save_checkpoint(model, tmp_path / "m.safetensors")).text_encoder.encode(PROMPT)
-    folder = load_diffusers(save_diffusers(model, tmp_path / "d", tokenizer=False)).text_encoder.encode(PROMPT)
-    for got in (single, folder):
+    from_folder = load_diffusers(save_diffusers(model, tmp_path / "d", tokenizer=False))
+    folder = from_folder.text_encoder.encode(PROMPT)
+    # and back from the folder to a single file (SD2: the 23-layer tower gets an identity block appended)
+    back = load_checkpoint(save_checkpoint(from_folder, tmp_path / "back.safetensors")).text_encoder.encode(PROMPT)
+    for got in (single, folder, back):
         torch.testing.assert_close(got.context, want.context, rtol=0, atol=1e-6)  # same weights, same math
         if want.pooled is not None:
             torch.testing.assert_close(got.pooled, want.pooled, rtol=0, atol=1e-6)

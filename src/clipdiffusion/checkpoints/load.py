@@ -147,7 +147,7 @@ def build_module(cls, config, tensors: dict, *, dtype, device, model=None):
     return model.eval().requires_grad_(False)
 
 
-def _text_encoder(family, text_sd, configs, *, source, dtype, device):
+def _text_encoder(family, text_sd, configs, *, source, dtype, device, diffusers_sd2=False):
     """Text towers through text/loading.py (layout and conditioning semantics live there); our metadata's
     configs then fix what weights cannot reveal (heads, activation) for the embedded tiny model."""
     from ..text.clip import CLIPTextModel
@@ -164,10 +164,12 @@ def _text_encoder(family, text_sd, configs, *, source, dtype, device):
             if spec.model.config != config:
                 model = CLIPTextModel.from_state_dict(spec.model.state_dict(), config, dtype=dtype, device=device)
                 encoders[i] = dataclasses.replace(spec, model=model.eval().requires_grad_(False))
-    if family == "sd2" and result.family != "sd2":
-        # An HF-layout tower is recognised as OpenCLIP-H by its width (1024); a narrower one in an SD2 folder
-        # (tests, distilled models) still follows SD2's recipe: OpenCLIP pads with 0.
-        encoders = [dataclasses.replace(e, name="clip_h", pad_id=0) for e in encoders]
+    if diffusers_sd2 and result.family != "sd2":
+        # text/loading.py recognises an HF-layout OpenCLIP-H by its width (1024); a narrower tower in an SD2
+        # folder (tests, distilled models) follows the same recipe: pad 0, and diffusers' SD2 tower lacks the
+        # last of OpenCLIP-H's layers, so the family's penultimate layer is its last.
+        encoders = [dataclasses.replace(e, name="clip_h", pad_id=0, final_norm=True, default_clip_skip=2,
+                                        removed_layers=1) for e in encoders]  # fmt: skip
     for spec in encoders:
         spec.model.eval().requires_grad_(False)
     return TextEncoder(family, encoders), tuple(result.ignored)
@@ -391,7 +393,8 @@ def load_diffusers(folder, *, dtype=torch.float32, device="cpu", prediction=None
         raise CheckpointError(folder, f"{family} diffusers folder does not match: " + "; ".join(problems))
     text_sd = _text_sd_from_diffusers(family, folder, variant)
     text_encoder, text_ignored = _text_encoder(
-        family, text_sd, _text_configs_from_diffusers(folder, family), source=str(folder), dtype=dtype, device=device
+        family, text_sd, _text_configs_from_diffusers(folder, family), source=str(folder), dtype=dtype,
+        device=device, diffusers_sd2=family == "sd2",
     )
     unet = build_module(UNetModel, unet_config, parts["unet"], dtype=dtype, device=device, model=metas["unet"])
     vae = build_module(AutoencoderKL, vae_config, parts["vae"], dtype=dtype, device=device, model=metas["vae"])

@@ -46,6 +46,15 @@ def _cast(tensors: dict, dtype) -> dict:
     return {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
 
 
+def _written_text_config(family, spec):
+    """The config of the tower as ``text_encoder_to_ldm`` writes it: a diffusers-style SD2 tower (its last layer
+    removed) gets an identity block appended, so that LDM readers' "penultimate" is its last layer."""
+    config = spec.model.config
+    if family == "sd2" and getattr(spec, "removed_layers", 0):
+        config = dataclasses.replace(config, layers=config.layers + spec.removed_layers)
+    return config
+
+
 def checkpoint_metadata(model, extra: dict | None = None) -> dict:
     family, prediction, encoders, unet, vae = _parts(model)
     meta = {
@@ -53,7 +62,8 @@ def checkpoint_metadata(model, extra: dict | None = None) -> dict:
         detect.META_PREDICTION: prediction,
         detect.META_UNET: config_to_json(unet.config),
         detect.META_VAE: config_to_json(vae.config),
-        detect.META_TEXT: json.dumps([dataclasses.asdict(e.model.config) for e in encoders], separators=(",", ":")),
+        detect.META_TEXT: json.dumps([dataclasses.asdict(_written_text_config(family, e)) for e in encoders],
+                                     separators=(",", ":")),  # fmt: skip
         "modelspec.prediction_type": "v" if prediction == "v" else "epsilon",
         "format": "pt",
     }
@@ -210,8 +220,9 @@ def save_diffusers(model, folder, *, dtype=None, tokenizer: bool = True, weights
 
     towers = [("text_encoder", encoders[0], False)] + ([("text_encoder_2", encoders[1], True)] if xl else [])
     for sub, spec, with_projection in towers:
-        # SD2 conditions on the penultimate layer; diffusers' convention drops the last one instead.
-        drop = family == "sd2" and spec.default_clip_skip >= 2
+        # SD2 conditions on the penultimate layer; diffusers' convention drops the last one instead (unless the
+        # tower came from such a folder and lacks it already).
+        drop = family == "sd2" and getattr(spec, "removed_layers", 0) == 0
         tensors, config = _hf_text_tensors(spec.model, with_projection=with_projection, drop_last_layer=drop)
         _write_json(folder / sub / "config.json", _hf_text_config(config, with_projection=with_projection))
         if weights:
