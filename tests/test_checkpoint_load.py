@@ -128,6 +128,15 @@ def test_diffusers_round_trip_is_exact(model, tmp_path):
             assert_same_weights(spec.model, back.model)
 
 
+def test_native_size_round_trips_through_modelspec(tmp_path):
+    model = tiny_model("tiny")
+    assert load_checkpoint(save_checkpoint(model, tmp_path / "a.safetensors")).default_size is None
+    model.default_size = 48
+    path = save_checkpoint(model, tmp_path / "b.safetensors")
+    assert read_header(path).metadata["modelspec.resolution"] == "48x48"
+    assert load_checkpoint(path).default_size == 48
+
+
 def test_dtype_and_prediction_override(tmp_path):
     model = tiny_model("tiny")
     path = save_checkpoint(model, tmp_path / "m.safetensors", dtype=torch.float16)

@@ -36,6 +36,19 @@ class LoadedModel:
     notes: tuple[str, ...] = ()
     source: str = ""
 
+    @property
+    def default_size(self) -> int | None:
+        """Native image size from ModelSpec ``modelspec.resolution`` ("512x512"), when the file records it."""
+        return resolution_from_metadata(self.metadata)
+
+
+def resolution_from_metadata(metadata: dict) -> int | None:
+    value = str(metadata.get("modelspec.resolution", ""))
+    width, _, height = value.partition("x")
+    if width.isdigit() and width == height and 0 < int(width) <= 16384:
+        return int(width)
+    return None
+
 
 # --- configs that weights cannot reveal --------------------------------------------------------------------
 
@@ -182,6 +195,8 @@ def load_checkpoint(path, *, dtype=torch.float32, device="cpu", prediction=None)
     """Load an LDM/SGM single-file checkpoint (.safetensors, or a pickle through the weights-only unpickler)."""
     path = Path(path)
     source = str(path)
+    if path.is_dir():
+        raise CheckpointError(path, "is a folder: load a diffusers folder with load_diffusers / from_pretrained")
     if not path.is_file():
         raise CheckpointError(path, "no such file")
     if is_pickle_path(path):

@@ -67,6 +67,9 @@ def checkpoint_metadata(model, extra: dict | None = None) -> dict:
         "modelspec.prediction_type": "v" if prediction == "v" else "epsilon",
         "format": "pt",
     }
+    size = getattr(model, "default_size", None)
+    if isinstance(size, int) and size > 0:
+        meta["modelspec.resolution"] = f"{size}x{size}"
     arch = _MODELSPEC_ARCH.get(family)
     if family == "sd2":
         arch = "stable-diffusion-v2-768-v" if prediction == "v" else "stable-diffusion-v2-512"
