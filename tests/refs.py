@@ -30,15 +30,28 @@ def open_clip_module(name):
     try:
         importlib.import_module("torchvision.ops.misc")
     except Exception:
-        tv = sys.modules.setdefault("torchvision", types.ModuleType("torchvision"))
-        ops = sys.modules.setdefault("torchvision.ops", types.ModuleType("torchvision.ops"))
-        misc = types.ModuleType("torchvision.ops.misc")
-
-        class FrozenBatchNorm2d:  # only referenced by vision-tower helpers we never call
-            pass
-
-        misc.FrozenBatchNorm2d = FrozenBatchNorm2d
-        sys.modules["torchvision.ops.misc"] = misc
-        tv.ops = ops
-        ops.misc = misc
+        return _import_with_torchvision_stub(f"open_clip.{name}")
     return importlib.import_module(f"open_clip.{name}")
+
+
+def _import_with_torchvision_stub(module_name):
+    """Import with a stand-in ``torchvision.ops.misc`` that exists only during the import: left in sys.modules it
+    would make transformers/diffusers believe torchvision is installed (``find_spec`` then fails on it)."""
+    names = ("torchvision", "torchvision.ops", "torchvision.ops.misc")
+    saved = {n: sys.modules.get(n) for n in names}
+    tv, ops, misc = (types.ModuleType(n) for n in names)
+
+    class FrozenBatchNorm2d:  # only referenced by vision-tower helpers we never call
+        pass
+
+    misc.FrozenBatchNorm2d = FrozenBatchNorm2d
+    tv.ops, ops.misc = ops, misc
+    sys.modules.update(zip(names, (tv, ops, misc)))
+    try:
+        return importlib.import_module(module_name)
+    finally:
+        for n, m in saved.items():
+            if m is None:
+                sys.modules.pop(n, None)
+            else:
+                sys.modules[n] = m

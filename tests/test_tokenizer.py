@@ -59,9 +59,29 @@ def _prompts(n=420, seed=1234):
     return out
 
 
+def openai_simple_tokenizer():
+    """open_clip's SimpleTokenizer with OpenAI's original special-token spelling, i.e. openai/CLIP's
+    ``simple_tokenizer.py``: open_clip 3.x only renamed ``<|startoftext|>``/``<|endoftext|>`` to
+    ``<start_of_text>``/``<end_of_text>`` (same ids 49406/49407, same regex around them)."""
+    import regex
+
+    ref = open_clip_module("tokenizer").SimpleTokenizer()
+    renamed = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
+    for old, new in renamed.items():
+        ref.encoder[new] = ref.encoder.pop(old)
+        ref.decoder[ref.encoder[new]] = new
+        ref.cache.pop(old, None)
+        ref.cache[new] = new
+    ref.pat = regex.compile(
+        regex.escape("<|startoftext|>") + "|" + regex.escape("<|endoftext|>") + "|" + ref.pat.pattern.split("|", 2)[2],
+        regex.IGNORECASE,
+    )
+    return ref
+
+
 @pytest.fixture(scope="module")
 def ref():
-    return open_clip_module("tokenizer").SimpleTokenizer()
+    return openai_simple_tokenizer()
 
 
 @pytest.fixture(scope="module")
@@ -163,11 +183,14 @@ def test_long_words_match_reference(tok, ref):
 def test_constants_and_special_ids(tok):
     assert (tok.bos_id, tok.eos_id, tok.vocab_size) == (BOS_ID, EOS_ID, VOCAB_SIZE) == (49406, 49407, 49408)
     assert len(tok.vocab.pieces) == VOCAB_SIZE
-    assert tok.encode("<start_of_text>a<end_of_text>") == [BOS_ID, 320, EOS_ID]
-    openai = CLIPTokenizer(special_tokens=tk.OPENAI_SPECIAL_TOKENS)
-    assert openai.encode("<|startoftext|>a <|endoftext|>") == [BOS_ID, 320, EOS_ID]
-    assert openai.encode("a photo, of a cat") == tok.encode("a photo, of a cat")
-    assert len(tok.encode("<|endoftext|>")) > 1  # open_clip spelling: the OpenAI one is plain text
+    assert tok.encode("<|startoftext|>a <|endoftext|>") == [BOS_ID, 320, EOS_ID]
+    renamed = CLIPTokenizer(special_tokens=tk.OPEN_CLIP_SPECIAL_TOKENS)
+    assert renamed.encode("<start_of_text>a<end_of_text>") == [BOS_ID, 320, EOS_ID]
+    assert renamed.encode("a photo, of a cat") == tok.encode("a photo, of a cat")
+    assert len(tok.encode("<end_of_text>")) > 1  # open_clip 3.x spelling: plain text for OpenAI's tokenizer
+    # the unmodified open_clip 3.x tokenizer agrees with the renamed one
+    assert renamed.encode("x <end_of_text> <|endoftext|>") == open_clip_module("tokenizer").SimpleTokenizer().encode(
+        "x <end_of_text> <|endoftext|>")
 
 
 def test_decode_matches_reference_and_token_strings(tok, ref):
@@ -220,7 +243,7 @@ def test_instances_share_loaded_tables_but_not_caches():
     a, b = CLIPTokenizer(), CLIPTokenizer()
     assert a.encode("a cat") == b.encode("a cat")
     assert a.vocab is b.vocab and a._word_ids is not b._word_ids
-    assert CLIPTokenizer(special_tokens=tk.OPENAI_SPECIAL_TOKENS).vocab is not a.vocab
+    assert CLIPTokenizer(special_tokens=tk.OPEN_CLIP_SPECIAL_TOKENS).vocab is not a.vocab
 
 
 def test_lazy_and_light_import():

@@ -1,5 +1,5 @@
-"""The CLIP tokenizer, id for id the same as OpenAI's SimpleTokenizer as open_clip ships it
-(``open_clip/tokenizer.py``, ``SimpleTokenizer().encode``), but several times faster.
+"""The CLIP tokenizer, id for id the same as OpenAI's original SimpleTokenizer (openai/CLIP, shipped with
+open_clip as ``open_clip/tokenizer.py``, ``SimpleTokenizer().encode``), but many times faster.
 
 The text goes through the same steps as there: ``ftfy.fix_text``, ``html.unescape`` twice, strip, whitespace
 collapsed to single spaces, lowercase, split by the CLIP regex, each piece's UTF-8 bytes mapped to printable
@@ -16,9 +16,10 @@ characters and merged by byte-level BPE (48,894 merges, 49,408 ids). Where the s
   O(n^2) rescans (same result: CLIP's merge list only merges symbols that earlier merges made).
 - The vocabulary loads on first use, with C-level dict builds (about 30 ms), and is shared by later instances.
 
-The special tokens recognised in text are open_clip's ``<start_of_text>`` / ``<end_of_text>``. OpenAI's original
-release (and Hugging Face's tokenizer, which A1111 uses for SD1's CLIP-L) spell them ``<|startoftext|>`` /
-``<|endoftext|>``; pass ``special_tokens=OPENAI_SPECIAL_TOKENS`` for that behaviour.
+The special tokens recognised in text are OpenAI's original ``<|startoftext|>`` / ``<|endoftext|>`` (openai/CLIP's
+``simple_tokenizer.py``; Hugging Face's tokenizer, which A1111 uses for SD1's CLIP-L, agrees), so a literal
+``<|endoftext|>`` typed in a prompt is id 49407 as it is there. open_clip 3.x renamed them ``<start_of_text>`` /
+``<end_of_text>``; pass ``special_tokens=OPEN_CLIP_SPECIAL_TOKENS`` for that behaviour.
 """
 
 import html
@@ -156,7 +157,7 @@ class CLIPTokenizer:
     eos_id = EOS_ID
     vocab_size = VOCAB_SIZE
 
-    def __init__(self, vocab_path=None, *, special_tokens=OPEN_CLIP_SPECIAL_TOKENS, cache_size=_WORD_CACHE):
+    def __init__(self, vocab_path=None, *, special_tokens=OPENAI_SPECIAL_TOKENS, cache_size=_WORD_CACHE):
         self.vocab_path = Path(vocab_path) if vocab_path is not None else DEFAULT_VOCAB
         if len(special_tokens) != 2 or not all(isinstance(t, str) and t for t in special_tokens):
             raise PromptError(f"special_tokens={special_tokens!r} must be two non-empty strings (start, end)")
