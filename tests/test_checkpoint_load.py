@@ -156,6 +156,20 @@ def _rewrite(path, change):
     return path
 
 
+def test_bad_arguments_name_the_field(tmp_path):
+    from clipdiffusion.errors import ClipDiffusionError
+
+    path = save_checkpoint(tiny_model("tiny"), tmp_path / "m.safetensors")
+    with pytest.raises(ClipDiffusionError, match="dtype"):
+        load_checkpoint(path, dtype="fp16")
+    with pytest.raises(ClipDiffusionError, match="device"):
+        load_checkpoint(path, device="gpu7")
+    with pytest.raises(CheckpointError, match="is a folder"):
+        load_checkpoint(tmp_path)
+    with pytest.raises(CheckpointError, match="prediction"):
+        load_checkpoint(path, prediction="x0")
+
+
 def test_strict_loading_lists_every_problem_at_once(tmp_path):
     path = save_checkpoint(tiny_model("tiny"), tmp_path / "m.safetensors")
 

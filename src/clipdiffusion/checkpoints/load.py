@@ -175,7 +175,11 @@ def _text_encoder(family, text_sd, configs, *, source, dtype, device, diffusers_
                                           f"the weights hold {len(encoders)}")  # fmt: skip
         for i, (spec, config) in enumerate(zip(encoders, configs)):
             if spec.model.config != config:
-                model = CLIPTextModel.from_state_dict(spec.model.state_dict(), config, dtype=dtype, device=device)
+                try:
+                    model = CLIPTextModel.from_state_dict(spec.model.state_dict(), config, dtype=dtype, device=device)
+                except RuntimeError as exc:  # the config's shapes disagree with the tensors
+                    reason = " ".join(str(exc).split())[:300]
+                    raise CheckpointError(source, f"metadata {detect.META_TEXT} does not fit the weights: {reason}")
                 encoders[i] = dataclasses.replace(spec, model=model.eval().requires_grad_(False))
     if diffusers_sd2 and result.family != "sd2":
         # text/loading.py recognises an HF-layout OpenCLIP-H by its width (1024); a narrower tower in an SD2
@@ -191,8 +195,21 @@ def _text_encoder(family, text_sd, configs, *, source, dtype, device, diffusers_
 # --- single files ------------------------------------------------------------------------------------------
 
 
+def check_placement(dtype, device):
+    """``dtype``/``device`` arguments as torch objects; bad values are user errors naming the field."""
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ClipDiffusionError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
+    try:
+        return dtype, torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ClipDiffusionError(f"device must be a torch device such as 'cpu' or 'cuda:0', got {device!r}") from None
+
+
 def load_checkpoint(path, *, dtype=torch.float32, device="cpu", prediction=None) -> LoadedModel:
-    """Load an LDM/SGM single-file checkpoint (.safetensors, or a pickle through the weights-only unpickler)."""
+    """Load an LDM/SGM single-file checkpoint (.safetensors, or a pickle through the weights-only unpickler).
+
+    ``dtype=None`` keeps each tensor's stored dtype (mixed-dtype files stay mixed)."""
+    dtype, device = check_placement(dtype, device)
     path = Path(path)
     source = str(path)
     if path.is_dir():
@@ -200,11 +217,11 @@ def load_checkpoint(path, *, dtype=torch.float32, device="cpu", prediction=None)
     if not path.is_file():
         raise CheckpointError(path, "no such file")
     if is_pickle_path(path):
-        tensors = load_pickle(path)
-        shapes, metadata = {k: tuple(v.shape) for k, v in tensors.items()}, {}
+        # memory-mapped, so this reads no tensor data; load_file below copies what is used
+        shapes, metadata = {k: tuple(v.shape) for k, v in load_pickle(path).items()}, {}
     else:
         header = read_header(path)
-        tensors, shapes, metadata = None, header.shapes(), header.metadata
+        shapes, metadata = header.shapes(), header.metadata
     fam = detect.detect_family(shapes, metadata, prediction=prediction, path=source)
     unet_config = _unet_config(fam.name, shapes, metadata, source)
     vae_config = _vae_config(fam.name, shapes, metadata, source)
@@ -227,9 +244,7 @@ def load_checkpoint(path, *, dtype=torch.float32, device="cpu", prediction=None)
     if problems:
         raise CheckpointError(path, f"{fam.name} checkpoint does not match: " + "; ".join(problems))
 
-    wanted = unet_keys + vae_keys + text_keys
-    if tensors is None:
-        tensors = load_file(path, keys=wanted)
+    tensors = load_file(path, keys=unet_keys + vae_keys + text_keys)
     text_sd = {k: tensors[k] for k in text_keys}
     if fam.name == "sd2":
         # SD2 saved by SGM-era tools keeps OpenCLIP-H at conditioner.embedders.0.model.: same tensors, LDM prefix.
@@ -364,6 +379,7 @@ def _text_configs_from_diffusers(folder, family):
 
 def load_diffusers(folder, *, dtype=torch.float32, device="cpu", prediction=None, variant=None) -> LoadedModel:
     """Load a diffusers pipeline folder (model_index.json, unet/, vae/, text_encoder/[, text_encoder_2/])."""
+    dtype, device = check_placement(dtype, device)
     from ..diffusion.unet import UNetModel
     from ..diffusion.vae import AutoencoderKL
     from .diffusers_unet import unet_config_from_diffusers, unet_diffusers_to_ldm
