@@ -5,8 +5,9 @@ VAE decode to 512x512 (batch 1), fp32 on CPU. Both sides run the *same* weight t
 is renamed through our table and assigned to our model without copying, so memory holds one set. Repetitions
 are interleaved (ours, reference, ours, ...) and the median is reported, because other processes share the
 machine. The UNet's FLOPs are counted once with FlopCounterMode and set against a measured fp32 matmul peak.
+Ours also runs a second time as a channels-last (NHWC) twin over the same weights, the one optional speedup.
 
-    OMP_NUM_THREADS=2 .venv/bin/python bench/bench_unet_vae.py --threads 2 --reps 2
+    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_unet_vae.py --threads 1 --reps 2
 """
 
 import argparse
@@ -73,16 +74,27 @@ def build_vae():
     return ours, ref
 
 
-def compare(name, ours_fn, ref_fn, reps):
-    diff = (ours_fn() - ref_fn()).abs().max().item()  # also the warm-up
-    times = {"ours": [], "diffusers": []}
+def channels_last_twin(model):
+    """A second model over the same weights, converted to NHWC (only the 4-D conv weights are copied)."""
+    twin = type(model)(model.config, device="meta").eval()
+    twin.load_state_dict(model.state_dict(), strict=True, assign=True)
+    return twin.to(memory_format=torch.channels_last)
+
+
+def compare(name, runs: dict, reps):
+    """`runs` maps a label to a callable; the first is ours (default layout), the last the reference."""
+    outputs = {label: fn() for label, fn in runs.items()}  # also the warm-up
+    ref_label = list(runs)[-1]
+    diffs = {label: (out - outputs[ref_label]).abs().max().item() for label, out in outputs.items()}
+    times = {label: [] for label in runs}
     for _ in range(reps):
-        times["ours"].append(_timed(ours_fn))
-        times["diffusers"].append(_timed(ref_fn))
+        for label, fn in runs.items():
+            times[label].append(_timed(fn))
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"{name}: ours {med['ours']:.2f} s, diffusers {med['diffusers']:.2f} s, "
-          f"ratio ours/diffusers {med['ours'] / med['diffusers']:.3f}, max |diff| {diff:.2e}  "
-          f"(runs: ours {[round(t, 2) for t in times['ours']]}, diffusers {[round(t, 2) for t in times['diffusers']]})")
+    print(f"{name}:")
+    for label in runs:
+        print(f"  {label:24s} median {med[label]:7.2f} s  ratio to {ref_label} {med[label] / med[ref_label]:.3f}  "
+              f"max |diff| {diffs[label]:.2e}  runs {[round(t, 2) for t in times[label]]}")
     return med
 
 
@@ -109,18 +121,25 @@ def main():
         with counter:
             ours(x, t, context)
         flops = counter.get_total_flops()
-        med = compare("UNet step (B=2, 4x64x64, T=77)", lambda: ours(x, t, context),
-                      lambda: ref(x, t, context).sample, args.reps)
-        print(f"UNet FLOPs per step: {flops / 1e9:.1f} GFLOP; achieved ours {flops / med['ours'] / 1e9:.1f} "
-              f"GFLOP/s ({100 * flops / med['ours'] / 1e9 / peak:.0f}% of matmul peak), diffusers "
-              f"{flops / med['diffusers'] / 1e9:.1f} GFLOP/s")
-        del ours, ref
+        ours_cl = channels_last_twin(ours)
+        med = compare("UNet step (B=2, 4x64x64, T=77)", {
+            "ours": lambda: ours(x, t, context),
+            "ours channels_last": lambda: ours_cl(x, t, context),
+            "diffusers": lambda: ref(x, t, context).sample}, args.reps)
+        print(f"UNet FLOPs per step: {flops / 1e9:.1f} GFLOP")
+        for label, seconds in med.items():
+            rate = flops / seconds / 1e9
+            print(f"  {label:24s} {rate:6.1f} GFLOP/s = {100 * rate / peak:.0f}% of the matmul peak")
+        del ours, ours_cl, ref
 
         if not args.skip_vae:
             ours, ref = build_vae()
             z = torch.randn(1, 4, 64, 64, generator=g)
-            compare("VAE decode (1x4x64x64 -> 512x512)", lambda: ours.decode(z), lambda: ref.decode(z).sample,
-                    args.reps)
+            ours_cl = channels_last_twin(ours)
+            compare("VAE decode (1x4x64x64 -> 512x512)", {
+                "ours": lambda: ours.decode(z),
+                "ours channels_last": lambda: ours_cl.decode(z),
+                "diffusers": lambda: ref.decode(z).sample}, args.reps)
 
 
 if __name__ == "__main__":

@@ -219,3 +219,15 @@ def test_config_survives_json_round_trip():
 
     for preset in U.PRESETS.values():
         assert U.UNetConfig(**json.loads(json.dumps(dataclasses.asdict(preset)))) == preset
+
+
+def test_channels_last_model_gives_the_same_output():
+    torch.manual_seed(0)
+    model = U.UNetModel(U.TINY_SD2).eval()
+    x, t, context, _ = _tiny_inputs(U.TINY_SD2)
+    with torch.no_grad():
+        a = model(x, t, context)
+        model.to(memory_format=torch.channels_last)
+        b = model(x, t, context)
+    assert b.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(a, b, atol=1e-5)

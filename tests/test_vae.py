@@ -126,3 +126,15 @@ def test_config_survives_json_round_trip():
 
     for preset in V.PRESETS.values():
         assert V.VAEConfig(**json.loads(json.dumps(dataclasses.asdict(preset)))) == preset
+
+
+def test_channels_last_model_gives_the_same_output():
+    torch.manual_seed(0)
+    vae = V.AutoencoderKL(V.TINY).eval()
+    pixels = torch.rand(1, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        a, za = vae.decode(torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))), vae.encode(pixels).mean
+        vae.to(memory_format=torch.channels_last)
+        b, zb = vae.decode(torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))), vae.encode(pixels).mean
+    assert b.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(a, b, atol=1e-5) and torch.allclose(za, zb, atol=1e-5)

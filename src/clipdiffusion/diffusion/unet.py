@@ -285,6 +285,10 @@ class UNetModel(nn.Module):
         if y is not None:
             emb = emb + self.label_emb(y.to(dtype))
         h, context = x.to(dtype), context.to(dtype)
+        if self.input_blocks[0][0].weight.is_contiguous(memory_format=torch.channels_last):
+            # The caller chose NHWC with model.to(memory_format=torch.channels_last): oneDNN convolutions then
+            # skip their layout conversions, and the transformers' flatten to tokens becomes a view.
+            h = h.contiguous(memory_format=torch.channels_last)
         skips = []
         for block in self.input_blocks:
             h = block(h, emb, context, attention_recorder)

@@ -246,6 +246,13 @@ class AutoencoderKL(nn.Module):
     def dtype(self):
         return self.quant_conv.weight.dtype
 
+    def _layout(self, x, first_conv):
+        x = x.to(self.dtype)
+        if first_conv.weight.is_contiguous(memory_format=torch.channels_last):
+            # The caller chose NHWC with model.to(memory_format=torch.channels_last); follow it.
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
     def encode(self, pixels) -> DiagonalGaussian:
         """pixels [B,3,H,W] in [-1,1], H and W multiples of 8 -> posterior over latents [B,4,H/8,W/8]
         (unscaled: multiply a sample by `config.scale_factor` before diffusion)."""
@@ -256,7 +263,7 @@ class AutoencoderKL(nn.Module):
         if pixels.shape[2] % f or pixels.shape[3] % f:
             raise ClipDiffusionError(f"VAE pixels: height and width must be multiples of {f}, "
                                      f"got {pixels.shape[2]}x{pixels.shape[3]}")
-        return DiagonalGaussian(self.quant_conv(self.encoder(pixels.to(self.dtype))))
+        return DiagonalGaussian(self.quant_conv(self.encoder(self._layout(pixels, self.encoder.conv_in))))
 
     def _check_latents(self, latents):
         if latents.ndim != 4 or latents.shape[1] != self.config.embed_dim:
@@ -266,7 +273,7 @@ class AutoencoderKL(nn.Module):
     def decode(self, latents):
         """latents [B,4,h,w], already divided by scale_factor -> pixels [B,3,8h,8w], roughly in [-1,1]."""
         self._check_latents(latents)
-        return self.decoder(self.post_quant_conv(latents.to(self.dtype)))
+        return self.decoder(self.post_quant_conv(self._layout(latents, self.decoder.conv_in)))
 
     def decode_tiled(self, latents, tile: int = 64, overlap: int = 16):
         """`decode` in overlapping latent tiles of `tile`x`tile`, blended linearly over `overlap` latent pixels,
