@@ -200,13 +200,14 @@ def test_ignored_keys_are_listed(tmp_path):
 
     def add(t):
         t["alphas_cumprod"] = torch.linspace(1, 0, 1000)
+        t["first_stage_model.loss.logvar"] = torch.zeros(())
         t["model_ema.decay"] = torch.tensor(0.9999)
         t["model_ema.diffusion_modelout2bias"] = torch.zeros(4)
         # some merges store position_ids as drifted floats: it is regenerated, never read
         t["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77.0).reshape(1, 77) + 0.3
 
     loaded = load_checkpoint(_rewrite(path, add))
-    assert {"alphas_cumprod", "model_ema.decay", "model_ema.diffusion_modelout2bias",
+    assert {"alphas_cumprod", "model_ema.decay", "first_stage_model.loss.logvar", "model_ema.diffusion_modelout2bias",
             "cond_stage_model.transformer.text_model.embeddings.position_ids"} <= set(loaded.ignored_keys)  # fmt: skip
     assert any("EMA" in n for n in loaded.notes)
 
@@ -280,9 +281,14 @@ def test_sharded_and_variant_weights(tmp_path):
     _shard(folder / "unet")
     vae_file = folder / "vae" / "diffusion_pytorch_model.safetensors"
     vae_file.rename(folder / "vae" / "diffusion_pytorch_model.fp16.safetensors")
+    # legacy pickled text encoder (pytorch_model.bin), read through the weights-only unpickler
+    te_file = folder / "text_encoder" / "model.safetensors"
+    torch.save(load_file(te_file), folder / "text_encoder" / "pytorch_model.bin")
+    te_file.unlink()
     loaded = load_diffusers(folder, variant="fp16")
     assert_same_weights(model.unet, loaded.unet)
     assert_same_weights(model.vae, loaded.vae)
+    assert_same_weights(model.text_encoder.encoders[0].model, loaded.text_encoder.encoders[0].model)
 
 
 def test_shard_names_cannot_leave_the_folder(tmp_path):

@@ -201,6 +201,9 @@ def test_malicious_pickle_is_refused_and_does_not_run(tmp_path):
     msg = refused(p, "weights-only unpickler")
     assert "\n" not in msg
     assert not marker.exists(), "the payload ran"
+    # the payload is real: the unsafe unpickler (never used by us) does run it
+    torch.load(p, weights_only=False)
+    assert marker.exists()
 
 
 def test_raw_pickle_and_garbage_are_refused(tmp_path):

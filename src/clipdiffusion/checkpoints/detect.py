@@ -60,6 +60,7 @@ _IGNORED_PATTERNS = (
     re.compile(r"^model_ema\."),  # LDM LitEma shadow copy; "pruned"/"emaonly" files already moved it into model.*
     re.compile(r"(^|\.)position_ids$"),  # HF CLIP buffer, sometimes stored as drifted floats: always regenerated
     re.compile(r"(^|\.)logit_scale$"),  # OpenCLIP contrastive temperature, unused for generation
+    re.compile(r"^first_stage_model\.loss\."),  # VAE training loss (LPIPS, discriminator) in training dumps
 )
 
 

@@ -232,7 +232,7 @@ def load_checkpoint(path, *, dtype=torch.float32, device="cpu", prediction=None)
 
     text_prefixes = ("cond_stage_model.", "conditioner.")
     unet_keys = [k for k in shapes if k.startswith(detect.UNET_PREFIX) and not detect.is_ignored_key(k)]
-    vae_keys = [k for k in shapes if k.startswith(detect.VAE_PREFIX)]
+    vae_keys = [k for k in shapes if k.startswith(detect.VAE_PREFIX) and not detect.is_ignored_key(k)]
     text_keys = [k for k in shapes if k.startswith(text_prefixes)]
     ignored = [k for k in shapes if detect.is_ignored_key(k) and not k.startswith(text_prefixes)]
     stray = sorted(set(shapes) - set(unet_keys) - set(vae_keys) - set(text_keys) - set(ignored))
