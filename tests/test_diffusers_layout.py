@@ -143,3 +143,25 @@ def test_unsupported_diffusers_vae_config_names_the_field():
         DV.vae_config_from_diffusers(dict(PUBLISHED_VAE, use_quant_conv=False))
     with pytest.raises(ClipDiffusionError, match="embed_dim"):
         DV.vae_config_to_diffusers(V.VAEConfig(embed_dim=8))
+
+
+@pytest.mark.parametrize("cfg", [U.TINY, U.TINY_SD2, U.TINY_SDXL, U.SD1, U.SDXL])
+def test_written_unet_config_builds_the_same_diffusers_model(cfg):
+    diffusers = pytest.importorskip("diffusers")
+    written = DU.unet_config_to_diffusers(cfg)
+    assert written["_class_name"] == "UNet2DConditionModel"
+    with torch.device("meta"):
+        ref = diffusers.UNet2DConditionModel(**{k: v for k, v in written.items() if not k.startswith("_")})
+    ours = U.UNetModel(cfg, device="meta").state_dict()
+    assert _shapes(DU.unet_ldm_to_diffusers(ours, cfg)) == _shapes(ref.state_dict())
+
+
+@pytest.mark.parametrize("cfg", [V.TINY, V.SDXL])
+def test_written_vae_config_builds_the_same_diffusers_model(cfg):
+    diffusers = pytest.importorskip("diffusers")
+    written = DV.vae_config_to_diffusers(cfg)
+    with torch.device("meta"):
+        ref = diffusers.AutoencoderKL(**{k: v for k, v in written.items() if not k.startswith("_")})
+    assert ref.config.scaling_factor == cfg.scale_factor
+    ours = V.AutoencoderKL(cfg, device="meta").state_dict()
+    assert _shapes(DV.vae_ldm_to_diffusers(ours, cfg)) == _shapes(ref.state_dict())
