@@ -118,7 +118,8 @@ def test_conditioning_survives_both_round_trips(model, tmp_path):
 def test_diffusers_round_trip_is_exact(model, tmp_path):
     folder = save_diffusers(model, tmp_path / "d", tokenizer=False)
     index = json.loads((folder / "model_index.json").read_text())
-    assert index["_class_name"] == ("StableDiffusionXLPipeline" if model.family == "sdxl" else "StableDiffusionPipeline")
+    pipeline = "StableDiffusionXLPipeline" if model.family == "sdxl" else "StableDiffusionPipeline"
+    assert index["_class_name"] == pipeline
     loaded = load_diffusers(folder)
     assert loaded.family == model.family and loaded.prediction == model.prediction
     assert_same_weights(model.unet, loaded.unet)

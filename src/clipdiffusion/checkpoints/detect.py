@@ -26,7 +26,7 @@ NATIVE_RESOLUTION = {"sd1": 512, "sd2": 768, "sdxl": 1024, "tiny": 64}
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
-# Text-encoder prefixes each family's single file uses (checkpoints.md §2.1, §3.2, §4.1); SD2 may be saved in SGM form.
+# Text-encoder prefixes of each family's single file (checkpoints.md §2.1, §3.2, §4.1); SD2 may be in SGM form.
 TEXT_PREFIXES = {
     "sd1": ("cond_stage_model.transformer.",),
     "tiny": ("cond_stage_model.transformer.",),
@@ -112,7 +112,9 @@ def _refuse_unsupported(path, shapes, in_ch, context, adm, mc):
     if context == 1280 or adm == 2560 or (bigg_first and context != 1024):
         raise CheckpointError(path, f"the SDXL refiner is not supported ({found})")
     if "edm_mean" in shapes or any(k.startswith("edm_vpred.") for k in shapes):
-        raise CheckpointError(path, f"EDM-parameterised models (Playground v2.5, EDM v-pred) are not supported ({found})")
+        raise CheckpointError(
+            path, f"EDM-parameterised models (Playground v2.5, EDM v-pred) are not supported ({found})"
+        )
     if any(k.endswith(".scale_weight") for k in shapes) or "scaled_fp8" in shapes:
         raise CheckpointError(path, f"fp8-quantised checkpoints are not supported ({found})")
     if context == 1024 and adm in (1536, 2048):

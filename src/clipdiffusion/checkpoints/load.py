@@ -249,7 +249,8 @@ def load_checkpoint(path, *, dtype=torch.float32, device="cpu", prediction=None)
     if fam.name == "sd2":
         # SD2 saved by SGM-era tools keeps OpenCLIP-H at conditioner.embedders.0.model.: same tensors, LDM prefix.
         sgm = "conditioner.embedders.0.model."
-        text_sd = {("cond_stage_model.model." + k[len(sgm):] if k.startswith(sgm) else k): v for k, v in text_sd.items()}
+        text_sd = {("cond_stage_model.model." + k[len(sgm):] if k.startswith(sgm) else k): v
+                   for k, v in text_sd.items()}  # fmt: skip
     text_encoder, text_ignored = _text_encoder(fam.name, text_sd, text_configs, source=source, dtype=dtype,
                                                device=device)  # fmt: skip
     n_unet, n_vae = len(detect.UNET_PREFIX), len(detect.VAE_PREFIX)

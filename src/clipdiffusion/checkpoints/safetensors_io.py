@@ -100,7 +100,9 @@ def _parse_entry(path, name, entry) -> TensorInfo:
         )
     dtype = entry["dtype"]
     if dtype in _FP8:
-        raise CheckpointError(path, f"tensor {name!r}: dtype {dtype} (fp8) is not supported; use an fp16/bf16/fp32 file")
+        raise CheckpointError(
+            path, f"tensor {name!r}: dtype {dtype} (fp8) is not supported; use an fp16/bf16/fp32 file"
+        )
     if dtype in _OTHER_KNOWN:
         raise CheckpointError(path, f"tensor {name!r}: dtype {dtype} is not supported for model weights")
     if dtype not in DTYPES:
@@ -112,7 +114,9 @@ def _parse_entry(path, name, entry) -> TensorInfo:
         )
     offsets = entry["data_offsets"]
     if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) and o >= 0 for o in offsets):
-        raise CheckpointError(path, f"tensor {name!r}: data_offsets {str(offsets)[:80]} must be two non-negative integers")
+        raise CheckpointError(
+            path, f"tensor {name!r}: data_offsets {str(offsets)[:80]} must be two non-negative integers"
+        )
     start, end = offsets
     if end < start:
         raise CheckpointError(path, f"tensor {name!r}: data_offsets [{start}, {end}] end before start")
@@ -162,7 +166,9 @@ def read_header(path) -> Header:
         raise CheckpointError(path, f"header is a JSON {type(obj).__name__}, not an object")
 
     metadata = obj.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
         raise CheckpointError(path, "__metadata__ must map strings to strings")
     if len(obj) > MAX_TENSORS:
         raise CheckpointError(path, f"header lists {len(obj)} tensors, more than the {MAX_TENSORS} limit")
@@ -183,7 +189,9 @@ def read_header(path) -> Header:
             what = "overlaps the previous tensor" if start < cursor else f"leaves a gap after byte {cursor}"
             raise CheckpointError(path, f"tensor {name!r}: data_offsets [{start}, {end}] {what}")
         if end > data_len:
-            raise CheckpointError(path, f"tensor {name!r}: data_offsets [{start}, {end}] beyond the {data_len}-byte data")
+            raise CheckpointError(
+                path, f"tensor {name!r}: data_offsets [{start}, {end}] beyond the {data_len}-byte data"
+            )
         cursor = end
     if cursor != data_len:
         raise CheckpointError(path, f"data region is {data_len} bytes but the tensors cover {cursor}")
