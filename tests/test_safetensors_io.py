@@ -43,6 +43,16 @@ def test_valid_hand_crafted_file_loads(tmp_path):
     assert out["a"].tolist() == [1.0, 2.0] and out["b"].item() == 3.0 and out["b"].shape == ()
 
 
+def test_legal_edge_cases_load(tmp_path):
+    """Misaligned offsets (older writers), space-padded headers and empty tensors are valid files."""
+    header = {"a": {"dtype": "U8", "shape": [2], "data_offsets": [0, 2]}, "b": f32([2], 2),
+              "e": {"dtype": "F16", "shape": [0, 3], "data_offsets": [10, 10]}}  # fmt: skip
+    raw = json.dumps(header).encode() + b"   "
+    p = craft(tmp_path / "edge.safetensors", None, bytes([7, 9]) + struct.pack("<2f", 1.5, -2.0), raw_header=raw)
+    out = load_file(p)
+    assert out["a"].tolist() == [7, 9] and out["b"].tolist() == [1.5, -2.0] and out["e"].shape == (0, 3)
+
+
 @pytest.mark.parametrize("content", [b"", b"\x01\x02\x03"])
 def test_truncated_file(tmp_path, content):
     p = tmp_path / "t.safetensors"
