@@ -120,7 +120,7 @@ def test_convert_file_to_folder_and_back(tmp_path, capsys):
     assert_same_model(model, load_checkpoint(tmp_path / "out.safetensors"))
 
 
-def test_convert_pickle_to_safetensors_in_half(tmp_path):
+def test_convert_to_half(tmp_path):
     model = tiny_model("tiny")
     src = save_checkpoint(model, tmp_path / "in.safetensors")
     out = convert(src, tmp_path / "half.safetensors", dtype="fp16")

@@ -64,7 +64,7 @@ def describe_file(path, prediction=None) -> dict:
 
 
 def describe_folder(folder, prediction=None) -> dict:
-    from .load import _diffusers_prediction, component_weights, read_json
+    from .load import diffusers_prediction, component_weights, read_json
     from .safetensors_io import read_shapes
 
     folder = Path(folder)
@@ -73,7 +73,7 @@ def describe_folder(folder, prediction=None) -> dict:
     family = index.get(detect.DIFFUSERS_FAMILY_KEY)
     if family not in detect.FAMILIES:
         family = detect.family_from_diffusers(unet_json, (folder / "text_encoder_2").is_dir(), path=str(folder))
-    pred, notes = _diffusers_prediction(folder, family, prediction)
+    pred, notes = diffusers_prediction(folder, family, prediction)
     subs = [("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"), ("text_encoder", "model")]
     if (folder / "text_encoder_2").is_dir():
         subs.append(("text_encoder_2", "model"))

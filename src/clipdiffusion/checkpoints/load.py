@@ -322,7 +322,7 @@ def load_component_files(files) -> dict:
     return tensors
 
 
-def _diffusers_prediction(folder, family, override):
+def diffusers_prediction(folder, family, override):
     if override is not None:
         if override not in detect.PREDICTIONS:
             raise CheckpointError(folder, f"prediction must be one of {detect.PREDICTIONS}, got {override!r}")
@@ -398,7 +398,7 @@ def load_diffusers(folder, *, dtype=torch.float32, device="cpu", prediction=None
         raise CheckpointError(folder / "model_index.json", f"{detect.DIFFUSERS_FAMILY_KEY}={family!r} is unknown")
     if family is None:
         family = detect.family_from_diffusers(unet_json, (folder / "text_encoder_2").is_dir(), path=str(folder))
-    pred, notes = _diffusers_prediction(folder, family, prediction)
+    pred, notes = diffusers_prediction(folder, family, prediction)
     try:
         unet_config = unet_config_from_diffusers(unet_json)
         vae_config = vae_config_from_diffusers(read_json(folder / "vae" / "config.json"))
