@@ -195,6 +195,7 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--reps", type=int, default=1)
     parser.add_argument("--skip-cold", action="store_true")
+    parser.add_argument("--skip-memory", action="store_true")
     args = parser.parse_args()
 
     if args.child == "prepare":
@@ -212,8 +213,9 @@ def main():
     cold = {"ours": [], "diffusers": []}
     for rep in range(args.reps):
         for side in ("ours", "diffusers") if rep % 2 == 0 else ("diffusers", "ours"):
-            mem[side].append(run_memory(side, args))
-            print(f"rep {rep} {side} memory: {mem[side][-1]}", file=sys.stderr)
+            if not args.skip_memory:
+                mem[side].append(run_memory(side, args))
+                print(f"rep {rep} {side} memory: {mem[side][-1]}", file=sys.stderr)
             if not args.skip_cold:
                 cold[side].append(run_cold(side, args, Path("/tmp/clipdiffusion-bench.png")))
                 print(f"rep {rep} {side} cold start: {cold[side][-1]:.1f} s", file=sys.stderr)
@@ -225,10 +227,11 @@ def main():
           f"CFG 7 (batch 2 through the UNet), fp32, SD 1.5-size random weights; median of {args.reps}")
     print("| measure | ours | diffusers | ours / diffusers |")
     print("|---|---|---|---|")
-    for key, label, unit in (("peak_mb", "peak RSS (load + generate)", "MB"),
-                             ("loaded_mb", "RSS after loading", "MB"),
-                             ("load_s", "load from folder", "s"),
-                             ("generate_s", "generate (text, sampling, VAE decode)", "s")):
+    rows = () if args.skip_memory else (("peak_mb", "peak RSS (load + generate)", "MB"),
+                                        ("loaded_mb", "RSS after loading", "MB"),
+                                        ("load_s", "load from folder", "s"),
+                                        ("generate_s", "generate (text, sampling, VAE decode)", "s"))
+    for key, label, unit in rows:
         a, b = med("ours", key), med("diffusers", key)
         print(f"| {label} | {a:.1f} {unit} | {b:.1f} {unit} | {a / b:.2f} |")
     if not args.skip_cold:
