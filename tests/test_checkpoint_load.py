@@ -235,8 +235,8 @@ def test_pickle_without_metadata_goes_through_detection(tmp_path):
     assert "context_dim=32" in str(info.value)
 
 
-def test_sd1_detected_from_shapes_alone(tmp_path):
-    """A pickle with SD1's context width (768) and no metadata: family, configs and heads from the weights."""
+def sd1_shaped_pickle(path):
+    """A small pickle that has SD1's context width (768) and no metadata, as old .ckpt files have none."""
     from clipdiffusion.checkpoints.save import checkpoint_state_dict
     from clipdiffusion.diffusion import unet as U
     from clipdiffusion.text.clip import CLIPTextConfig, CLIPTextModel
@@ -249,8 +249,15 @@ def test_sd1_detected_from_shapes_alone(tmp_path):
                                           transformer_depth=(1, 1), context_dim=768))  # fmt: skip
     clip = CLIPTextModel(CLIPTextConfig(vocab_size=1000, width=768, layers=1, heads=12))
     model.text_encoder = TextEncoder("sd1", [EncoderSpec("clip_l", clip, 49407, True, 1)])
+    tensors = {k: v.half() for k, v in checkpoint_state_dict(model).items()}
+    torch.save({"state_dict": tensors, "global_step": 1}, path)
+    return tensors
+
+
+def test_sd1_detected_from_shapes_alone(tmp_path):
+    """No metadata: family, configs and heads come from the weights and the family defaults."""
     path = tmp_path / "sd1.ckpt"
-    torch.save({"state_dict": {k: v.half() for k, v in checkpoint_state_dict(model).items()}}, path)
+    sd1_shaped_pickle(path)
     loaded = load_checkpoint(path)
     assert (loaded.family, loaded.prediction) == ("sd1", "eps")
     assert loaded.unet_config.num_heads == 8 and loaded.unet_config.context_dim == 768

@@ -10,7 +10,7 @@ from clipdiffusion.checkpoints.cli_convert import convert
 from clipdiffusion.checkpoints.load import load_checkpoint, load_diffusers
 from clipdiffusion.checkpoints.save import save_checkpoint, save_diffusers
 from clipdiffusion.cli import main
-from test_checkpoint_load import assert_same_model, assert_same_weights, tiny_model
+from test_checkpoint_load import assert_same_model, assert_same_weights, sd1_shaped_pickle, tiny_model
 
 PIPELINE = {"tiny": "StableDiffusionPipeline", "sd2": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
 
@@ -118,6 +118,17 @@ def test_convert_file_to_folder_and_back(tmp_path, capsys):
     assert main(["convert", str(tmp_path / "folder"), str(tmp_path / "out.safetensors"), "--dtype", "fp32"]) == 0
     assert "wrote single file" in capsys.readouterr().out
     assert_same_model(model, load_checkpoint(tmp_path / "out.safetensors"))
+
+
+def test_convert_ckpt_to_safetensors(tmp_path):
+    from clipdiffusion.checkpoints.safetensors_io import load_file
+
+    tensors = sd1_shaped_pickle(tmp_path / "old.ckpt")
+    out = convert(tmp_path / "old.ckpt", tmp_path / "new.safetensors", dtype="fp16")
+    written = load_file(out)
+    assert written.keys() == tensors.keys()
+    assert all(torch.equal(written[k], tensors[k]) for k in tensors)  # fp16 -> fp32 -> fp16 is exact
+    assert load_checkpoint(out).family == "sd1"
 
 
 def test_convert_to_half(tmp_path):
