@@ -293,8 +293,10 @@ class Trainer:
         if phase == "vae":
             self.state["scale_factor"] = self._measure_scale_factor()
             self._record("vae", scale_factor=self.state["scale_factor"])
-        if phase == "pool" and self.pool is None:
-            self._pool_step()  # a budget too small for even one batch still yields a (tiny) pool
+        if phase == "pool":
+            if self.pool is None:
+                self._pool_step()  # a budget too small for even one batch still yields a (tiny) pool
+            self._record("pool", size=len(self.pool["scenes"]))
 
     def _clip_step(self):
         s = self.settings
@@ -350,10 +352,7 @@ class Trainer:
         latents = self.models["vae"].encode(pixels).mean * self.state["scale_factor"]  # [b, 4, h, w]
         self.pool["scenes"] += scenes
         self.pool["latents"].append(latents.half())
-        if len(self.pool["scenes"]) >= s.pool_size:
-            self._record("pool", size=len(self.pool["scenes"]))
-            return True
-        return False
+        return len(self.pool["scenes"]) >= s.pool_size
 
     def _unet_step(self):
         from ..diffusion.denoiser import sd_alphas_cumprod
