@@ -126,3 +126,12 @@ def test_eval_studies_run_on_a_trained_micro_model(trained, tmp_path):
             "--clip-heads", str(path.with_name("tiny-clip-heads.safetensors")), "--out", str(tmp_path)]  # fmt: skip
     assert main(args) == 0
     assert "Tiny-CLIP score" in (tmp_path / "report.md").read_text()
+
+
+def test_train_cli_validates_arguments(tmp_path, capsys):
+    from clipdiffusion.cli import main
+
+    assert main(["train-tiny", "--out", str(tmp_path), "--threads", "0"]) == 2
+    assert "threads: 0" in capsys.readouterr().err
+    assert main(["train-tiny", "--out", str(tmp_path), "--resume", "--threads", "1"]) == 2
+    assert "state.pt is missing" in capsys.readouterr().err
