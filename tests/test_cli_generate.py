@@ -84,3 +84,9 @@ def test_missing_embedded_model_is_a_clear_error(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(pl, "TINY_DATA", tmp_path)
     assert main(["generate", "x", "-o", str(tmp_path / "x.png")]) == 2
     assert "embedded tiny model is missing" in capsys.readouterr().err
+
+
+def test_native_size_comes_from_the_checkpoint(model, tmp_path):
+    out = tmp_path / "native.png"
+    assert main(["generate", "--model", str(model), "--steps", "1", "x", "-o", str(out)]) == 0
+    assert Image.open(out).size == (32, 32)  # tiny_pipeline's default_size, saved as modelspec.resolution
