@@ -165,3 +165,22 @@ def test_written_vae_config_builds_the_same_diffusers_model(cfg):
     assert ref.config.scaling_factor == cfg.scale_factor
     ours = V.AutoencoderKL(cfg, device="meta").state_dict()
     assert _shapes(DV.vae_ldm_to_diffusers(ours, cfg)) == _shapes(ref.state_dict())
+
+
+@pytest.mark.parametrize("cfg", [
+    U.UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, transformer_depth=(0, 1), context_dim=16,
+                 num_heads=2, use_linear_in_transformer=True),  # one attention level: count and width both fit
+    U.UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, transformer_depth=(0, 1), context_dim=16,
+                 num_heads=None, head_channels=16),
+    U.UNetConfig(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, transformer_depth=(1, 1, 0),
+                 transformer_depth_middle=3, context_dim=16, num_heads=None, head_channels=8, norm_groups=8),
+])
+def test_config_round_trip_keeps_the_head_field(cfg):
+    assert DU.unet_config_from_diffusers(DU.unet_config_to_diffusers(cfg)) == cfg
+
+
+def test_middle_depth_that_diffusers_cannot_express_raises():
+    cfg = U.UNetConfig(model_channels=32, channel_mult=(1, 2), transformer_depth=(1, 2), transformer_depth_middle=1,
+                       context_dim=16, num_heads=2)
+    with pytest.raises(ClipDiffusionError, match="transformer_depth_middle"):
+        DU.unet_config_to_diffusers(cfg)

@@ -144,20 +144,26 @@ def unet_config_from_diffusers(d: dict):
     tl = _per_level(d.get("transformer_layers_per_block", 1), n, "transformer_layers_per_block")
     if any(not isinstance(x, int) for x in tl):
         raise ClipDiffusionError(f"diffusers UNet config transformer_layers_per_block={tl}: per-block lists unsupported")
-    heads = _per_level(d.get("num_attention_heads") or d.get("attention_head_dim", 8), n, "attention_head_dim")
+    raw_heads = d.get("num_attention_heads") or d.get("attention_head_dim", 8)
+    heads = _per_level(raw_heads, n, "attention_head_dim")
     context = d.get("cross_attention_dim", 1280)
     if not isinstance(context, int):
         raise ClipDiffusionError(f"diffusers UNet config cross_attention_dim={context!r}: per-level widths unsupported")
     linear = bool(d.get("use_linear_projection", False))
-    # `attention_head_dim` historically holds head *counts*; the mid block uses the last level's.
+    # `attention_head_dim` historically holds head *counts*; the mid block uses the last level's. One number is a
+    # fixed count (SD1: 8); a list is per level and, in SD2/SDXL, encodes a fixed head width (64).
     used = [(boc[i], heads[i]) for i in range(n) if attn[i]] + [(boc[-1], heads[-1])]
-    same_count = len({h for _, h in used}) == 1
     widths = {c // h for c, h in used}
     same_width = len(widths) == 1 and all(c % h == 0 for c, h in used)
-    if not (same_count or same_width):
+    if isinstance(raw_heads, int):
+        num_heads, head_channels = raw_heads, None
+    elif same_width:
+        num_heads, head_channels = None, widths.pop()
+    elif len({h for _, h in used}) == 1:
+        num_heads, head_channels = heads[-1], None
+    else:
         raise ClipDiffusionError(f"diffusers UNet config attention_head_dim={heads}: neither a fixed head count "
                                  f"nor a fixed head width")
-    num_heads, head_channels = (None, widths.pop()) if same_width and (linear or not same_count) else (heads[-1], None)
     adm, size_dim = None, 256
     embed_type = d.get("addition_embed_type")
     if embed_type == "text_time":
