@@ -462,3 +462,21 @@ def test_null_fields_take_defaults(client, served):
     assert r.status_code == 200, r.text
     call = served.pipe.calls[-1]
     assert (call["negative_prompt"], call["sampler"], call["guidance"]) == ("", "euler", 7.0)
+
+
+def test_a1111_clip_skip_does_not_move_sd2_or_sdxl_encoders(client, served):
+    """A1111 applies CLIP_stop_at_last_layers to SD1-style models only; on SD2/SDXL the family default is used and
+    the setting is reported as ignored. Our own route passes clip_skip through as given."""
+    body = {"prompt": "p", "steps": 1, "width": 16, "height": 16,
+            "override_settings": {"CLIP_stop_at_last_layers": 2}}
+    served.pipe.family = "sdxl"
+    try:
+        r = client.post("/sdapi/v1/txt2img", json=body)
+        assert r.status_code == 200 and served.pipe.calls[-1]["clip_skip"] is None
+        assert "override_settings.CLIP_stop_at_last_layers" in json.loads(r.json()["info"])["ignored_fields"]
+        r = client.post("/api/generate", json={"prompt": "p", "steps": 1, "width": 16, "height": 16, "clip_skip": 3})
+        assert r.status_code == 200 and served.pipe.calls[-1]["clip_skip"] == 3
+    finally:
+        del served.pipe.family
+    r = client.post("/sdapi/v1/txt2img", json=body)
+    assert r.status_code == 200 and served.pipe.calls[-1]["clip_skip"] == 2

@@ -307,6 +307,9 @@ class GenerationPlan:
     init_image: Any = None
     strength: float | None = None
     ignored: list[str] = field(default_factory=list)
+    # A1111 semantics for CLIP_stop_at_last_layers: it applies to SD1-style models only; A1111 ignores the
+    # slider on SD2 (always penultimate) and SDXL (unless its sdxl_clip_l_skip option), so we use the family default.
+    a1111_clip_skip: bool = False
     job_timestamp: str = field(default_factory=lambda: time.strftime("%Y%m%d%H%M%S"))
 
 
@@ -366,7 +369,7 @@ def plan_a1111(req: Txt2ImgRequest, settings: ServerSettings, defaults: dict, sa
     ignored = ignored_fields(req) + [f"override_settings.{k}" for k in sorted(overrides)]
     plan = GenerationPlan(
         model=entry.name, seed=seed, n_iter=req.n_iter, sampler_label=sampler_display_name(sampler),
-        schedule=schedule, ignored=ignored,
+        schedule=schedule, ignored=ignored, a1111_clip_skip=True,
         kwargs=dict(prompt=req.prompt, negative_prompt=req.negative_prompt, steps=req.steps,
                     guidance=float(req.cfg_scale), sampler=sampler, schedule=schedule, width=req.width,
                     height=req.height, clip_skip=clip_skip, long_prompt="chunk", weighting="a1111",

@@ -119,6 +119,10 @@ def _generate_work(plan: a1111.GenerationPlan, pipe, control: JobControl):
     """Runs in the worker: n_iter calls of generate, seeds consecutive across the whole batch as in A1111."""
     images, seeds, infotexts, attention = [], [], [], None
     batch = plan.kwargs["batch_size"]
+    kwargs = dict(plan.kwargs)
+    if plan.a1111_clip_skip and getattr(pipe, "family", "sd1") in ("sd2", "sdxl"):
+        kwargs["clip_skip"] = None  # as A1111: its clip skip setting does not move SD2/SDXL text encoders
+        plan.ignored.append("override_settings.CLIP_stop_at_last_layers")
     for iteration in range(plan.n_iter):
         if control.should_stop():
             break
@@ -126,7 +130,7 @@ def _generate_work(plan: a1111.GenerationPlan, pipe, control: JobControl):
         extra = {}
         if plan.init_image is not None:
             extra = {"init_image": plan.init_image, "strength": plan.strength}
-        result = pipe.generate(**plan.kwargs, **extra, seed=plan.seed + iteration * batch,
+        result = pipe.generate(**kwargs, **extra, seed=plan.seed + iteration * batch,
                                callback=control.on_step, should_stop=control.should_stop)
         images += list(result.images)
         seeds += [int(s) for s in result.seeds]

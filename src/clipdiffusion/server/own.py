@@ -28,7 +28,7 @@ class EncodeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     prompt: str = ""
     negative_prompt: str = ""
-    clip_skip: int = 1
+    clip_skip: int | None = Field(None, description="1 = last layer, 2 = penultimate; None: the model's default")
     long_prompt: str = "chunk"
     weighting: str = "a1111"
     model: str | None = None
@@ -45,7 +45,7 @@ class GenerateRequest(BaseModel):
     schedule: str = "normal"
     width: int | None = Field(None, description="None: the model's native size")
     height: int | None = None
-    clip_skip: int = 1
+    clip_skip: int | None = Field(None, description="1 = last layer, 2 = penultimate; None: the model's default")
     long_prompt: str = "chunk"
     weighting: str = "a1111"
     batch_size: int = 1
@@ -64,7 +64,8 @@ def generate_plan(req: GenerateRequest, settings: ServerSettings, model: str, sa
     a1111.check_prompt("negative_prompt", req.negative_prompt, settings)
     a1111.check_int("steps", req.steps, 1, settings.max_steps)
     a1111.check_int("batch_size", req.batch_size, 1, settings.max_batch_size)
-    a1111.check_int("clip_skip", req.clip_skip, 1, 12)
+    if req.clip_skip is not None:
+        a1111.check_int("clip_skip", req.clip_skip, 1, 48)
     if req.width is not None:
         a1111.check_size("width", req.width, settings.max_width)
     if req.height is not None:
@@ -117,7 +118,8 @@ def _report_dict(report) -> Any:
 def encode_stats(req: EncodeRequest, pipe, control) -> dict:
     """Runs in the worker: encode with the loaded model's text encoder and summarise the tensors."""
     _check_choice("long_prompt", req.long_prompt, LONG_PROMPT)
-    a1111.check_int("clip_skip", req.clip_skip, 1, 12)
+    if req.clip_skip is not None:
+        a1111.check_int("clip_skip", req.clip_skip, 1, 48)
     cond = pipe.text_encoder.encode(req.prompt, req.negative_prompt, clip_skip=req.clip_skip,
                                     long_prompt=req.long_prompt, weighting=req.weighting)
     return {"context": _tensor_stats(cond.context), "negative_context": _tensor_stats(cond.negative_context),

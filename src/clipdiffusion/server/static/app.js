@@ -107,7 +107,7 @@ function request() {
   const number = (id) => Number($(id).value);
   return {
     prompt: $("prompt").value, negative_prompt: $("negative").value, model: $("model").value,
-    long_prompt: $("long_prompt").value, weighting: $("weighting").value, clip_skip: number("clip_skip"),
+    long_prompt: $("long_prompt").value, weighting: $("weighting").value, clip_skip: $("clip_skip").value === "" ? null : number("clip_skip"),
     sampler: $("sampler").value, schedule: $("schedule").value, steps: number("steps"),
     guidance: number("guidance"), seed: number("seed"), width: number("width"), height: number("height"),
     attention_maps: $("attention_maps").checked,
@@ -183,7 +183,6 @@ async function init() {
     fillSelect($("weighting"), info.weighting, "a1111");
     fillSelect($("sampler"), info.samplers, "euler");
     fillSelect($("schedule"), info.schedules, "normal");
-    $("clip_skip").value = info.options.CLIP_stop_at_last_layers;
     $("steps").max = info.limits.max_steps;
     $("width").max = info.limits.max_width;
     $("height").max = info.limits.max_height;
