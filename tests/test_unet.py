@@ -211,6 +211,10 @@ def test_bad_config_raises():
         U.UNetConfig(num_heads=8, head_channels=64)
     with pytest.raises(ClipDiffusionError, match="transformer_depth"):
         U.UNetConfig(channel_mult=(1, 2))
+    with pytest.raises(ClipDiffusionError, match="num_heads=7"):
+        U.UNetConfig(num_heads=7)
+    with pytest.raises(ClipDiffusionError, match="head_channels=48"):
+        U.UNetConfig(num_heads=None, head_channels=48)
 
 
 def test_config_survives_json_round_trip():

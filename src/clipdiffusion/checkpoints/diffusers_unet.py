@@ -18,8 +18,9 @@ _RES_BACK = {v: k for k, v in _RES.items()}
 def unet_block_table(config) -> list[tuple[str, str, str]]:
     """[(ldm_prefix, diffusers_prefix, kind)] with kind "plain" | "res" | "attn"."""
     nres, levels = config.num_res_blocks, len(config.channel_mult)
-    table = [("time_embed.0", "time_embedding.linear_1", "plain"), ("time_embed.2", "time_embedding.linear_2", "plain"),
-             ("input_blocks.0.0", "conv_in", "plain"), ("out.0", "conv_norm_out", "plain"), ("out.2", "conv_out", "plain")]
+    table = [("time_embed.0", "time_embedding.linear_1", "plain"),
+             ("time_embed.2", "time_embedding.linear_2", "plain"), ("input_blocks.0.0", "conv_in", "plain"),
+             ("out.0", "conv_norm_out", "plain"), ("out.2", "conv_out", "plain")]
     if config.adm_in_channels is not None:
         table += [("label_emb.0.0", "add_embedding.linear_1", "plain"),
                   ("label_emb.0.2", "add_embedding.linear_2", "plain")]
@@ -143,7 +144,8 @@ def unet_config_from_diffusers(d: dict):
         raise ClipDiffusionError(f"diffusers UNet config layers_per_block={layers!r}: per-level counts unsupported")
     tl = _per_level(d.get("transformer_layers_per_block", 1), n, "transformer_layers_per_block")
     if any(not isinstance(x, int) for x in tl):
-        raise ClipDiffusionError(f"diffusers UNet config transformer_layers_per_block={tl}: per-block lists unsupported")
+        raise ClipDiffusionError(f"diffusers UNet config transformer_layers_per_block={tl}: "
+                                 f"per-block lists unsupported")
     raw_heads = d.get("num_attention_heads") or d.get("attention_head_dim", 8)
     heads = _per_level(raw_heads, n, "attention_head_dim")
     context = d.get("cross_attention_dim", 1280)

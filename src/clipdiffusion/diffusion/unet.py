@@ -35,7 +35,8 @@ class UNetConfig:
     head_channels: int | None = None
     use_linear_in_transformer: bool = False  # SD2/SDXL: proj_in/proj_out are Linear, not 1x1 conv
     adm_in_channels: int | None = None  # SDXL: width of the vector y (pooled text + size embeddings), `label_emb`
-    size_embed_dim: int = 256  # SDXL: sinusoidal width of each size/crop scalar inside y (diffusers addition_time_embed_dim)
+    # SDXL: sinusoidal width of each size/crop scalar inside y (diffusers `addition_time_embed_dim`)
+    size_embed_dim: int = 256
     norm_groups: int = 32
 
     def __post_init__(self):
@@ -50,6 +51,12 @@ class UNetConfig:
         if self.transformer_depth_middle < 1:
             raise ClipDiffusionError(f"UNetConfig.transformer_depth_middle must be >= 1, got "
                                      f"{self.transformer_depth_middle}")
+        split = self.num_heads or self.head_channels
+        for mult, depth in zip(self.channel_mult, self.transformer_depth):
+            if (depth or mult == self.channel_mult[-1]) and (mult * self.model_channels) % split:
+                field = "num_heads" if self.num_heads else "head_channels"
+                raise ClipDiffusionError(f"UNetConfig.{field}={split} does not divide the "
+                                         f"{mult * self.model_channels} channels of an attention level")
 
     @property
     def downsample_factor(self) -> int:
