@@ -1,8 +1,9 @@
 """Benchmark: loading a full-size SD 1.5 single file, ours vs the references.
 
 1. Tensor reading: our ``load_file`` (header validated first, then the safetensors library maps the file) vs
-   ``safetensors.torch.load_file`` on the same file: the cost of our validation (``copy=False``), and of our
-   default copy out of the file mapping (which protects against the file changing underneath).
+   ``safetensors.torch.load_file`` on the same file: the cost of our validation (``copy=False``, which maps the
+   file through the library too), and of our default, which reads every tensor into memory of its own
+   (nothing stays tied to the file; the library's load only maps it and touches no data).
 2. Whole model: our ``load_checkpoint`` (meta-device models that adopt the loaded tensors) vs diffusers'
    ``StableDiffusionPipeline.from_single_file(config=<local folder>)`` offline, both in fp16 (the file's dtype).
 
@@ -11,7 +12,10 @@ The file holds random fp16 weights with SD 1.5's exact keys and shapes (UNet, VA
 median is reported, because other processes share the machine; the file stays in the page cache throughout, so
 this measures CPU work, not disk.
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_checkpoint_load.py --reps 3
+    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_checkpoint_load.py --reps 3 --memory
+
+``--memory`` also loads the model once in fresh processes (ours, then diffusers; fp16 and fp32) and reports peak
+resident memory above the post-import baseline (page-cache pages of the mapped file count while touched).
 """
 
 import argparse
@@ -19,6 +23,7 @@ import gc
 import platform
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -63,6 +68,37 @@ def random_sd15(folder: Path) -> tuple[Path, Path]:
     return path, config
 
 
+_CHILD = """
+import sys, torch
+import diffusers, transformers
+from diffusers import StableDiffusionPipeline
+from clipdiffusion.checkpoints.load import load_checkpoint
+diffusers.utils.logging.set_verbosity_error(); transformers.utils.logging.set_verbosity_error()
+
+def hwm_kb():  # VmHWM belongs to this address space (ru_maxrss would carry the parent's peak across exec)
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+
+path, config, who, dtype = sys.argv[1:5]
+dtype = getattr(torch, dtype)
+before = hwm_kb()
+if who == "ours":
+    model = load_checkpoint(path, dtype=dtype)
+else:
+    model = StableDiffusionPipeline.from_single_file(path, config=config, local_files_only=True, torch_dtype=dtype,
+                                                     safety_checker=None, requires_safety_checker=False)
+print(before, hwm_kb())
+"""
+
+
+def peak_rss_mb(path, config, who, dtype) -> tuple[float, float]:
+    """(RSS after imports, peak RSS) in MB of a fresh process that loads the model once."""
+    out = subprocess.run([sys.executable, "-c", _CHILD, str(path), str(config), who, dtype], capture_output=True,
+                         text=True, check=True).stdout.split()  # fmt: skip
+    return int(out[-2]) / 1024, int(out[-1]) / 1024
+
+
 def timed(fn) -> float:
     gc.collect()
     start = time.perf_counter()
@@ -77,6 +113,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--memory", action="store_true", help="also measure peak RSS in fresh processes")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -120,9 +157,18 @@ def main():
                 times["ref"].append(timed(ref_fn))
             o, r = statistics.median(times["ours"]), statistics.median(times["ref"])
             label = {"tensors": "map all tensors (load_file copy=False vs safetensors.torch.load_file)",
-                     "tensors_copy": "read all tensors (load_file, copied out of the mapping, vs the same)",
+                     "tensors_copy": "read all tensors (load_file default: own reads into new tensors)",
                      "model": "load SD1.5 model (load_checkpoint vs from_single_file)"}[name]  # fmt: skip
             print(f"| {label} | {o:.2f} | {r:.2f} | {o / r:.2f} |")
+        if args.memory:
+            print("\npeak resident memory of a fresh process loading the model once (MB; after imports -> peak)")
+            print("| dtype | ours | reference | ours / reference (peak - imports) |")
+            print("|---|---|---|---|")
+            for dtype in ("float16", "float32"):
+                ob, op = peak_rss_mb(path, config, "ours", dtype)
+                rb, rp = peak_rss_mb(path, config, "reference", dtype)
+                ratio = (op - ob) / max(rp - rb, 1.0)
+                print(f"| {dtype} | {ob:.0f} -> {op:.0f} | {rb:.0f} -> {rp:.0f} | {ratio:.2f} |")
 
 
 if __name__ == "__main__":

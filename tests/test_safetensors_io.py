@@ -168,6 +168,8 @@ def test_round_trip_mixed_dtypes_and_metadata(tmp_path):
 
     ref = st_load(str(p))
     assert all(torch.equal(ref[k], v) for k, v in tensors.items())
+    mapped = load_file(p, copy=False)  # the safetensors library's zero-copy mapping gives the same tensors
+    assert all(torch.equal(mapped[k], v) and mapped[k].dtype == v.dtype for k, v in tensors.items())
     # casting applies to floating tensors only; integer buffers keep their dtype
     cast = load_file(p, dtype=torch.float16, keys=["w32", "ids"])
     assert set(cast) == {"w32", "ids"} and cast["w32"].dtype == torch.float16 and cast["ids"].dtype == torch.int64

@@ -244,7 +244,8 @@ def load_checkpoint(path, *, dtype=torch.float32, device="cpu", prediction=None)
     if problems:
         raise CheckpointError(path, f"{fam.name} checkpoint does not match: " + "; ".join(problems))
 
-    tensors = load_file(path, keys=unet_keys + vae_keys + text_keys)
+    # cast and place while copying out of the file mapping: peak memory is the loaded model, not twice it
+    tensors = load_file(path, keys=unet_keys + vae_keys + text_keys, dtype=dtype, device=device)
     text_sd = {k: tensors[k] for k in text_keys}
     if fam.name == "sd2":
         # SD2 saved by SGM-era tools keeps OpenCLIP-H at conditioner.embedders.0.model.: same tensors, LDM prefix.
@@ -311,10 +312,10 @@ def component_weights(folder: Path, stem: str, variant: str | None = None) -> li
     raise CheckpointError(folder, f"no {stem}.safetensors, {stem}.safetensors.index.json or .bin weights found")
 
 
-def load_component_files(files) -> dict:
+def load_component_files(files, *, dtype=None, device="cpu") -> dict:
     tensors = {}
     for f in files:
-        part = load_file(f)
+        part = load_file(f, dtype=dtype, device=device)
         dup = sorted(set(part) & set(tensors))
         if dup:
             raise CheckpointError(f, f"keys repeated across shards: {dup[:5]}")
@@ -412,7 +413,8 @@ def load_diffusers(folder, *, dtype=torch.float32, device="cpu", prediction=None
     for name, cls, config, convert in (("unet", UNetModel, unet_config, unet_diffusers_to_ldm),
                                        ("vae", AutoencoderKL, vae_config, vae_diffusers_to_ldm)):  # fmt: skip
         metas[name] = cls(config, device="meta")
-        raw = load_component_files(component_weights(folder / name, "diffusion_pytorch_model", variant))
+        raw = load_component_files(component_weights(folder / name, "diffusion_pytorch_model", variant),
+                                   dtype=dtype, device=device)  # fmt: skip
         try:
             ldm = convert(raw, config, source=str(folder / name))
         except CheckpointError as exc:

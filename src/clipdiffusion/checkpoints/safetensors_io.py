@@ -18,6 +18,7 @@ import json
 import math
 import os
 import struct
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -216,9 +217,10 @@ def load_file(path, *, dtype=None, device="cpu", keys=None, copy=True) -> dict:
     """Load tensors from a ``.safetensors`` file (validated first) or a pickle via the weights-only unpickler.
 
     ``dtype`` casts floating-point tensors only (integer buffers keep their type); ``keys`` loads a subset.
-    ``copy=True`` detaches every tensor from the file mapping: a mapped file that is truncated or rewritten
-    later would otherwise change the weights or crash the process with SIGBUS (checkpoints.md §8.4 item 9).
-    ``copy=False`` keeps the zero-copy mapping for callers that own the file.
+    ``copy=True`` (the default) reads each tensor's bytes into memory of its own: nothing stays tied to the
+    file, so a file truncated or rewritten later can neither change the weights nor crash the process with
+    SIGBUS (checkpoints.md §8.4 item 9), and mapped file pages never add to the peak. ``copy=False`` keeps
+    the safetensors library's zero-copy mapping for callers that own the file.
     """
     if is_pickle_path(path):
         tensors = load_pickle(path)
@@ -226,6 +228,8 @@ def load_file(path, *, dtype=None, device="cpu", keys=None, copy=True) -> dict:
         return {name: _cast(tensors[name], dtype, device, copy) for name in names}
     header = read_header(path)
     names = _check_keys(path, header.tensors, keys)
+    if copy and sys.byteorder == "little":
+        return _read_tensors(path, header, names, dtype, device)
     from safetensors import safe_open
 
     out = {}
@@ -238,6 +242,27 @@ def load_file(path, *, dtype=None, device="cpu", keys=None, copy=True) -> dict:
     except Exception as exc:  # the file changed after validation, or the mapping failed
         raise CheckpointError(path, f"cannot load tensors: {str(exc)[:200]}") from None
     return out
+
+
+def _read_tensors(path, header: Header, names, dtype, device) -> dict:
+    """Read validated spans straight into freshly allocated tensors (the format is little-endian, as we are)."""
+    import torch
+
+    out = {}
+    try:
+        with open(path, "rb") as f:
+            for name in sorted(names, key=lambda n: header.tensors[n].offsets):  # one forward pass over the file
+                info = header.tensors[name]
+                tensor = torch.empty(info.shape, dtype=getattr(torch, DTYPES[info.dtype][0]))
+                start, end = info.offsets
+                if end > start:
+                    f.seek(header.data_start + start)
+                    if f.readinto(tensor.reshape(-1).view(torch.uint8).numpy()) != end - start:
+                        raise CheckpointError(path, f"file shrank while reading tensor {name!r}")
+                out[name] = _cast(tensor, dtype, device, copy=False)
+    except OSError as exc:
+        raise CheckpointError(path, f"cannot read: {exc.strerror or exc}") from None
+    return {name: out[name] for name in names}
 
 
 def _cast(tensor, dtype, device, copy):
