@@ -122,11 +122,14 @@ def test_unknown_keys_are_all_listed():
     sd = dict(U.UNetModel(U.TINY, device="meta").state_dict())
     sd["input_blocks.1.0.bogus.weight"] = torch.empty(1)
     sd["made_up.weight"] = torch.empty(1)
-    with pytest.raises(CheckpointError, match="2 UNet keys.*bogus.*made_up"):
+    sd["input_blocks.1.1.extra.weight"] = torch.empty(1)
+    with pytest.raises(CheckpointError, match="3 UNet keys.*bogus.*made_up.*1.1.extra"):
         DU.unet_ldm_to_diffusers(sd, U.TINY)
     vae = DV.vae_ldm_to_diffusers(V.AutoencoderKL(V.TINY, device="meta").state_dict(), V.TINY)
     vae["decoder.up_blocks.9.resnets.0.conv1.weight"] = torch.empty(1)
-    with pytest.raises(CheckpointError, match="1 VAE keys"):
+    vae["decoder.up_blocks.0.resnets.0.conv3.weight"] = torch.empty(1)
+    vae["quant_conv.extra.weight"] = torch.empty(1)
+    with pytest.raises(CheckpointError, match="3 VAE keys"):
         DV.vae_diffusers_to_ldm(vae, V.TINY)
 
 

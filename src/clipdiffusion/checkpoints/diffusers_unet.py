@@ -59,9 +59,14 @@ def _split(key, prefixes):
     return None, None
 
 
+_ATTN_PARTS = ("norm", "proj_in", "proj_out", "transformer_blocks")  # same names on both sides
+
+
 def _rename_inner(rest, kind, mapping):
-    if kind != "res":
-        return rest
+    if kind == "attn":
+        return rest if rest.split(".")[0] in _ATTN_PARTS else None
+    if kind == "plain":
+        return rest if rest in ("weight", "bias") else None
     for src, dst in mapping.items():
         if rest.startswith(src + "."):
             return dst + rest[len(src):]

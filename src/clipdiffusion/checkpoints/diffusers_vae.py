@@ -12,6 +12,7 @@ from ..errors import CheckpointError, ClipDiffusionError
 _ATTN = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
 _ATTN_BACK = {v: k for k, v in _ATTN.items()} | {"query": "q", "key": "k", "value": "v", "proj_attn": "proj_out"}
 _RES_BACK = {"conv_shortcut": "nin_shortcut"}
+_RES_LAYERS = ("norm1", "conv1", "norm2", "conv2", "nin_shortcut", "conv_shortcut")
 
 
 def vae_block_table(config) -> list[tuple[str, str, str]]:
@@ -58,6 +59,10 @@ def _convert(sd, config, to_diffusers: bool, source: str):
             continue
         target, kind = lookup[prefix]
         layer, _, param = rest.rpartition(".")
+        if param not in ("weight", "bias") or (kind == "plain" and layer) or (
+                kind == "res" and layer not in _RES_LAYERS):
+            unknown.append(key)
+            continue
         if kind == "res":
             layer = ({"nin_shortcut": "conv_shortcut"} if to_diffusers else _RES_BACK).get(layer, layer)
         elif kind == "attn":
