@@ -131,6 +131,7 @@ def test_duplicate_keys(tmp_path):
 
 def test_bad_metadata_and_entry_fields(tmp_path):
     refused(craft(tmp_path / "m.safetensors", {"__metadata__": {"k": 1}}), "__metadata__")
+    refused(craft(tmp_path / "l.safetensors", {"__metadata__": []}), "__metadata__")
     refused(craft(tmp_path / "e.safetensors", {"a": {"dtype": "F32", "shape": [1]}}, bytes(4)), "data_offsets")
     refused(craft(tmp_path / "n.safetensors", {"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 0]}}))
 

@@ -166,7 +166,7 @@ def read_header(path) -> Header:
     if not isinstance(obj, dict):
         raise CheckpointError(path, f"header is a JSON {type(obj).__name__}, not an object")
 
-    metadata = obj.pop("__metadata__", None) or {}
+    metadata = obj.pop("__metadata__", {})
     if not isinstance(metadata, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
