@@ -32,6 +32,14 @@ PUBLISHED_UNET = {
                           projection_class_embeddings_input_dim=2816, class_embed_type=None, num_class_embeds=None,
                           down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
                           up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"])),
+    "sdxl_refiner": (U.SDXL_REFINER, dict(_COMMON, sample_size=128, attention_head_dim=[6, 12, 24, 24],
+                                          cross_attention_dim=1280, block_out_channels=[384, 768, 1536, 1536],
+                                          use_linear_projection=True, transformer_layers_per_block=4,
+                                          addition_embed_type="text_time", addition_time_embed_dim=256,
+                                          projection_class_embeddings_input_dim=2560,
+                                          down_block_types=["DownBlock2D"] + ["CrossAttnDownBlock2D"] * 2
+                                          + ["DownBlock2D"],
+                                          up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 2 + ["UpBlock2D"])),
 }
 PUBLISHED_VAE = {"act_fn": "silu", "block_out_channels": [128, 256, 512, 512], "in_channels": 3, "out_channels": 3,
                  "latent_channels": 4, "layers_per_block": 2, "norm_num_groups": 32, "sample_size": 512,
@@ -43,14 +51,14 @@ def _shapes(sd):
     return {k: tuple(v.shape) for k, v in sd.items()}
 
 
-@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl", "sdxl_refiner"])
 def test_published_unet_config_reads_as_preset(family):
     preset, published = PUBLISHED_UNET[family]
     assert DU.unet_config_from_diffusers(published) == preset
     assert DU.unet_config_from_diffusers(DU.unet_config_to_diffusers(preset)) == preset
 
 
-@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl", "sdxl_refiner"])
 def test_full_size_unet_keys_and_shapes_match_diffusers(family):
     diffusers = pytest.importorskip("diffusers")
     preset, published = PUBLISHED_UNET[family]

@@ -1,6 +1,8 @@
 """UNet: parity with diffusers' UNet2DConditionModel on identical random weights, the attention recorder,
 config recovery from weights, full-size parameter counts (on the meta device), and input validation."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -142,7 +144,8 @@ def test_bfloat16_model_runs_close_to_fp32():
     assert b.dtype == torch.bfloat16 and (b.float() - a).abs().max() < 0.1
 
 
-@pytest.mark.parametrize("preset", [U.TINY, U.TINY_SD2, U.TINY_SDXL, U.SD1, U.SD2, U.SDXL])
+@pytest.mark.parametrize("preset", [U.TINY, U.TINY_SD2, U.TINY_SDXL, U.SD1, U.SD2, U.SDXL, U.SDXL_REFINER,
+                                    dataclasses.replace(U.SD1, in_channels=9)])
 def test_from_weights_recovers_config(preset):
     sd = U.UNetModel(preset, device="meta").state_dict()
     assert U.UNetConfig.from_weights(sd, **_heads(preset), size_embed_dim=preset.size_embed_dim) == preset
@@ -218,7 +221,6 @@ def test_bad_config_raises():
 
 
 def test_config_survives_json_round_trip():
-    import dataclasses
     import json
 
     for preset in U.PRESETS.values():

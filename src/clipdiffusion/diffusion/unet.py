@@ -121,6 +121,11 @@ SD2 = UNetConfig(context_dim=1024, num_heads=None, head_channels=64, use_linear_
 SDXL = UNetConfig(channel_mult=(1, 2, 4), transformer_depth=(0, 2, 10), transformer_depth_middle=10,
                   context_dim=2048, num_heads=None, head_channels=64, use_linear_in_transformer=True,
                   adm_in_channels=2816)
+# The SDXL refiner: wider (384), attention only at ds 2 and 4, conditioned on bigG alone (1280) and a y without
+# the target size but with an aesthetic score (1280 + 5 x 256).
+SDXL_REFINER = UNetConfig(model_channels=384, transformer_depth=(0, 4, 4, 0), transformer_depth_middle=4,
+                          context_dim=1280, num_heads=None, head_channels=64, use_linear_in_transformer=True,
+                          adm_in_channels=2560)
 # Tiny configs for tests: 32 channels still allow the 32 GroupNorm groups of the real models.
 TINY = UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, transformer_depth=(1, 1),
                   context_dim=32, num_heads=4)
@@ -129,7 +134,7 @@ TINY_SD2 = UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, 
 TINY_SDXL = UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, transformer_depth=(0, 2),
                        transformer_depth_middle=2, context_dim=32, num_heads=None, head_channels=16,
                        use_linear_in_transformer=True, adm_in_channels=64, size_embed_dim=8)
-PRESETS = {"sd1": SD1, "sd2": SD2, "sdxl": SDXL, "tiny": TINY, "tiny_sd2": TINY_SD2, "tiny_sdxl": TINY_SDXL}
+PRESETS = {"sd1": SD1, "sd2": SD2, "sdxl": SDXL, "sdxl_refiner": SDXL_REFINER, "tiny": TINY, "tiny_sd2": TINY_SD2, "tiny_sdxl": TINY_SDXL}
 
 
 def timestep_embedding(timesteps, dim: int, max_period: float = 10000.0):
