@@ -293,6 +293,8 @@ def test_sharded_and_variant_weights(tmp_path):
     te_file = folder / "text_encoder" / "model.safetensors"
     torch.save(load_file(te_file), folder / "text_encoder" / "pytorch_model.bin")
     te_file.unlink()
+    with pytest.raises(CheckpointError, match="variants present: fp16"):
+        load_diffusers(folder)
     loaded = load_diffusers(folder, variant="fp16")
     assert_same_weights(model.unet, loaded.unet)
     assert_same_weights(model.vae, loaded.vae)

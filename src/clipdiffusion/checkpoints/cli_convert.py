@@ -23,9 +23,10 @@ def add_arguments(parser):
                         help="floating-point type of the written weights (default fp32)")  # fmt: skip
     parser.add_argument("--prediction", choices=detect.PREDICTIONS, default=None,
                         help="set the prediction type (eps or v) when the source does not record it")  # fmt: skip
+    parser.add_argument("--variant", default=None, help="diffusers weight variant to read, e.g. fp16")
 
 
-def convert(src, dst, *, dtype="fp32", prediction=None) -> Path:
+def convert(src, dst, *, dtype="fp32", prediction=None, variant=None) -> Path:
     import torch
 
     from .load import load_checkpoint, load_diffusers
@@ -44,8 +45,10 @@ def convert(src, dst, *, dtype="fp32", prediction=None) -> Path:
     if not to_file and dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise ClipDiffusionError(f"output: {str(dst)!r} exists; a diffusers folder is written to a new or empty folder")
     # fp32 in memory: fp16/bf16 sources convert losslessly, and the cast to the output dtype happens once.
-    load = load_diffusers if src.is_dir() else load_checkpoint
-    model = load(src, dtype=torch.float32, prediction=prediction)
+    if src.is_dir():
+        model = load_diffusers(src, dtype=torch.float32, prediction=prediction, variant=variant)
+    else:
+        model = load_checkpoint(src, dtype=torch.float32, prediction=prediction)
     out_dtype = getattr(torch, DTYPES[dtype])
     if to_file:
         return save_checkpoint(model, dst, dtype=out_dtype)
@@ -53,7 +56,7 @@ def convert(src, dst, *, dtype="fp32", prediction=None) -> Path:
 
 
 def run(args) -> int:
-    out = convert(args.input, args.output, dtype=args.dtype, prediction=args.prediction)
+    out = convert(args.input, args.output, dtype=args.dtype, prediction=args.prediction, variant=args.variant)
     kind = "single file" if out.suffix == ".safetensors" else "diffusers folder"
     print(f"wrote {kind} {out}")
     return 0

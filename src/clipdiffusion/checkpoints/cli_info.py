@@ -26,6 +26,7 @@ def add_arguments(parser):
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     parser.add_argument("--prediction", choices=detect.PREDICTIONS, default=None,
                         help="override the prediction type (eps or v), as loading would")  # fmt: skip
+    parser.add_argument("--variant", default=None, help="diffusers weight variant to read, e.g. fp16")
 
 
 def _summarise(groups: dict) -> dict:
@@ -63,7 +64,7 @@ def describe_file(path, prediction=None) -> dict:
     }  # fmt: skip
 
 
-def describe_folder(folder, prediction=None) -> dict:
+def describe_folder(folder, prediction=None, variant=None) -> dict:
     from .load import diffusers_prediction, component_weights, read_json
     from .safetensors_io import read_shapes
 
@@ -80,7 +81,7 @@ def describe_folder(folder, prediction=None) -> dict:
     groups = {}
     for sub, stem in subs:
         items = []
-        for f in component_weights(folder / sub, stem):
+        for f in component_weights(folder / sub, stem, variant):
             shapes, dtypes, _ = read_shapes(f)
             items += [(shapes[k], dtypes[k]) for k in shapes if not k.endswith("position_ids")]
         groups[sub] = items
@@ -93,10 +94,10 @@ def describe_folder(folder, prediction=None) -> dict:
     }  # fmt: skip
 
 
-def describe(path, prediction=None) -> dict:
+def describe(path, prediction=None, variant=None) -> dict:
     path = Path(path)
     if path.is_dir():
-        return describe_folder(path, prediction)
+        return describe_folder(path, prediction, variant)
     return describe_file(path, prediction)
 
 
@@ -132,6 +133,6 @@ def format_text(info: dict) -> str:
 
 
 def run(args) -> int:
-    info = describe(args.path, args.prediction)
+    info = describe(args.path, args.prediction, args.variant)
     print(json.dumps(info, indent=2) if args.json else format_text(info))
     return 0

@@ -309,7 +309,9 @@ def component_weights(folder: Path, stem: str, variant: str | None = None) -> li
     legacy = folder / ("pytorch_model.bin" if stem == "model" else f"{stem}.bin")
     if legacy.is_file():
         return [legacy]
-    raise CheckpointError(folder, f"no {stem}.safetensors, {stem}.safetensors.index.json or .bin weights found")
+    variants = sorted({f.name[len(stem) + 1:].split(".")[0] for f in folder.glob(f"{stem}.*.safetensors*")})
+    hint = f"; variants present: {', '.join(variants)} (pass variant=...)" if variants else ""
+    raise CheckpointError(folder, f"no {stem}.safetensors, {stem}.safetensors.index.json or .bin weights{hint}")
 
 
 def load_component_files(files, *, dtype=None, device="cpu") -> dict:
