@@ -295,6 +295,8 @@ def test_sharded_and_variant_weights(tmp_path):
     te_file.unlink()
     with pytest.raises(CheckpointError, match="variants present: fp16"):
         load_diffusers(folder)
+    with pytest.raises(ValueError, match="variant"):
+        load_diffusers(folder, variant="../../etc")
     loaded = load_diffusers(folder, variant="fp16")
     assert_same_weights(model.unet, loaded.unet)
     assert_same_weights(model.vae, loaded.vae)

@@ -270,6 +270,7 @@ def load_checkpoint(path, *, dtype=torch.float32, device="cpu", prediction=None)
 
 _MAX_JSON_BYTES = 10_000_000
 _SHARD_NAME = re.compile(r"^[\w.\-]+\.safetensors$")
+_VARIANT = re.compile(r"^[A-Za-z0-9_\-]{1,32}$")
 PIPELINES = {"StableDiffusionPipeline", "StableDiffusionXLPipeline"}
 
 
@@ -290,6 +291,8 @@ def read_json(path) -> dict:
 
 def component_weights(folder: Path, stem: str, variant: str | None = None) -> list[Path]:
     """The weight files of one component: single, variant (``.fp16``), sharded (index), or legacy ``.bin``."""
+    if variant is not None and not _VARIANT.match(str(variant)):
+        raise ClipDiffusionError(f"variant must be a plain name such as 'fp16', got {variant!r}")
     names = [f"{stem}.{variant}" if variant else None, stem]
     for name in filter(None, names):
         single = folder / f"{name}.safetensors"
