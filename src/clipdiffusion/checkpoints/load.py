@@ -291,7 +291,7 @@ def read_json(path) -> dict:
 
 def component_weights(folder: Path, stem: str, variant: str | None = None) -> list[Path]:
     """The weight files of one component: single, variant (``.fp16``), sharded (index), or legacy ``.bin``."""
-    if variant is not None and not _VARIANT.match(str(variant)):
+    if variant is not None and not _VARIANT.fullmatch(str(variant)):
         raise ClipDiffusionError(f"variant must be a plain name such as 'fp16', got {variant!r}")
     names = [f"{stem}.{variant}" if variant else None, stem]
     for name in filter(None, names):
@@ -305,7 +305,7 @@ def component_weights(folder: Path, stem: str, variant: str | None = None) -> li
                 raise CheckpointError(index, "weight_map must be a non-empty object")
             files = sorted(set(weight_map.values()), key=str)
             # Shard names come from the file: plain names inside this folder only, no path traversal.
-            bad = [f for f in files if not isinstance(f, str) or not _SHARD_NAME.match(f) or ".." in f]
+            bad = [f for f in files if not isinstance(f, str) or not _SHARD_NAME.fullmatch(f) or ".." in f]
             if bad:
                 raise CheckpointError(index, f"weight_map names invalid shard files {bad[:5]}")
             return [folder / f for f in files]
