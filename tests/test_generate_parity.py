@@ -27,7 +27,6 @@ import pytest
 import torch
 
 diffusers = pytest.importorskip("diffusers")
-pytestmark = pytest.mark.slow  # importing diffusers and building both sides takes ~5 s on 2 cores
 
 from clipdiffusion.checkpoints.diffusers_unet import unet_config_from_diffusers, unet_diffusers_to_ldm  # noqa: E402
 from clipdiffusion.checkpoints.diffusers_vae import vae_config_from_diffusers, vae_diffusers_to_ldm  # noqa: E402
