@@ -182,3 +182,13 @@ def test_clip_skip_default_is_the_family_default_and_only_other_values_are_recor
     np.testing.assert_array_equal(default.pixels, xl.generate("a cat", steps=1, seed=0, clip_skip=2).pixels)
     with pytest.raises(ClipDiffusionError, match="clip_skip=9"):
         gen(pipe, clip_skip=9)
+
+
+def test_infotext_reproduces_the_generation(pipe):
+    from clipdiffusion.infotext import generate_kwargs
+
+    first = gen(pipe, "a (red:1.2) circle", negative_prompt="dark, blurry", seed=-1, sampler="heun",
+                schedule="karras", guidance=4.0, clip_skip=2, long_prompt="window", weighting="comfy", steps=3)
+    again = pipe.generate(**generate_kwargs(parse_infotext(first.infotexts[0])))
+    np.testing.assert_array_equal(first.pixels, again.pixels)
+    assert again.infotexts == first.infotexts

@@ -78,6 +78,18 @@ def _unquote(text: str) -> str:
     return text
 
 
+def generate_kwargs(p: GenerationParameters) -> dict:
+    """Keyword arguments for ``Pipeline.generate`` that reproduce ``p`` (fields the text did not give are left to
+    generate's defaults; an img2img text still needs its init image)."""
+    kwargs = {"prompt": p.prompt, "negative_prompt": p.negative_prompt, "long_prompt": p.long_prompt,
+              "weighting": p.weighting}
+    for name in ("steps", "sampler", "schedule", "guidance", "seed", "width", "height", "clip_skip", "strength"):
+        value = getattr(p, name)
+        if value is not None:
+            kwargs[name] = value
+    return kwargs
+
+
 def format_infotext(p: GenerationParameters) -> str:
     """The A1111 text for ``p``: prompt, "Negative prompt:" line when there is one, then the parameters line."""
     pairs = []
