@@ -52,7 +52,7 @@ def test_batch_names_and_consecutive_seeds(model, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--width", "30"], "width=30"),
+    (["--width", "31"], "width=31"),
     (["--steps", "0"], "steps=0"),
     (["--guidance", "-2"], "guidance=-2"),
     (["-o", "out.jpg"], "output='out.jpg'"),

@@ -140,9 +140,9 @@ class Pipeline:
 
     @property
     def latent_factor(self) -> int:
-        """Pixels per latent pixel times the UNet's own downsampling: width and height must divide by this."""
-        unet_factor = 2 ** (len(self.unet.config.channel_mult) - 1)
-        return self.vae.config.downsample_factor * unet_factor
+        """Pixels per latent pixel: width and height must divide by this. (The UNet takes any latent size: its
+        upsampling lands on each skip connection's size, as diffusers and A1111 do.)"""
+        return self.vae.config.downsample_factor
 
     def _device(self):
         for p in self.unet.parameters():
@@ -158,8 +158,8 @@ class Pipeline:
         for name, value in (("width", width), ("height", height)):
             _check_int(name, value, f, MAX_SIDE)
             if value % f:
-                raise ClipDiffusionError(f"{name}={value}: must be a multiple of {f} for this model "
-                                         f"(VAE x{vae_f}, UNet x{f // vae_f})")
+                raise ClipDiffusionError(f"{name}={value}: must be a multiple of {f} for this model (its VAE "
+                                         f"works on {vae_f}x{vae_f}-pixel latents)")
         if width * height > MAX_PIXELS:
             raise ClipDiffusionError(f"size={width}x{height}: more than {MAX_PIXELS} pixels")
         return width, height

@@ -193,19 +193,26 @@ class Upsample(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
-    def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    def forward(self, x, size=None):
+        # `size`: the skip connection's height and width. At latent sizes that do not divide by the UNet's
+        # downsampling (SD1 at 520 px: 65 -> 33 -> 17 -> 9), doubling would miss it by one; diffusers passes the
+        # skip's size (forward_upsample_size) and A1111 resizes at the concatenation. Nearest to 2H equals x2.
+        if size is None:
+            return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.conv(F.interpolate(x, size=size, mode="nearest"))
 
 
 class EmbedSequential(nn.Sequential):
     """LDM's TimestepEmbedSequential: hands the time embedding to ResBlocks and the context to transformers."""
 
-    def forward(self, x, emb, context, recorder=None):
+    def forward(self, x, emb, context, recorder=None, upsample_size=None):
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
                 x = layer(x, context, recorder)
+            elif isinstance(layer, Upsample):
+                x = layer(x, upsample_size)
             else:
                 x = layer(x)
         return x
@@ -267,10 +274,8 @@ class UNetModel(nn.Module):
         cfg = self.config
         if x.ndim != 4 or x.shape[1] != cfg.in_channels:
             raise ClipDiffusionError(f"UNet input x: expected [B,{cfg.in_channels},H,W], got {list(x.shape)}")
-        f = cfg.downsample_factor
-        if x.shape[2] % f or x.shape[3] % f:
-            raise ClipDiffusionError(f"UNet input x: height and width must be multiples of {f} latent pixels, "
-                                     f"got {x.shape[2]}x{x.shape[3]}")
+        if x.shape[2] < 1 or x.shape[3] < 1:
+            raise ClipDiffusionError(f"UNet input x: empty spatial size {x.shape[2]}x{x.shape[3]}")
         if context.ndim != 3 or context.shape[2] != cfg.context_dim or context.shape[0] != x.shape[0]:
             raise ClipDiffusionError(f"UNet context: expected [{x.shape[0]},T,{cfg.context_dim}], "
                                      f"got {list(context.shape)}")
@@ -307,5 +312,7 @@ class UNetModel(nn.Module):
             skips.append(h)
         h = self.middle_block(h, emb, context, attention_recorder)
         for block in self.output_blocks:
-            h = block(torch.cat([h, skips.pop()], dim=1), emb, context, attention_recorder)  # [B,C+Cskip,H,W]
+            h = torch.cat([h, skips.pop()], dim=1)  # [B,C+Cskip,H,W]
+            target = skips[-1].shape[-2:] if skips else None  # where this block's Upsample (if any) must land
+            h = block(h, emb, context, attention_recorder, upsample_size=target)
         return self.out(h)
