@@ -95,7 +95,9 @@ def test_caption_round_trip_through_parser():
 
 
 def test_caption_examples_from_the_issue_parse():
-    spec = parse_caption("a large red circle at the top left and a small blue square at the bottom right on a white background")
+    spec = parse_caption(
+        "a large red circle at the top left and a small blue square at the bottom right on a white background"
+    )
     assert spec.background == "white"
     assert spec.objects == (ObjectSpec("red", "circle", 0, "large"), ObjectSpec("blue", "square", 8, "small"))
     spec = parse_caption("on a gray background, a green triangle in the center")
@@ -110,7 +112,8 @@ def test_long_caption_puts_objects_after_tags():
 
 
 @pytest.mark.parametrize(
-    "text", ["a cat", "a red circle", "a red circle at the top and a blue square at the top", "a large circle at the top"]
+    "text",
+    ["a cat", "a red circle", "a red circle at the top and a blue square at the top", "a large circle at the top"],
 )
 def test_parser_rejects_bad_captions(text):
     with pytest.raises(PromptError):

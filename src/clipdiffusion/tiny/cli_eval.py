@@ -15,7 +15,7 @@ REFERENCES = ("ground-truth", "noise")
 def add_arguments(parser):
     parser.add_argument("--model", help="checkpoint file or diffusers folder (default: the embedded tiny model)")
     parser.add_argument("--reference", choices=REFERENCES,
-                        help="score a stand-in instead of a model: the ground truth (ceiling) or noise (floor)")  # fmt: skip
+                        help="score a stand-in, not a model: the ground truth (ceiling) or noise (floor)")
     parser.add_argument("--per-count", type=int, default=50, help="prompts per object count (1, 2, 3)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, default=7.0)
@@ -68,9 +68,10 @@ def run(args) -> int:
     name = args.reference or args.model or "embedded tiny model"
     gen = {"steps": args.steps, "guidance": args.guidance, "sampler": args.sampler}
     cases = ev.prompt_set(args.per_count)
+    command = " ".join(sys.argv[1:]) if sys.argv[1:2] == ["eval"] else "eval"
     lines = [f"# Synthetic-world evaluation: {name}", "",
              f"{len(cases)} held-out prompts, {args.steps} steps, guidance {args.guidance}, sampler {args.sampler}",
-             f"command: `clipdiffusion {' '.join(sys.argv[1:]) if sys.argv[1:2] == ['eval'] else 'eval'}`", ""]  # fmt: skip
+             f"command: `clipdiffusion {command}`", ""]  # fmt: skip
     results: dict = {"model": name, **gen}
 
     def progress(i, n):
@@ -102,7 +103,8 @@ def run(args) -> int:
         rows = ev.clip_skip_study(pipe, cases[: max(3, len(cases) // 3)], **gen)
         results["clip_skip"] = rows
         base = rows[1]["encode_s"]
-        lines += ["## Clip skip", "", "| clip skip | object recall | encoder time (s) | time saved |", "|---|---|---|---|"]
+        lines += ["## Clip skip", "", "| clip skip | object recall | encoder time (s) | time saved |",
+                  "|---|---|---|---|"]  # fmt: skip
         for skip, row in rows.items():
             saved = 1 - row["encode_s"] / base if base == base and base > 0 else float("nan")
             lines.append(f"| {skip} | {row['recall']:.3f} | {row['encode_s']:.4f} | {saved:.1%} |")

@@ -90,7 +90,9 @@ def caption_variants(spec: SceneSpec) -> list:
     """Every spec a caption of this scene can state (size and background each said or left open)."""
     variants = []
     for mask in range(2 ** len(spec.objects)):
-        objects = tuple(dataclasses.replace(o, size=o.size if mask >> i & 1 else None) for i, o in enumerate(spec.objects))
+        objects = tuple(
+            dataclasses.replace(o, size=o.size if mask >> i & 1 else None) for i, o in enumerate(spec.objects)
+        )
         variants += [SceneSpec(objects, spec.background), SceneSpec(objects, None)]
     return variants
 
@@ -232,8 +234,9 @@ class Trainer:
     def _load(self, path):
         blob = torch.load(path, map_location="cpu", weights_only=False)
         if blob["state"]["settings"]["model"] != self.settings.model:
-            raise ClipDiffusionError(f"resume: the state in {str(self.out)!r} trains model "
-                                     f"{blob['state']['settings']['model']!r}, not {self.settings.model!r}")  # fmt: skip
+            saved = blob["state"]["settings"]["model"]
+            raise ClipDiffusionError(f"resume: the state in {str(self.out)!r} trains model {saved!r}, "
+                                     f"not {self.settings.model!r}")  # fmt: skip
         for k, m in self.models.items():
             m.load_state_dict(blob["models"][k])
         for k, o in self.optimizers.items():
@@ -363,10 +366,10 @@ class Trainer:
             self.pool["latents"] = torch.cat(self.pool["latents"])  # [N, 4, h, w]
         alphas = sd_alphas_cumprod().float()
         index = self.rng.integers(len(self.pool["scenes"]), size=s.unet_batch)
-        captions = [
-            "" if self.rng.random() < s.caption_dropout else loose_caption(self.pool["scenes"][i].spec(), self.rng, s.p_tags)
-            for i in index
-        ]  # fmt: skip
+        scenes = [self.pool["scenes"][i] for i in index]
+        # caption dropout: the empty prompt, which is also what the negative "" encodes to at inference
+        captions = ["" if self.rng.random() < s.caption_dropout else loose_caption(sc.spec(), self.rng, s.p_tags)
+                    for sc in scenes]  # fmt: skip
         x0 = self.pool["latents"][torch.from_numpy(index)].float()  # [B, 4, h, w]
         t = torch.randint(0, len(alphas), (s.unet_batch,), generator=self.torch_rng)
         noise = torch.randn(x0.shape, generator=self.torch_rng)
