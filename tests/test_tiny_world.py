@@ -125,3 +125,13 @@ def test_check_spec_names_field_and_value():
         check_spec(SceneSpec((ObjectSpec("pink", "circle", 0),)))
     with pytest.raises(ClipDiffusionError, match="canvas"):
         render(sample_scene(np.random.default_rng(0)), canvas=8)
+
+
+def test_world_judge_and_eval_do_not_import_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, clipdiffusion.tiny.world, clipdiffusion.tiny.captions, clipdiffusion.tiny.judge, "
+            "clipdiffusion.tiny.eval, clipdiffusion.tiny.cli_eval; print('torch' in sys.modules)")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
