@@ -135,3 +135,9 @@ def test_train_cli_validates_arguments(tmp_path, capsys):
     assert "threads: 0" in capsys.readouterr().err
     assert main(["train-tiny", "--out", str(tmp_path), "--resume", "--threads", "1"]) == 2
     assert "state.pt is missing" in capsys.readouterr().err
+
+
+def test_vae_round_trip_is_judged(trained):
+    trainer, _ = trained
+    entry = [json.loads(line) for line in (trainer.out / "log.jsonl").read_text().splitlines() if "judged_right" in line]
+    assert len(entry) == 1 and 0.0 <= entry[0]["judged_right"] <= 1.0  # two steps: no promise beyond a number

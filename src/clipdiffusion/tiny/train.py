@@ -295,7 +295,7 @@ class Trainer:
     def _finish(self, phase):
         if phase == "vae":
             self.state["scale_factor"] = self._measure_scale_factor()
-            self._record("vae", scale_factor=self.state["scale_factor"])
+            self._record("vae", scale_factor=self.state["scale_factor"], judged_right=self._vae_round_trip())
         if phase == "pool":
             if self.pool is None:
                 self._pool_step()  # a budget too small for even one batch still yields a (tiny) pool
@@ -339,6 +339,18 @@ class Trainer:
         self._update("vae", loss, s.vae_lr)
         if self.state["step"]["vae"] % s.log_every == 0:
             self._record("vae", loss=loss.item(), recon=recon.item(), kl=kl.item())
+
+    @torch.no_grad()
+    def _vae_round_trip(self, n: int = 32) -> float:
+        """Share of fresh scenes whose VAE reconstruction the judge reads entirely right: the ceiling of every
+        adherence number the finished model can reach."""
+        from .judge import judge, verdict
+
+        scenes = self.scenes.draw(n)
+        vae = self.models["vae"]
+        decoded = vae.decode(vae.encode(to_pixels([render(sc, self.config.image.canvas) for sc in scenes])).mean)
+        images = ((decoded.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()  # [B, H, W, 3]
+        return float(np.mean([verdict(sc.spec(), judge(im)).success for sc, im in zip(scenes, images)]))
 
     @torch.no_grad()
     def _measure_scale_factor(self) -> float:
