@@ -20,7 +20,6 @@ resident memory above the post-import baseline (page-cache pages of the mapped f
 
 import argparse
 import gc
-import platform
 import statistics
 import subprocess
 import sys
@@ -30,17 +29,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-
-
-def machine() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from _machine import machine
 
 
 def random_sd15(folder: Path) -> tuple[Path, Path]:

@@ -12,23 +12,11 @@ median is reported, because other processes share the CPU. The max abs differenc
 """
 
 import argparse
-import platform
 import statistics
-import subprocess
 import time
 
 import torch
-
-
-def machine() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from _machine import machine
 
 
 def build(seed=0):

@@ -10,23 +10,11 @@ processes share the machine.
 """
 
 import argparse
-import platform
 import statistics
-import subprocess
 import time
 
 import torch
-
-
-def machine() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from _machine import machine
 
 
 def build(seed: int):

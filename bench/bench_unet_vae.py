@@ -11,23 +11,11 @@ Ours also runs a second time as a channels-last (NHWC) twin over the same weight
 """
 
 import argparse
-import platform
 import statistics
-import subprocess
 import time
 
 import torch
-
-
-def machine() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from _machine import machine
 
 
 def matmul_peak_gflops(n: int = 2048, reps: int = 5) -> float:
