@@ -47,13 +47,8 @@ def _jitter(module):
     return module.eval()
 
 
-@pytest.fixture(scope="module")
-def models():
-    torch.manual_seed(0)
-    unet = _jitter(diffusers.UNet2DConditionModel(
-        sample_size=8, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
-        attention_head_dim=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")))
+def _ours_from_diffusers(diffusers, unet):
+    """A tiny random diffusers VAE beside ``unet``, and both converted to ours through the rename tables."""
     vae = _jitter(diffusers.AutoencoderKL(
         block_out_channels=(32, 64), layers_per_block=1, latent_channels=4,
         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2))
@@ -62,6 +57,18 @@ def models():
     our_unet.load_state_dict(unet_diffusers_to_ldm(unet.state_dict(), ucfg), strict=True)
     our_vae = AutoencoderKL(vcfg).eval()
     our_vae.load_state_dict(vae_diffusers_to_ldm(vae.state_dict(), vcfg), strict=True)
+    return vae, our_unet, our_vae
+
+
+
+@pytest.fixture(scope="module")
+def models():
+    torch.manual_seed(0)
+    unet = _jitter(diffusers.UNet2DConditionModel(
+        sample_size=8, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
+        attention_head_dim=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")))
+    vae, our_unet, our_vae = _ours_from_diffusers(diffusers, unet)
     text_encoder = tiny_pipeline(0).text_encoder
     return unet, vae, our_unet, our_vae, text_encoder
 
@@ -141,14 +148,7 @@ def test_sdxl_size_conditioning_matches_stable_diffusion_xl_pipeline():
         attention_head_dim=(2, 4), use_linear_projection=True, transformer_layers_per_block=(1, 2),
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=16 + 6 * 8))
-    vae = _jitter(diffusers.AutoencoderKL(
-        block_out_channels=(32, 64), layers_per_block=1, latent_channels=4,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2))
-    ucfg, vcfg = unet_config_from_diffusers(dict(unet.config)), vae_config_from_diffusers(dict(vae.config))
-    our_unet = UNetModel(ucfg).eval()
-    our_unet.load_state_dict(unet_diffusers_to_ldm(unet.state_dict(), ucfg), strict=True)
-    our_vae = AutoencoderKL(vcfg).eval()
-    our_vae.load_state_dict(vae_diffusers_to_ldm(vae.state_dict(), vcfg), strict=True)
+    vae, our_unet, our_vae = _ours_from_diffusers(diffusers, unet)
     ours = Pipeline(tiny_pipeline(0, "sdxl").text_encoder, our_unet, our_vae, "sdxl", "eps", default_size=SIZE)
     sched = diffusers.EulerDiscreteScheduler(**SD_SCHEDULE, timestep_spacing="linspace")
     ref = diffusers.StableDiffusionXLPipeline(vae=vae, text_encoder=None, text_encoder_2=None, tokenizer=None,

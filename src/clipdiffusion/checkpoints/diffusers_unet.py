@@ -7,7 +7,8 @@ single layers. Mapping per checkpoints reference §5.2 (diffusers `convert_from_
 string surgery).
 """
 
-from ..errors import CheckpointError, ClipDiffusionError
+from ..errors import ClipDiffusionError
+from . import unfit_keys_error
 
 # LDM ResBlock sub-layer -> diffusers ResnetBlock2D sub-layer
 _RES = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
@@ -91,9 +92,7 @@ def _convert(sd, config, to_diffusers: bool, source: str):
                 *value.shape[:2], 1, 1)
         out[f"{target}.{new_rest}"] = value
     if unknown:
-        shown = ", ".join(unknown[:20]) + (f" (+{len(unknown) - 20} more)" if len(unknown) > 20 else "")
-        raise CheckpointError(source, f"{len(unknown)} UNet keys do not fit the "
-                                      f"{'LDM' if to_diffusers else 'diffusers'} layout of this config: {shown}")
+        raise unfit_keys_error(source, "UNet", to_diffusers, unknown)
     return out
 
 

@@ -7,7 +7,8 @@ diffusers files written before diffusers 0.14 call those projections query/key/v
 Mapping per checkpoints reference §5.3.
 """
 
-from ..errors import CheckpointError, ClipDiffusionError
+from ..errors import ClipDiffusionError
+from . import unfit_keys_error
 
 _ATTN = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
 _ATTN_BACK = {v: k for k, v in _ATTN.items()} | {"query": "q", "key": "k", "value": "v", "proj_attn": "proj_out"}
@@ -76,9 +77,7 @@ def _convert(sd, config, to_diffusers: bool, source: str):
             layer = renamed
         out[".".join(filter(None, (target, layer, param)))] = value
     if unknown:
-        shown = ", ".join(unknown[:20]) + (f" (+{len(unknown) - 20} more)" if len(unknown) > 20 else "")
-        raise CheckpointError(source, f"{len(unknown)} VAE keys do not fit the "
-                                      f"{'LDM' if to_diffusers else 'diffusers'} layout of this config: {shown}")
+        raise unfit_keys_error(source, "VAE", to_diffusers, unknown)
     return out
 
 
