@@ -141,3 +141,61 @@ def test_vae_round_trip_is_judged(trained):
     trainer, _ = trained
     entry = [json.loads(line) for line in (trainer.out / "log.jsonl").read_text().splitlines() if "judged_right" in line]
     assert len(entry) == 1 and 0.0 <= entry[0]["judged_right"] <= 1.0  # two steps: no promise beyond a number
+
+
+def _attributes(spec):
+    return [(o.color, o.shape, o.cell, o.size) for o in spec.objects]
+
+
+def test_hard_negative_twin_misstates_exactly_one_attribute():
+    from clipdiffusion.tiny.captions import parse_caption
+    from clipdiffusion.tiny.train import caption_pair
+    from clipdiffusion.tiny.world import sample_spec
+
+    rng = np.random.default_rng(3)
+    kinds = set()
+    for _ in range(300):
+        spec = sample_spec(rng, p_size=1.0, p_background=1.0)
+        text, twin = caption_pair(spec, rng, p_tags=0.0)
+        said, wrong = parse_caption(text), parse_caption(twin)
+        assert said.background == wrong.background and said != wrong
+        a, b = _attributes(said), _attributes(wrong)
+        if sorted(o[2] for o in a) != sorted(o[2] for o in b):  # an object moved to an empty cell
+            kinds.add("cell")
+            assert sum(x not in b for x in a) == 1
+            continue
+        changed = [(x, y) for x, y in zip(a, b) if x != y]  # same cells, same canonical order
+        fields = {i for x, y in changed for i in range(4) if x[i] != y[i]}
+        assert len(fields) == 1 and fields <= {0, 1}, (text, twin)
+        if len(changed) == 2:  # a swap: the same multiset of colours (or shapes), bound to other objects
+            kinds.add("swap")
+            f = fields.pop()
+            assert sorted(x[f] for x, _ in changed) == sorted(y[f] for _, y in changed)
+        else:
+            kinds.add(("color", "shape")[fields.pop()])
+        # the twin is the same sentence but for the changed words (same template, same tags)
+        assert len(text.split()) == len(twin.split())
+    assert kinds == {"cell", "swap", "color", "shape"}
+
+
+def test_phase_step_caps_and_cosine_decay(tmp_path):
+    with pytest.raises(ClipDiffusionError, match="phase_steps"):
+        TrainSettings(phase_steps=(1, 2))
+    trainer = Trainer(tmp_path, _settings(max_steps=None, phase_steps=(3, 2, 1, 4)), log=lambda line: None)
+    lrs = []
+    original = trainer._update
+
+    def spy(phase, loss, base_lr):
+        original(phase, loss, base_lr)
+        if phase == "unet":
+            lrs.append(trainer.optimizers["unet"].param_groups[0]["lr"])
+
+    trainer._update = spy
+    trainer.run()
+    assert trainer.state["step"] == {"clip": 3, "vae": 2, "pool": 1, "unet": 4}
+    # warm-up over 2 steps, then cosine from the base towards lr_floor * base at the cap
+    base, floor = trainer.settings.unet_lr, trainer.settings.lr_floor
+    cosine = [floor + (1 - floor) * 0.5 * (1 + np.cos(np.pi * s / 4)) for s in range(4)]
+    expected = [base * min(1.0, (s + 1) / 2) * c for s, c in enumerate(cosine)]
+    np.testing.assert_allclose(lrs, expected, rtol=1e-6)
+    assert lrs[-1] < lrs[1]

@@ -38,10 +38,11 @@ PHASES = ("clip", "vae", "pool", "unet")
 class TrainSettings:
     model: str = "tiny-sd"  # key of models.PRESETS
     minutes: float = 60.0
-    # share of the budget per phase (the pool is bounded by pool_size, its share only caps it)
-    # The VAE gets a fifth: until it draws the six colours apart, nothing downstream can (measured: after ~300
-    # steps it still mixes red/orange and blue/purple).
-    shares: tuple[float, ...] = (0.10, 0.20, 0.04, 0.66)
+    # share of the budget per phase (the pool is bounded by pool_size, its share only caps it). The VAE needs
+    # ~1200 steps before it draws the six colours apart (measured: after ~300 it still mixes red/orange and
+    # blue/purple) and its round trip was judged entirely right after 2825; 0.14 buys ~2000. CLIP steps cost
+    # double with hard negatives (0.12 buys ~400). The rest goes to the UNet, whose loss was still falling.
+    shares: tuple[float, ...] = (0.12, 0.14, 0.03, 0.71)
     clip_batch: int = 128
     vae_batch: int = 16
     unet_batch: int = 32
@@ -49,7 +50,10 @@ class TrainSettings:
     vae_lr: float = 2e-3
     unet_lr: float = 5e-4
     warmup: int = 100
-    pool_size: int = 12000
+    # cosine decay of every phase's learning rate to this share of its base over the phase's budget (its step
+    # cap where one is set, else its seconds): a short run ends on small steps instead of mid-stride
+    lr_floor: float | None = 0.05
+    pool_size: int = 24000
     p_tags: float = 0.3  # captions with style-tag noise (some past 75 tokens: chunked contexts)
     caption_dropout: float = 0.1
     ema_decay: float = 0.999
@@ -57,6 +61,13 @@ class TrainSettings:
     log_every: int = 10
     seed: int = 0
     max_steps: int | None = None  # per phase, on top of the clock (tests; reproducible short runs)
+    # per-phase step caps (clip, vae, pool, unet), on top of the clock: a run measured in steps, not seconds
+    # (sweeps on other hardware replay a 2-core budget's step counts)
+    phase_steps: tuple[int, ...] | None = None
+    # NegCLIP-style hard negatives: each caption's twin with one attribute changed joins the text side of the
+    # image->text logits, so the text tower must encode shape and binding, which in-batch negatives (random
+    # scenes, almost always told apart by colour and position alone) barely ask for
+    clip_hard_negatives: bool = True
 
     def __post_init__(self):
         if self.model not in PRESETS:
@@ -65,6 +76,8 @@ class TrainSettings:
             raise ClipDiffusionError(f"minutes: {self.minutes!r} is outside (0, 1440]")
         if len(self.shares) != len(PHASES) or any(s < 0 for s in self.shares):
             raise ClipDiffusionError(f"shares: {self.shares!r} needs {len(PHASES)} non-negative numbers")
+        if self.phase_steps is not None and (len(self.phase_steps) != len(PHASES) or min(self.phase_steps) < 0):
+            raise ClipDiffusionError(f"phase_steps: {self.phase_steps!r} needs {len(PHASES)} non-negative counts")
 
     @property
     def config(self) -> TinyModelConfig:
@@ -103,6 +116,38 @@ def loose_caption(spec: SceneSpec, rng, p_tags: float) -> str:
     return caption(SceneSpec(objects, spec.background if rng.random() < 0.7 else None), rng, p_tags=p_tags)
 
 
+def caption_pair(spec: SceneSpec, rng, p_tags: float) -> tuple[str, str]:
+    """A training caption of a full scene and its hard-negative twin: the same words but for one attribute,
+    which misdescribes the image (a shape or colour changed, an object moved to an empty cell, or two objects'
+    colours or shapes swapped)."""
+    from .world import COLORS, SHAPES
+
+    objects = tuple(o if rng.random() < 0.8 else dataclasses.replace(o, size=None) for o in spec.objects)
+    loose = SceneSpec(objects, spec.background if rng.random() < 0.7 else None)
+    i = int(rng.integers(len(objects)))
+    kind = rng.choice(["shape", "color", "cell", "swap"], p=[0.4, 0.25, 0.1, 0.25])
+    if kind == "swap" and len({(o.color, o.shape) for o in objects}) > 1:
+        j = int(rng.choice([k for k in range(len(objects)) if (objects[k].color, objects[k].shape)
+                            != (objects[i].color, objects[i].shape)]))  # fmt: skip
+        attr = "color" if objects[i].color != objects[j].color else "shape"
+        changed = list(objects)
+        changed[i] = dataclasses.replace(objects[i], **{attr: getattr(objects[j], attr)})
+        changed[j] = dataclasses.replace(objects[j], **{attr: getattr(objects[i], attr)})
+    else:
+        if kind == "cell":
+            free = [c for c in range(9) if all(o.cell != c for o in objects)]
+            change = {"cell": int(rng.choice(free))}
+        elif kind == "color":
+            change = {"color": str(rng.choice([c for c in COLORS if c != objects[i].color]))}
+        else:
+            change = {"shape": str(rng.choice([h for h in SHAPES if h != objects[i].shape]))}
+        changed = [dataclasses.replace(o, **change) if k == i else o for k, o in enumerate(objects)]
+    twin = SceneSpec(tuple(changed), loose.background)
+    seed = int(rng.integers(2**63))  # the same template, order and tags for both
+    return (caption(loose, np.random.default_rng(seed), p_tags=p_tags),
+            caption(twin, np.random.default_rng(seed), p_tags=p_tags))  # fmt: skip
+
+
 class Scenes:
     """Training scenes: random, minus every scene a held-out eval prompt could describe."""
 
@@ -137,7 +182,8 @@ class ContextBuilder:
         out = []
         for _, members in sorted(groups.items()):
             windows = [w for i in members for w in plans[i].windows]
-            ids = torch.tensor([w.ids(self.spec.pad_id) for w in windows])  # [W, 77]
+            device = next(self.spec.model.parameters()).device
+            ids = torch.tensor([w.ids(self.spec.pad_id) for w in windows], device=device)  # [W, 77]
             hidden = self.spec.model(ids, final_norm=self.spec.final_norm).hidden  # [W, 77, D]
             contexts, start = [], 0
             for i in members:
@@ -185,13 +231,19 @@ def _lr(step: int, base: float, warmup: int) -> float:
 class Trainer:
     """Runs the phases against a folder ``out`` (state.pt, log.jsonl, tiny-sd.safetensors)."""
 
-    def __init__(self, out, settings: TrainSettings = TrainSettings(), *, resume=False, tokenizer=None, log=print):
+    def __init__(self, out, settings: TrainSettings = TrainSettings(), *, resume=False, tokenizer=None, log=print,
+                 device="cpu"):  # fmt: skip
         self.out = Path(out)
+        # Random draws stay on the CPU generators (same run on any device); only the networks and their
+        # batches move. The shipped model is trained on the CPU; other devices serve experiments.
+        self.device = torch.device(device)
         self.settings = settings
         self.log = log
         self.config = settings.config
         torch.manual_seed(settings.seed)  # initial weights are part of the run: reproducible from the seed
         self.models, self.text_encoder = build_models(self.config, tokenizer)
+        for m in self.models.values():
+            m.to(self.device)
         self.optimizers = {
             "clip": _optimizer([*self.models["text"].parameters(), *self.models["heads"].parameters()],
                                settings.clip_lr),  # fmt: skip
@@ -232,13 +284,13 @@ class Trainer:
         os.replace(tmp, self.out / "state.pt")  # atomic: a kill mid-write leaves the previous state intact
 
     def _load(self, path):
-        blob = torch.load(path, map_location="cpu", weights_only=False)
+        blob = torch.load(path, map_location="cpu", weights_only=False)  # our own state file, never a download
         if blob["state"]["settings"]["model"] != self.settings.model:
             saved = blob["state"]["settings"]["model"]
             raise ClipDiffusionError(f"resume: the state in {str(self.out)!r} trains model {saved!r}, "
                                      f"not {self.settings.model!r}")  # fmt: skip
         for k, m in self.models.items():
-            m.load_state_dict(blob["models"][k])
+            m.load_state_dict(blob["models"][k])  # copies into the parameters, wherever they live
         for k, o in self.optimizers.items():
             o.load_state_dict(blob["optimizers"][k])
         self.state = blob["state"]
@@ -259,13 +311,16 @@ class Trainer:
     def run(self, *, stop_after: int | None = None) -> Path | None:
         """Train until every phase has spent its budget (or ``max_steps``), then export. ``stop_after`` steps
         of this call, the state is saved and None returned, as if the process had been killed (tests)."""
-        budgets = phase_seconds(self.settings)
-        cap = self.settings.max_steps
+        budgets = self._budgets = phase_seconds(self.settings)
+        caps = self.settings.phase_steps or (None,) * len(PHASES)
+        self._caps = {}
         last_save, steps_here = time.monotonic(), 0
         while self.state["phase"] < len(PHASES):
             phase = PHASES[self.state["phase"]]
             step_fn = getattr(self, f"_{phase}_step")
             done = False
+            cap = min((c for c in (self.settings.max_steps, caps[self.state["phase"]]) if c is not None), default=None)
+            self._caps[phase] = cap
             while not done and self.state["seconds"][phase] < budgets[phase]:
                 if cap is not None and self.state["step"][phase] >= cap:
                     break
@@ -306,31 +361,39 @@ class Trainer:
         step = self.state["step"]["clip"]
         scenes = self.scenes.draw(s.clip_batch)
         # captions fitting one window: the pooled EOS must see every object
-        captions = [loose_caption(sc.spec(), self.rng, s.p_tags * 0.5) for sc in scenes]
+        pairs = [caption_pair(sc.spec(), self.rng, s.p_tags * 0.5) for sc in scenes]
+        captions = [p for p, _ in pairs] + ([n for _, n in pairs] if s.clip_hard_negatives else [])
         plans = [self.text_encoder.plan(c, long_prompt="truncate") for c in captions]
-        ids = torch.tensor([p.windows[0].ids(self.text_encoder.encoders[0].pad_id) for p in plans])  # [B, 77]
-        pixels = to_pixels([render(sc, self.config.image.canvas) for sc in scenes])
+        ids = torch.tensor([p.windows[0].ids(self.text_encoder.encoders[0].pad_id) for p in plans])  # [T, 77]
+        pixels = to_pixels([render(sc, self.config.image.canvas) for sc in scenes]).to(self.device)
         heads = self.models["heads"]
-        text = F.normalize(heads.text_projection(self.models["text"](ids, pooled=True).pooled), dim=-1)  # [B, P]
+        pooled = self.models["text"](ids.to(self.device), pooled=True).pooled
+        text = F.normalize(heads.text_projection(pooled), dim=-1)  # [T, P]; T = B, or 2B with the twins
         image = F.normalize(heads.image(pixels), dim=-1)  # [B, P]
-        logits = heads.logit_scale.clamp(max=math.log(100)).exp() * image @ text.T  # [B, B]
-        labels = torch.arange(len(scenes))
-        loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+        logits = heads.logit_scale.clamp(max=math.log(100)).exp() * image @ text.T  # [B, T]
+        labels = torch.arange(len(scenes), device=self.device)
+        # image -> text over every caption, twins included; text -> image over the true captions only
+        loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits[:, : len(scenes)].T, labels)) / 2
         self._update("clip", loss, s.clip_lr)
         if step % s.log_every == 0:
-            accuracy = (logits.argmax(1) == labels).float().mean()
-            self._record("clip", loss=loss.item(), accuracy=accuracy.item())
+            accuracy = (logits[:, : len(scenes)].argmax(1) == labels).float().mean()
+            values = {"loss": loss.item(), "accuracy": accuracy.item()}
+            if s.clip_hard_negatives:  # share of images scoring their caption above its twin
+                twin = logits.diagonal() > logits[:, len(scenes) :].diagonal()
+                values["twin_accuracy"] = twin.float().mean().item()
+            self._record("clip", **values)
 
     def _vae_step(self):
         s = self.settings
         vae = self.models["vae"]
         scenes = self.scenes.draw(s.vae_batch)
-        pixels = to_pixels([render(sc, self.config.image.canvas) for sc in scenes])
+        pixels = to_pixels([render(sc, self.config.image.canvas) for sc in scenes]).to(self.device)
         posterior = vae.encode(pixels)
         decoded = vae.decode(posterior.sample(self.torch_rng))
         # Objects cover 2-20% of the canvas: unweighted, the flat background dominates the loss and the first
         # hundreds of steps learn only that. Object pixels (and their rims) weigh 10x.
-        background = torch.tensor([BACKGROUNDS[sc.background] for sc in scenes]).view(-1, 3, 1, 1) / 127.5 - 1
+        background = torch.tensor([BACKGROUNDS[sc.background] for sc in scenes], device=self.device)
+        background = background.view(-1, 3, 1, 1) / 127.5 - 1
         weight = 1.0 + 9.0 * ((pixels - background).abs().amax(1, keepdim=True) > 0.02).float()  # [B, 1, H, W]
         error = decoded - pixels
         recon = (weight * (error.abs() + error**2)).mean() / weight.mean()
@@ -348,13 +411,14 @@ class Trainer:
 
         scenes = self.scenes.draw(n)
         vae = self.models["vae"]
-        decoded = vae.decode(vae.encode(to_pixels([render(sc, self.config.image.canvas) for sc in scenes])).mean)
-        images = ((decoded.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()  # [B, H, W, 3]
+        pixels = to_pixels([render(sc, self.config.image.canvas) for sc in scenes]).to(self.device)
+        decoded = vae.decode(vae.encode(pixels).mean)
+        images = ((decoded.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()  # [B,H,W,3]
         return float(np.mean([verdict(sc.spec(), judge(im)).success for sc, im in zip(scenes, images)]))
 
     @torch.no_grad()
     def _measure_scale_factor(self) -> float:
-        pixels = to_pixels([render(sc, self.config.image.canvas) for sc in self.scenes.draw(128)])
+        pixels = to_pixels([render(sc, self.config.image.canvas) for sc in self.scenes.draw(128)]).to(self.device)
         return float(1.0 / self.models["vae"].encode(pixels).mean.std())
 
     @torch.no_grad()
@@ -363,10 +427,10 @@ class Trainer:
         if self.pool is None:
             self.pool = {"scenes": [], "latents": []}
         scenes = self.scenes.draw(min(64, s.pool_size - len(self.pool["scenes"])))
-        pixels = to_pixels([render(sc, self.config.image.canvas) for sc in scenes])
+        pixels = to_pixels([render(sc, self.config.image.canvas) for sc in scenes]).to(self.device)
         latents = self.models["vae"].encode(pixels).mean * self.state["scale_factor"]  # [b, 4, h, w]
         self.pool["scenes"] += scenes
-        self.pool["latents"].append(latents.half())
+        self.pool["latents"].append(latents.half().cpu())
         return len(self.pool["scenes"]) >= s.pool_size
 
     def _unet_step(self):
@@ -386,12 +450,13 @@ class Trainer:
         t = torch.randint(0, len(alphas), (s.unet_batch,), generator=self.torch_rng)
         noise = torch.randn(x0.shape, generator=self.torch_rng)
         a = alphas[t].view(-1, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        snr = alphas[t] / (1 - alphas[t])
+        xt = (a.sqrt() * x0 + (1 - a).sqrt() * noise).to(self.device)
+        noise, t = noise.to(self.device), t.to(self.device)
+        snr = (alphas[t.cpu()] / (1 - alphas[t.cpu()])).to(self.device)
         weight = snr.clamp(max=5.0) / snr  # Min-SNR-gamma for eps prediction, gamma = 5
         loss = 0.0
         for members, context in ContextBuilder(self.text_encoder)(captions):
-            m = torch.tensor(members)
+            m = torch.tensor(members, device=self.device)
             eps = unet(xt[m], t[m], context)
             per_sample = ((eps - noise[m]) ** 2).mean(dim=(1, 2, 3))
             loss = loss + (weight[m] * per_sample).sum() / s.unet_batch
@@ -404,10 +469,21 @@ class Trainer:
         if step % s.log_every == 0:
             self._record("unet", loss=loss.item())
 
+    def _decay(self, phase) -> float:
+        """The cosine factor on ``phase``'s learning rate at its current progress (1 outside ``run``)."""
+        floor = self.settings.lr_floor
+        budgets, caps = getattr(self, "_budgets", None), getattr(self, "_caps", {})
+        if floor is None or budgets is None:
+            return 1.0
+        # steps when capped (deterministic: resumed runs match), else the clock
+        cap = caps.get(phase)
+        progress = self.state["step"][phase] / cap if cap else self.state["seconds"][phase] / budgets[phase]
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
     def _update(self, phase, loss, base_lr):
         optimizer = self.optimizers[phase]
         for group in optimizer.param_groups:
-            group["lr"] = _lr(self.state["step"][phase], base_lr, self.settings.warmup)
+            group["lr"] = _lr(self.state["step"][phase], base_lr, self.settings.warmup) * self._decay(phase)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 1.0)
@@ -425,6 +501,7 @@ class Trainer:
             vae = AutoencoderKL(dataclasses.replace(self.config.vae, scale_factor=self.state["scale_factor"]))
             vae.load_state_dict(self.models["vae"].state_dict())
         unet = self.models["ema" if ema else "unet"]
+        vae.to(self.device)
         return Pipeline(self.text_encoder, unet.eval(), vae.eval(), "tiny", "eps", name="clipdiffusion-tiny",
                         default_size=self.config.image.canvas)  # fmt: skip
 
