@@ -120,12 +120,14 @@ def test_eval_studies_run_on_a_trained_micro_model(trained, tmp_path):
     scores = ev.clip_score_study(trainer.pipeline(), heads, cases, steps=1)
     assert set(scores) == {"generated", "ground_truth", "mismatched"}
     assert all(-100 <= v <= 100 for v in scores.values())
-    rows = ev.clip_skip_study(trainer.pipeline(), cases, steps=1, repeats=1)
+    rows = ev.clip_skip_study(trainer.pipeline(), cases, steps=1, repeats=1, heads=heads)
     assert sorted(rows) == [1, 2]  # the micro text tower has 2 layers
-    args = ["eval", "--model", str(path), "--per-count", "1", "--steps", "1", "--studies", "clipscore",
+    assert all(-100 <= r["clip_score"] <= 100 and 0 <= r["recall"] <= 1 for r in rows.values())
+    args = ["eval", "--model", str(path), "--per-count", "1", "--steps", "1", "--studies", "clipskip,clipscore",
             "--clip-heads", str(path.with_name("tiny-clip-heads.safetensors")), "--out", str(tmp_path)]  # fmt: skip
     assert main(args) == 0
-    assert "Tiny-CLIP score" in (tmp_path / "report.md").read_text()
+    report = (tmp_path / "report.md").read_text()
+    assert "Tiny-CLIP score" in report and "| clip skip | object recall | prompt success | tiny-CLIP score |" in report
 
 
 def test_train_cli_validates_arguments(tmp_path, capsys):

@@ -6,6 +6,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from ..errors import ClipDiffusionError
 
 STUDIES = ("main", "long", "clipskip", "clipscore")
@@ -99,20 +101,29 @@ def run(args) -> int:
                   "|---" * (len(lengths) + 1) + "|"]  # fmt: skip
         lines += [f"| {s} | " + " | ".join(f"{t[n]:.3f}" for n in lengths) + " |" for s, t in table.items()]
         lines += ["", "![long prompts](long_prompt.png)", ""]
-    if "clipskip" in studies:
-        rows = ev.clip_skip_study(pipe, cases[: max(3, len(cases) // 3)], **gen)
-        results["clip_skip"] = rows
-        base = rows[1]["encode_s"]
-        lines += ["## Clip skip", "", "| clip skip | object recall | encoder time (s) | time saved |",
-                  "|---|---|---|---|"]  # fmt: skip
-        for skip, row in rows.items():
-            saved = 1 - row["encode_s"] / base if base == base and base > 0 else float("nan")
-            lines.append(f"| {skip} | {row['recall']:.3f} | {row['encode_s']:.4f} | {saved:.1%} |")
-        lines.append("")
+    heads = None
     if "clipscore" in studies:
         if not args.clip_heads or getattr(pipe, "text_encoder", None) is None:
             raise ClipDiffusionError("studies: clipscore needs --clip-heads FILE and a model (not a --reference)")
-        scores = ev.clip_score_study(pipe, ev.load_heads(args.clip_heads), cases, **gen)
+        heads = ev.load_heads(args.clip_heads)
+    if "clipskip" in studies:
+        # a third of the prompts, balanced over 1, 2 and 3 objects (each count's prompts are a prefix stream)
+        subset = ev.prompt_set(max(1, args.per_count // 3))
+        rows = ev.clip_skip_study(pipe, subset, heads=heads, **gen)
+        results["clip_skip"] = rows
+        base = rows[1]["encode_s"]
+        score_head = " tiny-CLIP score |" if heads is not None else ""
+        lines += ["## Clip skip", "", f"| clip skip | object recall | prompt success |{score_head} "
+                  "encoder time (s) | time saved |", "|---" * (5 + (heads is not None)) + "|"]  # fmt: skip
+        for skip, row in rows.items():
+            saved = 1 - row["encode_s"] / base if base == base and base > 0 else float("nan")
+            success = float(np.mean(list(row["success"].values())))
+            score = f" {row['clip_score']:.2f} |" if heads is not None else ""
+            lines.append(f"| {skip} | {row['recall']:.3f} | {success:.3f} |{score} {row['encode_s']:.4f} | "
+                         f"{saved:.1%} |")
+        lines.append("")
+    if "clipscore" in studies:
+        scores = ev.clip_score_study(pipe, heads, cases, **gen)
         results["clip_score"] = scores
         lines += ["## Tiny-CLIP score (cosine x 100)", "", "| images | score |", "|---|---|"]
         lines += [f"| {k.replace('_', ' ')} | {v:.2f} |" for k, v in scores.items()] + [""]

@@ -74,13 +74,16 @@ class EvalReport:
 
 
 def evaluate(pipe, cases: list[PromptCase], *, steps=20, guidance=7.0, sampler="euler", clip_skip=1,
-             long_prompt="chunk", progress=None) -> EvalReport:  # fmt: skip
-    """Generate one image per case and score it. ``progress(i, n)`` is called after each image."""
+             long_prompt="chunk", progress=None, images=None) -> EvalReport:  # fmt: skip
+    """Generate one image per case and score it. ``progress(i, n)`` is called after each image; the images are
+    appended to ``images`` when a list is given."""
     outcomes = []
     for i, case in enumerate(cases):
         result = pipe.generate(case.prompt, seed=case.seed, steps=steps, guidance=guidance, sampler=sampler,
                                clip_skip=clip_skip, long_prompt=long_prompt)  # fmt: skip
         seen = judge(result.image)
+        if images is not None:
+            images.append(result.image)
         outcomes.append((case, seen, verdict(case.spec, seen)))
         if progress is not None:
             progress(i + 1, len(cases))
@@ -214,16 +217,18 @@ def long_prompt_study(pipe, tokenizer, *, lengths=(0, 40, 60, 90, 120, 150),
     return table
 
 
-def clip_skip_study(pipe, cases, *, skips=(1, 2, 3, 4), repeats=3, **gen) -> dict:
-    """Adherence and text-encoder time per clip skip. Time is the median over ``repeats`` passes of encoding
-    every prompt (skipped layers are never computed, so higher skips should be cheaper)."""
+def clip_skip_study(pipe, cases, *, skips=(1, 2, 3, 4), repeats=3, heads=None, **gen) -> dict:
+    """Adherence, tiny-CLIP score (with ``heads``) and text-encoder time per clip skip. Time is the median over
+    ``repeats`` passes of encoding every prompt (skipped layers are never computed, so higher skips should be
+    cheaper). The score always uses the full text tower: it rates the image, not the conditioning."""
     import time
 
     rows = {}
     encoder = getattr(pipe, "text_encoder", None)
     top = encoder.max_clip_skip if encoder is not None else max(skips)
     for skip in [k for k in skips if k <= top]:
-        report = evaluate(pipe, cases, clip_skip=skip, **gen)
+        images = []
+        report = evaluate(pipe, cases, clip_skip=skip, images=images, **gen)
         seconds = float("nan")
         if encoder is not None:
             times = []
@@ -234,6 +239,8 @@ def clip_skip_study(pipe, cases, *, skips=(1, 2, 3, 4), repeats=3, **gen) -> dic
                 times.append(time.perf_counter() - start)
             seconds = float(np.median(times))
         rows[skip] = {"recall": report.accuracy["recall"][0], "success": report.success, "encode_s": seconds}
+        if heads is not None:
+            rows[skip]["clip_score"] = float(np.mean(clip_scores(heads, encoder, images, [c.prompt for c in cases])))
     return rows
 
 
