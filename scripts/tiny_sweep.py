@@ -19,21 +19,24 @@ from clipdiffusion.tiny import models
 from clipdiffusion.tiny.train import PHASES, Trainer, TrainSettings
 
 
+NEG = {"clip_hard_negatives": True, "lr_floor": 0.05, "pool_size": 24000}
+
+
 def unet(**change):
     return dataclasses.replace(models.TINY_SD, unet=dataclasses.replace(models.TINY_SD.unet, **change))
 
 
 # name -> (model config, settings changes)
 VARIANTS = {
-    "base": (models.TINY_SD, {"clip_hard_negatives": False}),
-    "neg": (models.TINY_SD, {}),
-    "neg_lr": (models.TINY_SD, {"unet_lr": 1e-3}),
-    "neg_c64": (unet(model_channels=64, norm_groups=32), {}),
-    "neg_rb2": (unet(num_res_blocks=2), {}),
-    "neg_c64_lr": (unet(model_channels=64, norm_groups=32), {"unet_lr": 1e-3}),
-    "neg_3lvl": (unet(channel_mult=(1, 2, 2), transformer_depth=(0, 1, 1)), {}),
-    "neg_b64": (models.TINY_SD, {"unet_batch": 64, "unet_lr": 1e-3}),
-    "neg_sh": (models.TINY_SD, {"shares": (0.08, 0.12, 0.03, 0.77)}),
+    "base": (models.TINY_SD, {}),
+    "neg": (models.TINY_SD, NEG),
+    "neg_lr": (models.TINY_SD, {**NEG, "unet_lr": 1e-3}),
+    "neg_c64": (unet(model_channels=64, norm_groups=32), NEG),
+    "neg_rb2": (unet(num_res_blocks=2), NEG),
+    "neg_c64_lr": (unet(model_channels=64, norm_groups=32), {**NEG, "unet_lr": 1e-3}),
+    "neg_3lvl": (unet(channel_mult=(1, 2, 2), transformer_depth=(0, 1, 1)), NEG),
+    "neg_b64": (models.TINY_SD, {**NEG, "unet_batch": 64, "unet_lr": 1e-3}),
+    "neg_sh": (models.TINY_SD, {**NEG, "shares": (0.08, 0.12, 0.03, 0.77)}),
 }
 
 

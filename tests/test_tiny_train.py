@@ -183,7 +183,8 @@ def test_hard_negative_twin_misstates_exactly_one_attribute():
 def test_phase_step_caps_and_cosine_decay(tmp_path):
     with pytest.raises(ClipDiffusionError, match="phase_steps"):
         TrainSettings(phase_steps=(1, 2))
-    trainer = Trainer(tmp_path, _settings(max_steps=None, phase_steps=(3, 2, 1, 4)), log=lambda line: None)
+    settings = _settings(max_steps=None, phase_steps=(3, 2, 1, 4), lr_floor=0.05, clip_hard_negatives=True)
+    trainer = Trainer(tmp_path, settings, log=lambda line: None)
     lrs = []
     original = trainer._update
 
@@ -201,3 +202,6 @@ def test_phase_step_caps_and_cosine_decay(tmp_path):
     expected = [base * min(1.0, (s + 1) / 2) * c for s, c in enumerate(cosine)]
     np.testing.assert_allclose(lrs, expected, rtol=1e-6)
     assert lrs[-1] < lrs[1]
+    # hard negatives: the twins' accuracy is logged beside the in-batch accuracy
+    clip = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines() if '"clip"' in line]
+    assert clip and all(0.0 <= e["twin_accuracy"] <= 1.0 for e in clip)

@@ -17,7 +17,7 @@ def add_arguments(parser):
     parser.add_argument("--model", default="tiny-sd", choices=sorted(PRESETS), help="model sizes")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--pool-size", type=int, default=24000, help="scenes rendered and encoded once")
+    parser.add_argument("--pool-size", type=int, default=12000, help="scenes rendered and encoded once")
     parser.add_argument("--eval", type=int, default=0, metavar="N",
                         help="afterwards, evaluate the result on N prompts per object count")  # fmt: skip
 
