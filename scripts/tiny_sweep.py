@@ -41,6 +41,8 @@ VARIANTS = {
 
 
 def settings_for(name, **extra):
+    if name not in VARIANTS:
+        sys.exit(f"variant: unknown {name!r} (one of {', '.join(VARIANTS)})")
     config, change = VARIANTS[name]
     models.PRESETS[f"sweep-{name}"] = config
     return TrainSettings(model=f"sweep-{name}", **{**change, **extra})

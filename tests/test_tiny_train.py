@@ -54,14 +54,15 @@ def test_export_is_a_tiny_ldm_checkpoint_that_loads_and_generates(trained):
 
 
 @pytest.mark.slow  # two more micro trainings, ~5 s on a loaded 2-core machine
-def test_resume_continues_exactly(tmp_path):
+@pytest.mark.parametrize("lr_floor", [None, 0.05])  # the cosine decay follows step counts when capped
+def test_resume_continues_exactly(tmp_path, lr_floor):
     # uninterrupted run vs the same run killed after 3 steps and resumed: identical weights
-    straight = Trainer(tmp_path / "a", _settings(), log=lambda line: None)
+    straight = Trainer(tmp_path / "a", _settings(lr_floor=lr_floor), log=lambda line: None)
     straight.run()
-    first = Trainer(tmp_path / "b", _settings(), log=lambda line: None)
+    first = Trainer(tmp_path / "b", _settings(lr_floor=lr_floor), log=lambda line: None)
     assert first.run(stop_after=3) is None
     assert (tmp_path / "b" / "state.pt").exists() and not (tmp_path / "b" / "tiny-sd.safetensors").exists()
-    resumed = Trainer(tmp_path / "b", _settings(), resume=True, log=lambda line: None)
+    resumed = Trainer(tmp_path / "b", _settings(lr_floor=lr_floor), resume=True, log=lambda line: None)
     assert resumed.state["step"]["clip"] == 2 and resumed.state["step"]["vae"] == 1
     resumed.run()
     assert resumed.state["step"] == straight.state["step"]
@@ -78,6 +79,11 @@ def test_refuses_to_clobber_or_resume_nothing(tmp_path, trained):
         Trainer(tmp_path / "empty", _settings(), resume=True)
     with pytest.raises(ClipDiffusionError, match="model: unknown preset"):
         TrainSettings(model="huge")
+    with pytest.raises(ClipDiffusionError, match=r"lr_floor: 1.5 is outside"):
+        TrainSettings(lr_floor=1.5)
+    with pytest.raises(ClipDiffusionError, match="device: 'gpu0' is not a torch device"):
+        Trainer(tmp_path / "dev", _settings(), device="gpu0")
+    assert not (tmp_path / "dev").exists()  # refused before anything is written
 
 
 def test_context_matches_inference_encoding_including_chunked_prompts(trained):

@@ -78,6 +78,8 @@ class TrainSettings:
             raise ClipDiffusionError(f"minutes: {self.minutes!r} is outside (0, 1440]")
         if len(self.shares) != len(PHASES) or any(s < 0 for s in self.shares):
             raise ClipDiffusionError(f"shares: {self.shares!r} needs {len(PHASES)} non-negative numbers")
+        if self.lr_floor is not None and not 0 <= self.lr_floor <= 1:
+            raise ClipDiffusionError(f"lr_floor: {self.lr_floor!r} is outside [0, 1] (a share of the base rate)")
         if self.phase_steps is not None and (len(self.phase_steps) != len(PHASES) or min(self.phase_steps) < 0):
             raise ClipDiffusionError(f"phase_steps: {self.phase_steps!r} needs {len(PHASES)} non-negative counts")
 
@@ -112,10 +114,15 @@ def caption_variants(spec: SceneSpec) -> list:
     return variants
 
 
+def loosen(spec: SceneSpec, rng) -> SceneSpec:
+    """What a training caption of a fully specified scene states: each size and the background omitted at times."""
+    objects = tuple(o if rng.random() < 0.8 else dataclasses.replace(o, size=None) for o in spec.objects)
+    return SceneSpec(objects, spec.background if rng.random() < 0.7 else None)
+
+
 def loose_caption(spec: SceneSpec, rng, p_tags: float) -> str:
     """A training caption of a fully specified scene: size and background each omitted at times."""
-    objects = tuple(o if rng.random() < 0.8 else dataclasses.replace(o, size=None) for o in spec.objects)
-    return caption(SceneSpec(objects, spec.background if rng.random() < 0.7 else None), rng, p_tags=p_tags)
+    return caption(loosen(spec, rng), rng, p_tags=p_tags)
 
 
 def caption_pair(spec: SceneSpec, rng, p_tags: float) -> tuple[str, str]:
@@ -124,8 +131,8 @@ def caption_pair(spec: SceneSpec, rng, p_tags: float) -> tuple[str, str]:
     colours or shapes swapped)."""
     from .world import COLORS, SHAPES
 
-    objects = tuple(o if rng.random() < 0.8 else dataclasses.replace(o, size=None) for o in spec.objects)
-    loose = SceneSpec(objects, spec.background if rng.random() < 0.7 else None)
+    loose = loosen(spec, rng)
+    objects = loose.objects
     i = int(rng.integers(len(objects)))
     kind = rng.choice(["shape", "color", "cell", "swap"], p=[0.4, 0.25, 0.1, 0.25])
     if kind == "swap" and len({(o.color, o.shape) for o in objects}) > 1:
@@ -238,7 +245,13 @@ class Trainer:
         self.out = Path(out)
         # Random draws stay on the CPU generators (same run on any device); only the networks and their
         # batches move. The shipped model is trained on the CPU; other devices serve experiments.
-        self.device = torch.device(device)
+        try:
+            self.device = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise ClipDiffusionError(f"device: {device!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ClipDiffusionError(f"device: {device!r} asked for, but this torch sees no CUDA device")
+        self._budgets, self._caps = None, {}  # per phase, set by run(): what the learning-rate decay follows
         self.settings = settings
         self.log = log
         self.config = settings.config
@@ -315,7 +328,6 @@ class Trainer:
         of this call, the state is saved and None returned, as if the process had been killed (tests)."""
         budgets = self._budgets = phase_seconds(self.settings)
         caps = self.settings.phase_steps or (None,) * len(PHASES)
-        self._caps = {}
         last_save, steps_here = time.monotonic(), 0
         while self.state["phase"] < len(PHASES):
             phase = PHASES[self.state["phase"]]
@@ -453,9 +465,9 @@ class Trainer:
         noise = torch.randn(x0.shape, generator=self.torch_rng)
         a = alphas[t].view(-1, 1, 1, 1)
         xt = (a.sqrt() * x0 + (1 - a).sqrt() * noise).to(self.device)
+        snr = alphas[t] / (1 - alphas[t])
+        weight = (snr.clamp(max=5.0) / snr).to(self.device)  # Min-SNR-gamma for eps prediction, gamma = 5
         noise, t = noise.to(self.device), t.to(self.device)
-        snr = (alphas[t.cpu()] / (1 - alphas[t.cpu()])).to(self.device)
-        weight = snr.clamp(max=5.0) / snr  # Min-SNR-gamma for eps prediction, gamma = 5
         loss = 0.0
         for members, context in ContextBuilder(self.text_encoder)(captions):
             m = torch.tensor(members, device=self.device)
@@ -474,12 +486,11 @@ class Trainer:
     def _decay(self, phase) -> float:
         """The cosine factor on ``phase``'s learning rate at its current progress (1 outside ``run``)."""
         floor = self.settings.lr_floor
-        budgets, caps = getattr(self, "_budgets", None), getattr(self, "_caps", {})
-        if floor is None or budgets is None:
+        if floor is None or self._budgets is None:
             return 1.0
         # steps when capped (deterministic: resumed runs match), else the clock
-        cap = caps.get(phase)
-        progress = self.state["step"][phase] / cap if cap else self.state["seconds"][phase] / budgets[phase]
+        cap = self._caps.get(phase)
+        progress = self.state["step"][phase] / cap if cap else self.state["seconds"][phase] / self._budgets[phase]
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     def _update(self, phase, loss, base_lr):
