@@ -1,4 +1,7 @@
-"""Two diagnostics of trained tiny models, for comparing training runs (figures in eval/training.md).
+"""Diagnostics of trained tiny models, for comparing training runs (figures in eval/training.md).
+
+``roundtrip``: the share of fresh scenes (1, 2 and 3 objects) whose VAE encode/decode the judge reads entirely
+right: the ceiling of the model's adherence.
 
 ``latent``: how far apart the VAE puts scenes that differ in one attribute. For single-object scenes, the L2
 distance between the (scaled, unit-std) latents of the same scene drawn in each pair of colours, and of shapes;
@@ -7,6 +10,7 @@ mean and 10th percentile. Small distances make the UNet's job harder: its loss b
 ``twins``: the tiny CLIP's image-text test with hard negatives: for fresh renders, does the true caption score above
 the same caption with one shape, colour or cell changed? (Not the training twins: each attribute separately.)
 
+    python scripts/tiny_diagnostics.py roundtrip RUN/tiny-sd.safetensors [...]
     python scripts/tiny_diagnostics.py latent RUN/tiny-sd.safetensors [...]
     python scripts/tiny_diagnostics.py twins RUN/tiny-sd.safetensors RUN/tiny-clip-heads.safetensors
 """
@@ -23,6 +27,23 @@ from clipdiffusion.tiny.captions import caption
 from clipdiffusion.tiny.eval import clip_scores, load_heads
 from clipdiffusion.tiny.train import to_pixels
 from clipdiffusion.tiny.world import COLORS, SHAPES, realize, render, sample_spec
+
+
+def roundtrip(paths, n=150, seed=5):
+    from clipdiffusion.tiny.judge import judge, verdict
+
+    for path in paths:
+        vae = Pipeline.from_file(path).vae
+        rng = np.random.default_rng(seed)
+        right = {1: [], 2: [], 3: []}
+        for _ in range(n):
+            scene = realize(sample_spec(rng, p_size=1.0, p_background=1.0), rng)
+            with torch.no_grad():
+                decoded = vae.decode(vae.encode(to_pixels([render(scene, 64)])).mean)
+            image = ((decoded.clamp(-1, 1) + 1) * 127.5).round().byte()[0].permute(1, 2, 0).numpy()
+            right[len(scene.objects)].append(verdict(scene.spec(), judge(image)).success)
+        cells = ", ".join(f"{k} object(s) {np.mean(v):.3f} of {len(v)}" for k, v in right.items())
+        print(f"{path}: VAE round trip judged right, {cells}")
 
 
 def latent(paths, n=40, seed=0):
@@ -70,7 +91,9 @@ def twins(path, heads_path, n=200, seed=7):
 
 if __name__ == "__main__":
     torch.set_num_threads(2)
-    if sys.argv[1:2] == ["latent"]:
+    if sys.argv[1:2] == ["roundtrip"]:
+        roundtrip(sys.argv[2:])
+    elif sys.argv[1:2] == ["latent"]:
         latent(sys.argv[2:])
     elif sys.argv[1:2] == ["twins"]:
         twins(sys.argv[2], sys.argv[3])
