@@ -143,6 +143,9 @@ def test_train_cli_validates_arguments(tmp_path, capsys):
     assert "threads: 0" in capsys.readouterr().err
     assert main(["train-tiny", "--out", str(tmp_path), "--resume", "--threads", "1"]) == 2
     assert "state.pt is missing" in capsys.readouterr().err
+    assert main(["train-tiny", "--out", str(tmp_path), "--size-named", "2", "--threads", "1"]) == 2
+    assert "size_named: 2.0 is outside [0, 1]" in capsys.readouterr().err
+    assert not (tmp_path / "state.pt").exists()
 
 
 def test_vae_round_trip_is_judged(trained):
@@ -211,3 +214,18 @@ def test_phase_step_caps_and_cosine_decay(tmp_path):
     # hard negatives: the twins' accuracy is logged beside the in-batch accuracy
     clip = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines() if '"clip"' in line]
     assert clip and all(0.0 <= e["twin_accuracy"] <= 1.0 for e in clip)
+
+
+def test_size_named_sets_how_often_captions_state_sizes():
+    from clipdiffusion.tiny.captions import parse_caption
+    from clipdiffusion.tiny.train import loosen
+
+    with pytest.raises(ClipDiffusionError, match=r"size_named: -0\.1"):
+        TrainSettings(size_named=-0.1)
+    rng = np.random.default_rng(0)
+    spec = SceneSpec((ObjectSpec("red", "circle", 0, "small"), ObjectSpec("blue", "square", 4, "large")), "white")
+    assert all(o.size is None for o in loosen(spec, rng, 0.0).objects)
+    assert loosen(spec, rng, 1.0).objects == spec.objects
+    # the caption says exactly what the loosened spec keeps: at 0.5 about half the objects carry their size
+    named = [o.size is not None for _ in range(400) for o in parse_caption(loose_caption(spec, rng, 0.0, 0.5)).objects]
+    assert 0.42 < np.mean(named) < 0.58

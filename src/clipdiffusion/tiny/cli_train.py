@@ -18,6 +18,8 @@ def add_arguments(parser):
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--pool-size", type=int, default=12000, help="scenes rendered and encoded once")
+    parser.add_argument("--size-named", type=float, default=None, metavar="P",
+                        help="share of objects whose size a training caption names (default: the shipped recipe's)")
     parser.add_argument("--eval", type=int, default=0, metavar="N",
                         help="afterwards, evaluate the result on N prompts per object count")  # fmt: skip
 
@@ -32,7 +34,8 @@ def run(args) -> int:
     from .train import Trainer, TrainSettings
 
     torch.set_num_threads(args.threads)
-    settings = TrainSettings(model=args.model, minutes=args.minutes, seed=args.seed, pool_size=args.pool_size)
+    extra = {} if args.size_named is None else {"size_named": args.size_named}
+    settings = TrainSettings(model=args.model, minutes=args.minutes, seed=args.seed, pool_size=args.pool_size, **extra)
     trainer = Trainer(args.out, settings, resume=args.resume, log=lambda line: print(line, file=sys.stderr))
     path = trainer.run()
     if args.eval:
