@@ -145,6 +145,8 @@ def test_train_cli_validates_arguments(tmp_path, capsys):
     assert "state.pt is missing" in capsys.readouterr().err
     assert main(["train-tiny", "--out", str(tmp_path), "--size-named", "2", "--threads", "1"]) == 2
     assert "size_named: 2.0 is outside [0, 1]" in capsys.readouterr().err
+    assert main(["train-tiny", "--out", str(tmp_path), "--unet-lr", "0", "--threads", "1"]) == 2
+    assert "unet_lr: 0.0 is outside (0, 1)" in capsys.readouterr().err
     assert not (tmp_path / "state.pt").exists()
 
 
@@ -229,3 +231,15 @@ def test_size_named_sets_how_often_captions_state_sizes():
     # the caption says exactly what the loosened spec keeps: at 0.5 about half the objects carry their size
     named = [o.size is not None for _ in range(400) for o in parse_caption(loose_caption(spec, rng, 0.0, 0.5)).objects]
     assert 0.42 < np.mean(named) < 0.58
+
+
+def test_unused_phase_time_passes_to_the_next_phase():
+    from clipdiffusion.tiny.train import phase_seconds
+
+    settings = TrainSettings(minutes=1, shares=(1, 1, 1, 1))  # 15 s each
+    assert phase_seconds(settings) == {"clip": 15, "vae": 15, "pool": 15, "unet": 15}
+    assert phase_seconds(settings, {"clip": 10})["vae"] == 20
+    # what a phase leaves flows on; an overrun takes nothing from the next phase's own share
+    assert phase_seconds(settings, {"clip": 10, "vae": 12, "pool": 1}) == {"clip": 15, "vae": 20, "pool": 23,
+                                                                           "unet": 37}  # fmt: skip
+    assert phase_seconds(settings, {"clip": 30, "vae": 15})["pool"] == 15

@@ -20,6 +20,8 @@ def add_arguments(parser):
     parser.add_argument("--pool-size", type=int, default=12000, help="scenes rendered and encoded once")
     parser.add_argument("--size-named", type=float, default=None, metavar="P",
                         help="share of objects whose size a training caption names (default: the shipped recipe's)")
+    parser.add_argument("--unet-lr", type=float, default=None, metavar="LR",
+                        help="the UNet's AdamW learning rate (default: the shipped recipe's)")
     parser.add_argument("--eval", type=int, default=0, metavar="N",
                         help="afterwards, evaluate the result on N prompts per object count")  # fmt: skip
 
@@ -34,7 +36,7 @@ def run(args) -> int:
     from .train import Trainer, TrainSettings
 
     torch.set_num_threads(args.threads)
-    extra = {} if args.size_named is None else {"size_named": args.size_named}
+    extra = {k: v for k, v in (("size_named", args.size_named), ("unet_lr", args.unet_lr)) if v is not None}
     settings = TrainSettings(model=args.model, minutes=args.minutes, seed=args.seed, pool_size=args.pool_size, **extra)
     trainer = Trainer(args.out, settings, resume=args.resume, log=lambda line: print(line, file=sys.stderr))
     path = trainer.run()

@@ -81,6 +81,9 @@ class TrainSettings:
             raise ClipDiffusionError(f"minutes: {self.minutes!r} is outside (0, 1440]")
         if len(self.shares) != len(PHASES) or any(s < 0 for s in self.shares):
             raise ClipDiffusionError(f"shares: {self.shares!r} needs {len(PHASES)} non-negative numbers")
+        for name in ("clip_lr", "vae_lr", "unet_lr"):
+            if not 0 < getattr(self, name) < 1:
+                raise ClipDiffusionError(f"{name}: {getattr(self, name)!r} is outside (0, 1)")
         if not 0 <= self.size_named <= 1:
             raise ClipDiffusionError(f"size_named: {self.size_named!r} is outside [0, 1] (a probability)")
         if self.lr_floor is not None and not 0 <= self.lr_floor <= 1:
@@ -93,9 +96,19 @@ class TrainSettings:
         return PRESETS[self.model]
 
 
-def phase_seconds(settings: TrainSettings) -> dict:
+def phase_seconds(settings: TrainSettings, spent: dict | None = None) -> dict:
+    """Seconds each phase may run: its share of the budget, plus what the phases before it left unused (the
+    pool usually finishes in a fraction of its share; the shipped run left ~115 s of it idle). ``spent``: the
+    seconds each finished phase took (the others count as unspent)."""
     total = sum(settings.shares)
-    return {p: settings.minutes * 60 * s / total for p, s in zip(PHASES, settings.shares)}
+    budgets, carry = {}, 0.0
+    for p, share in zip(PHASES, settings.shares):
+        budgets[p] = settings.minutes * 60 * share / total + carry
+        if spent is None or p not in spent:
+            carry = 0.0
+            continue
+        carry = max(0.0, budgets[p] - spent[p])
+    return budgets
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -332,11 +345,12 @@ class Trainer:
     def run(self, *, stop_after: int | None = None) -> Path | None:
         """Train until every phase has spent its budget (or ``max_steps``), then export. ``stop_after`` steps
         of this call, the state is saved and None returned, as if the process had been killed (tests)."""
-        budgets = self._budgets = phase_seconds(self.settings)
         caps = self.settings.phase_steps or (None,) * len(PHASES)
         last_save, steps_here = time.monotonic(), 0
         while self.state["phase"] < len(PHASES):
             phase = PHASES[self.state["phase"]]
+            finished = {p: self.state["seconds"][p] for p in PHASES[: self.state["phase"]]}
+            budgets = self._budgets = phase_seconds(self.settings, finished)
             step_fn = getattr(self, f"_{phase}_step")
             done = False
             cap = min((c for c in (self.settings.max_steps, caps[self.state["phase"]]) if c is not None), default=None)
