@@ -96,6 +96,28 @@ def test_binding_counts_swapped_colours_as_misses():
     assert report.accuracy["binding"][0] < 0.05 and report.accuracy["shape"][0] > 0.95
 
 
+def test_shape_accuracy_is_split_by_whether_the_size_is_named():
+    class CirclesWhenSizeIsOpen(ev.GroundTruthPipeline):
+        # the failure the shipped model showed: squares and triangles of open size drawn as circles
+        def generate(self, prompt, *, seed=0, **_):
+            import dataclasses
+
+            from clipdiffusion.tiny.world import SceneSpec, render_spec
+
+            spec = ev.parse_caption(prompt)
+            drawn = tuple(o if o.size else dataclasses.replace(o, shape="circle") for o in spec.objects)
+            return ev._Result([render_spec(SceneSpec(drawn, spec.background), seed)])
+
+    cases = ev.prompt_set(10)
+    open_shapes = [o.shape for c in cases for o in c.spec.objects if o.size is None]
+    report = ev.evaluate(CirclesWhenSizeIsOpen(), cases)
+    named, named_n = report.accuracy["shape (size named)"]
+    open_, open_n = report.accuracy["shape (size open)"]
+    assert named >= 0.98 and named_n + open_n == report.accuracy["shape"][1]
+    assert open_n == len(open_shapes) and abs(open_ - open_shapes.count("circle") / open_n) <= 0.02
+    assert "| shape (size open) accuracy |" in report.table()
+
+
 class _WordTokenizer:
     """Stand-in for CLIPTokenizer: one token per word or comma."""
 

@@ -9,7 +9,7 @@ Metrics (over the fixed held-out prompt set, per specified object unless noted):
   success_k  strict per-prompt success for k objects: every object right (cell occupied, colour, shape, size when
              given), no extra object, background right when given;
   color / shape / position / size  the object in the specified cell has the right attribute (position: the cell
-             holds an object at all);
+             holds an object at all); shape is also split by whether the prompt names the object's size;
   binding    prompts with 2-3 objects: of the specified objects whose colour appears somewhere in the image, the
              share drawn with that colour in the right cell (colour swapped between objects counts as a miss);
   background prompts that name one; extra  mean number of objects in cells the prompt does not name.
@@ -93,7 +93,9 @@ def evaluate(pipe, cases: list[PromptCase], *, steps=20, guidance=7.0, sampler="
 def score(outcomes) -> EvalReport:
     """Aggregate (case, judgement, verdict) triples into the report's metrics."""
     report = EvalReport()
-    tallies = {name: [0, 0] for name in ("color", "shape", "position", "size", "binding", "background", "recall")}
+    names = ("color", "shape", "position", "size", "binding", "background", "recall", "shape (size named)",
+             "shape (size open)")  # fmt: skip
+    tallies = {name: [0, 0] for name in names}
 
     def tally(name, hits, total):
         tallies[name][0] += hits
@@ -108,6 +110,8 @@ def score(outcomes) -> EvalReport:
         tally("shape", sum(v.shape_ok), k)
         tally("position", sum(v.occupied), k)
         tally("recall", sum(v.objects_ok), k)
+        for o, ok in zip(case.spec.objects, v.shape_ok):  # an open size is harder: the model must pick one
+            tally("shape (size named)" if o.size is not None else "shape (size open)", int(ok), 1)
         sized = [ok for o, ok in zip(case.spec.objects, v.size_ok) if o.size is not None]
         tally("size", sum(sized), len(sized))
         if case.spec.background is not None:
