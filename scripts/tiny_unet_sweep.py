@@ -51,7 +51,7 @@ def sweep_one(name, args, step_times):
 
     config, change, _ = VARIANTS[name]
     models.PRESETS[f"sweep-{name}"] = config
-    total = unet_steps(name, step_times, args.scale)
+    total = args.steps or unet_steps(name, step_times, args.scale)
     base = TrainSettings(model=f"sweep-{name}", minutes=1440, **change)
     out = Path(args.out) / name
     trainer = Trainer(out, base, device=args.device, log=lambda line: None)
@@ -62,7 +62,7 @@ def sweep_one(name, args, step_times):
     trainer.state["scale_factor"] = frozen.vae.config.scale_factor
     trainer.state["phase"] = PHASES.index("pool")
     start = time.time()
-    for fraction in (0.5, 1.0):
+    for fraction in args.fractions:
         steps = max(1, int(total * fraction))
         trainer.settings = dataclasses.replace(base, phase_steps=(0, 0, 10**9, steps))
         trainer.state["phase"] = min(trainer.state["phase"], PHASES.index("unet"))
@@ -71,7 +71,7 @@ def sweep_one(name, args, step_times):
         torch.set_num_threads(args.eval_threads)
         report = evaluate(Pipeline.from_file(path), prompt_set(args.per_count))
         torch.set_num_threads(args.threads)
-        result = {"variant": name, "unet_steps": trainer.state["step"]["unet"], "of": total, "train_s": round(train_s),
+        result = {"variant": name, "base": str(args.base), "unet_steps": trainer.state["step"]["unet"], "of": total, "train_s": round(train_s),
                   "success": report.success, "accuracy": {k: round(v[0], 3) for k, v in report.accuracy.items()}}  # fmt: skip
         print(json.dumps(result), flush=True)
 
@@ -87,6 +87,9 @@ def main(argv=None):
     parser.add_argument("--per-count", type=int, default=30)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--eval-threads", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=None, help="UNet steps (instead of the 55-minute count)")
+    parser.add_argument("--fractions", type=lambda s: [float(f) for f in s.split(",")], default=[0.5, 1.0],
+                        help="evaluate after these shares of the steps")
     args = parser.parse_args(argv)
     step_times = json.loads(Path(args.step_times).read_text())
     names = args.run.split(",")
