@@ -13,6 +13,11 @@ the same caption with one shape, colour or cell changed? (Not the training twins
     python scripts/tiny_diagnostics.py roundtrip RUN/tiny-sd.safetensors [...]
     python scripts/tiny_diagnostics.py latent RUN/tiny-sd.safetensors [...]
     python scripts/tiny_diagnostics.py twins RUN/tiny-sd.safetensors RUN/tiny-clip-heads.safetensors
+    python scripts/tiny_diagnostics.py context RUN/tiny-sd.safetensors [...]
+
+``context``: how far apart the frozen text encoder puts captions that differ in one word, as the UNet sees them.
+For one-object captions (the same template), each pair of colours and of shapes: the largest per-position L2
+distance between the two cross-attention contexts, over the mean row norm; mean and 10th percentile.
 """
 
 import dataclasses
@@ -68,6 +73,26 @@ def latent(paths, n=40, seed=0):
         print(f"{path}: scale factor {scale:.3f}; latent distance {cells}")
 
 
+def context(paths, n=40, seed=0):
+    for path in paths:
+        encoder = Pipeline.from_file(path).text_encoder
+        rng = np.random.default_rng(seed)
+        dist = {"colour": [], "shape": []}
+        for _ in range(n):
+            spec = sample_spec(rng, 1, p_size=0.5, p_background=0.5)
+            template_seed = int(rng.integers(2**32))
+            for name, attr, values in (("colour", "color", list(COLORS)), ("shape", "shape", list(SHAPES))):
+                rows = []
+                for v in values:
+                    variant = dataclasses.replace(spec, objects=(dataclasses.replace(spec.objects[0], **{attr: v}),))
+                    text = caption(variant, np.random.default_rng(template_seed), p_tags=0.0)
+                    rows.append(encoder.encode(text).context[0])  # [77, D]
+                norm = torch.stack(rows).norm(dim=-1).mean()
+                dist[name] += [((a - b).norm(dim=-1).max() / norm).item() for a, b in itertools.combinations(rows, 2)]
+        cells = ", ".join(f"{k} {np.mean(v):.3f} (p10 {np.percentile(v, 10):.3f})" for k, v in dist.items())
+        print(f"{path}: context distance / norm, {cells}")
+
+
 def twins(path, heads_path, n=200, seed=7):
     pipe, heads = Pipeline.from_file(path), load_heads(heads_path)
     rng = np.random.default_rng(seed)
@@ -95,6 +120,8 @@ if __name__ == "__main__":
         roundtrip(sys.argv[2:])
     elif sys.argv[1:2] == ["latent"]:
         latent(sys.argv[2:])
+    elif sys.argv[1:2] == ["context"]:
+        context(sys.argv[2:])
     elif sys.argv[1:2] == ["twins"]:
         twins(sys.argv[2], sys.argv[3])
     else:
