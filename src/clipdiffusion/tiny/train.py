@@ -56,8 +56,9 @@ class TrainSettings:
     lr_floor: float | None = None
     pool_size: int = 12000
     p_tags: float = 0.3  # captions with style-tag noise (some past 75 tokens: chunked contexts)
-    # share of objects whose size a training caption names. At 0.8 (the shipped run) the model drew squares
-    # whose size the prompt left open as circles: shape accuracy 0.57 unsized against 0.76 sized (eval/training.md)
+    # share of objects whose size a training caption names. At 0.8 (the shipped run) the model draws squares
+    # whose size the prompt leaves open as circles (shape accuracy 0.57 open, 0.76 named); a run at 0.5 closed
+    # that gap but scored lower overall, within what runs vary by (eval/training.md, session 3)
     size_named: float = 0.8
     caption_dropout: float = 0.1
     ema_decay: float = 0.999
