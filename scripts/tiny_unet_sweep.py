@@ -21,12 +21,7 @@ from clipdiffusion.tiny import models
 from clipdiffusion.tiny.train import PHASES, Trainer, TrainSettings
 
 SHIPPED_UNET_SECONDS = 2175  # eval/training.md, the shipped run's UNet phase on 2 cores
-BASE_UNET_STEP = "base"  # the step-time row the base UNet's cost is read from
-
-
-def unet(**change):
-    return dataclasses.replace(models.TINY_SD, unet=dataclasses.replace(models.TINY_SD.unet, **change))
-
+from tiny_sweep import unet  # noqa: E402  (scripts/ is on sys.path when run as a script)
 
 SZ = {"size_named": 0.5}
 # name -> (model config, settings changes, step-time row of its UNet in bench/tiny_step_times.json)
@@ -91,6 +86,10 @@ def main(argv=None):
     parser.add_argument("--fractions", type=lambda s: [float(f) for f in s.split(",")], default=[0.5, 1.0],
                         help="evaluate after these shares of the steps")
     args = parser.parse_args(argv)
+    if args.steps is not None and args.steps < 1:
+        sys.exit(f"steps: {args.steps} must be at least 1")
+    if not args.fractions or any(not 0 < f <= 1 for f in args.fractions):
+        sys.exit(f"fractions: {args.fractions} must each be in (0, 1]")
     step_times = json.loads(Path(args.step_times).read_text())
     names = args.run.split(",")
     for name in names:
