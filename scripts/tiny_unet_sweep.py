@@ -27,6 +27,7 @@ SZ = {"size_named": 0.5}
 # name -> (model config, settings changes, step-time row of its UNet in bench/tiny_step_times.json)
 VARIANTS = {
     "base": (models.TINY_SD, {}, "base"),
+    "lr": (models.TINY_SD, {"unet_lr": 1e-3}, "base"),
     "sz": (models.TINY_SD, SZ, "base"),
     "sz_lr": (models.TINY_SD, {**SZ, "unet_lr": 1e-3}, "base"),
     "sz_rb2": (unet(num_res_blocks=2), SZ, "neg_rb2"),
@@ -62,12 +63,16 @@ def sweep_one(name, args, step_times):
         trainer.settings = dataclasses.replace(base, phase_steps=(0, 0, 10**9, steps))
         trainer.state["phase"] = min(trainer.state["phase"], PHASES.index("unet"))
         path = trainer.run()
+        # keep each evaluated point (the next fraction's export overwrites tiny-sd.safetensors)
+        kept = path.with_name(f"tiny-sd-{trainer.state['step']['unet']}.safetensors")
+        kept.write_bytes(path.read_bytes())
         train_s = time.time() - start
         torch.set_num_threads(args.eval_threads)
         report = evaluate(Pipeline.from_file(path), prompt_set(args.per_count))
         torch.set_num_threads(args.threads)
-        result = {"variant": name, "base": str(args.base), "unet_steps": trainer.state["step"]["unet"], "of": total, "train_s": round(train_s),
-                  "success": report.success, "accuracy": {k: round(v[0], 3) for k, v in report.accuracy.items()}}  # fmt: skip
+        result = {"variant": name, "base": str(args.base), "unet_steps": trainer.state["step"]["unet"], "of": total,
+                  "train_s": round(train_s), "success": report.success, "extra": round(report.extra, 3),
+                  "accuracy": {k: round(v[0], 3) for k, v in report.accuracy.items()}}  # fmt: skip
         print(json.dumps(result), flush=True)
 
 

@@ -71,6 +71,39 @@ def test_resume_continues_exactly(tmp_path, lr_floor):
         assert all(torch.equal(a[k], b[k]) for k in a), name
 
 
+@pytest.mark.slow  # two micro trainings
+def test_resume_after_the_pool_restores_its_scenes(tmp_path):
+    straight = Trainer(tmp_path / "a", _settings(), log=lambda line: None)
+    straight.run()
+    first = Trainer(tmp_path / "b", _settings(), log=lambda line: None)
+    assert first.run(stop_after=5) is None  # clip 2, vae 2, pool 1: stopped before the first UNet step
+    resumed = Trainer(tmp_path / "b", _settings(), resume=True, log=lambda line: None)
+    assert resumed.state["phase"] == 3 and resumed.pool["scenes"] == first.pool["scenes"]
+    assert torch.equal(torch.cat(resumed.pool["latents"]), torch.cat(first.pool["latents"]))
+    resumed.run()
+    a, b = straight.models["unet"].state_dict(), resumed.models["unet"].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+class _Planted:
+    def __reduce__(self):  # what a malicious pickle does: call something on load
+        import pathlib
+
+        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
+
+
+def test_resume_never_runs_code_from_a_planted_state(tmp_path):
+    planted = _Planted()
+    planted.marker = str(tmp_path / "pwned")
+    torch.save({"models": planted}, tmp_path / "state.pt")
+    with pytest.raises(ClipDiffusionError, match="resume: .*state.pt.* not a training state this version can read"):
+        Trainer(tmp_path, _settings(), resume=True, log=lambda line: None)
+    assert not (tmp_path / "pwned").exists()
+    torch.save({"models": {}}, tmp_path / "state.pt")  # loadable, but not ours
+    with pytest.raises(ClipDiffusionError, match="keys missing"):
+        Trainer(tmp_path, _settings(), resume=True, log=lambda line: None)
+
+
 def test_refuses_to_clobber_or_resume_nothing(tmp_path, trained):
     trainer, _ = trained
     with pytest.raises(ClipDiffusionError, match="--resume"):

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from ..errors import ClipDiffusionError
 from .captions import caption
 from .models import PRESETS, ContrastiveHeads, TinyModelConfig
-from .world import BACKGROUNDS, SceneSpec, realize, render, sample_spec
+from .world import BACKGROUNDS, Scene, SceneObject, SceneSpec, realize, render, sample_spec
 
 PHASES = ("clip", "vae", "pool", "unet")
 
@@ -312,14 +312,25 @@ class Trainer:
             "state": self.state,
             "rng": self.rng.bit_generator.state,
             "torch_rng": self.torch_rng.get_state(),
-            "pool": self.pool,
+            # scenes as plain tuples: the file then holds only tensors and builtins, and loads with weights_only
+            "pool": None if self.pool is None else {
+                "scenes": [(sc.background, [dataclasses.astuple(o) for o in sc.objects]) for sc in self.pool["scenes"]],
+                "latents": self.pool["latents"]},
         }
         tmp = self.out / "state.pt.tmp"
         torch.save(blob, tmp)
         os.replace(tmp, self.out / "state.pt")  # atomic: a kill mid-write leaves the previous state intact
 
     def _load(self, path):
-        blob = torch.load(path, map_location="cpu", weights_only=False)  # our own state file, never a download
+        try:
+            # weights_only: tensors and builtins only, so a planted state.pt cannot run code when resumed
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001  (torch raises UnpicklingError, RuntimeError, EOFError, ...)
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ClipDiffusionError(f"resume: {str(path)!r} is not a training state this version can read "
+                                     f"safely ({first[:200]}); start a new run in another folder") from None
+        if not isinstance(blob, dict) or not {"models", "optimizers", "state", "rng", "torch_rng", "pool"} <= set(blob):
+            raise ClipDiffusionError(f"resume: {str(path)!r} is not a clipdiffusion training state (keys missing)")
         if blob["state"]["settings"]["model"] != self.settings.model:
             saved = blob["state"]["settings"]["model"]
             raise ClipDiffusionError(f"resume: the state in {str(self.out)!r} trains model {saved!r}, "
@@ -331,7 +342,11 @@ class Trainer:
         self.state = blob["state"]
         self.rng.bit_generator.state = blob["rng"]
         self.torch_rng.set_state(blob["torch_rng"])
-        self.pool = blob["pool"]
+        pool = blob["pool"]
+        if pool is not None:
+            scenes = [Scene(bg, tuple(SceneObject(*o) for o in objects)) for bg, objects in pool["scenes"]]
+            pool = {"scenes": scenes, "latents": pool["latents"]}
+        self.pool = pool
 
     def _record(self, phase, **values):
         entry = {"phase": phase, "step": self.state["step"][phase], "seconds": round(self.state["seconds"][phase], 1)}
