@@ -21,7 +21,7 @@ def add_arguments(parser):
     parser.add_argument("--size-named", type=float, default=None, metavar="P",
                         help="share of objects whose size a training caption names (default: the shipped recipe's)")
     parser.add_argument("--unet-lr", type=float, default=None, metavar="LR",
-                        help="the UNet's AdamW learning rate (default: the shipped recipe's)")
+                        help="the UNet's AdamW learning rate (default 1e-3)")
     parser.add_argument("--eval", type=int, default=0, metavar="N",
                         help="afterwards, evaluate the result on N prompts per object count")  # fmt: skip
 
