@@ -102,6 +102,11 @@ def test_resume_never_runs_code_from_a_planted_state(tmp_path):
     torch.save({"models": {}}, tmp_path / "state.pt")  # loadable, but not ours
     with pytest.raises(ClipDiffusionError, match="keys missing"):
         Trainer(tmp_path, _settings(), resume=True, log=lambda line: None)
+    keys = ("models", "optimizers", "state", "rng", "torch_rng")
+    blob = {**{k: {} for k in keys}, "state": {"settings": {"model": "micro"}}, "pool": {"scenes": [(1,)]}}
+    torch.save(blob, tmp_path / "state.pt")  # ours in shape, but the weights and the pool are garbage
+    with pytest.raises(ClipDiffusionError, match="resume: the training state in .* is malformed"):
+        Trainer(tmp_path, _settings(), resume=True, log=lambda line: None)
 
 
 def test_refuses_to_clobber_or_resume_nothing(tmp_path, trained):

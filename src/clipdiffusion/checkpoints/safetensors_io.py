@@ -278,8 +278,9 @@ def _cast(tensor, dtype, device, copy):
 _MIN_SAFE_TORCH = (2, 10)
 
 
-def load_pickle(path) -> dict:
-    """Load a pickled state dict with ``torch.load(weights_only=True, mmap=True)``; unwrap nested ``state_dict``."""
+def load_weights_only(path, *, mmap: bool = False):
+    """``torch.load(weights_only=True)`` and nothing else: tensors and builtins only, on a torch without known
+    bypasses of that unpickler; any failure is a ``CheckpointError`` (never a retry with ``weights_only=False``)."""
     import torch
 
     version = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
@@ -290,11 +291,18 @@ def load_pickle(path) -> dict:
     if not Path(path).is_file():
         raise CheckpointError(path, "no such file")
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        return torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:
         # Never fall back to weights_only=False: the file chose this error.
         reason = " ".join(str(exc).split())[:240]
         raise CheckpointError(path, f"refused by the weights-only unpickler: {type(exc).__name__}: {reason}") from None
+
+
+def load_pickle(path) -> dict:
+    """Load a pickled state dict with ``load_weights_only`` (memory-mapped); unwrap nested ``state_dict``."""
+    import torch
+
+    obj = load_weights_only(path, mmap=True)
     for _ in range(4):  # a ControlNet file in the wild nests state_dict twice
         if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
             obj = obj["state_dict"]

@@ -324,15 +324,24 @@ class Trainer:
         os.replace(tmp, self.out / "state.pt")  # atomic: a kill mid-write leaves the previous state intact
 
     def _load(self, path):
-        try:
-            # weights_only: tensors and builtins only, so a planted state.pt cannot run code when resumed
-            blob = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001  (torch raises UnpicklingError, RuntimeError, EOFError, ...)
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        from ..checkpoints.safetensors_io import load_weights_only
+        from ..errors import CheckpointError
+
+        try:  # tensors and builtins only: a planted state.pt cannot run code when resumed
+            blob = load_weights_only(path)
+        except CheckpointError as e:
             raise ClipDiffusionError(f"resume: {str(path)!r} is not a training state this version can read "
-                                     f"safely ({first[:200]}); start a new run in another folder") from None
-        if not isinstance(blob, dict) or not {"models", "optimizers", "state", "rng", "torch_rng", "pool"} <= set(blob):
+                                     f"safely ({e.reason}); start a new run in another folder") from None
+        keys = {"models", "optimizers", "state", "rng", "torch_rng", "pool"}
+        if not isinstance(blob, dict) or not keys <= set(blob):
             raise ClipDiffusionError(f"resume: {str(path)!r} is not a clipdiffusion training state (keys missing)")
+        try:
+            self._restore(blob)
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:  # the file is left as it was
+            raise ClipDiffusionError(f"resume: the training state in {str(path)!r} is malformed "
+                                     f"({type(e).__name__}: {str(e)[:200]})") from None
+
+    def _restore(self, blob):
         if blob["state"]["settings"]["model"] != self.settings.model:
             saved = blob["state"]["settings"]["model"]
             raise ClipDiffusionError(f"resume: the state in {str(self.out)!r} trains model {saved!r}, "
@@ -345,7 +354,7 @@ class Trainer:
         self.rng.bit_generator.state = blob["rng"]
         self.torch_rng.set_state(blob["torch_rng"])
         pool = blob["pool"]
-        if pool is not None:
+        if pool is not None:  # scenes were saved as tuples (see _save)
             scenes = [Scene(bg, tuple(SceneObject(*o) for o in objects)) for bg, objects in pool["scenes"]]
             pool = {"scenes": scenes, "latents": pool["latents"]}
         self.pool = pool
