@@ -23,13 +23,15 @@ from clipdiffusion.tiny.train import PHASES, Trainer, TrainSettings
 SHIPPED_UNET_SECONDS = 2175  # eval/training.md, the shipped run's UNet phase on 2 cores
 from tiny_sweep import unet  # noqa: E402  (scripts/ is on sys.path when run as a script)
 
-# pinned to run 3's UNet learning rate, which the recorded results used (the default is now 1e-3)
-RUN3 = {"unet_lr": 5e-4}
+# pinned to run 3's UNet learning rate and fresh captions every step, which the recorded results used (the
+# defaults are now 1e-3 and four pooled captions per scene)
+RUN3 = {"unet_lr": 5e-4, "pool_captions": 0}
 SZ = {**RUN3, "size_named": 0.5}
 # name -> (model config, settings changes, step-time row of its UNet in bench/tiny_step_times.json)
 VARIANTS = {
     "base": (models.TINY_SD, RUN3, "base"),
-    "lr": (models.TINY_SD, {"unet_lr": 1e-3}, "base"),
+    "lr": (models.TINY_SD, {"unet_lr": 1e-3, "pool_captions": 0}, "base"),
+    "lr_pc4": (models.TINY_SD, {"unet_lr": 1e-3, "pool_captions": 4}, "base"),  # the defaults since session 5
     "sz": (models.TINY_SD, SZ, "base"),
     "sz_lr": (models.TINY_SD, {**SZ, "unet_lr": 1e-3}, "base"),
     "sz_rb2": (unet(num_res_blocks=2), SZ, "neg_rb2"),
@@ -52,16 +54,18 @@ def sweep_one(name, args, step_times):
     total = args.steps or unet_steps(name, step_times, args.scale)
     base = TrainSettings(model=f"sweep-{name}", minutes=1440, **change)
     out = Path(args.out) / name
-    trainer = Trainer(out, base, device=args.device, log=lambda line: None)
-    # the frozen parts, from the finished checkpoint
-    frozen = Pipeline.from_file(args.base)
-    trainer.models["text"].load_state_dict(frozen.text_encoder.encoders[0].model.state_dict())
-    trainer.models["vae"].load_state_dict(frozen.vae.state_dict())
-    trainer.state["scale_factor"] = frozen.vae.config.scale_factor
-    trainer.state["phase"] = PHASES.index("pool")
+    trainer = Trainer(out, base, device=args.device, log=lambda line: None, resume=args.resume)
+    if not args.resume:  # the frozen parts, from the finished checkpoint (a resumed state already holds them)
+        frozen = Pipeline.from_file(args.base)
+        trainer.models["text"].load_state_dict(frozen.text_encoder.encoders[0].model.state_dict())
+        trainer.models["vae"].load_state_dict(frozen.vae.state_dict())
+        trainer.state["scale_factor"] = frozen.vae.config.scale_factor
+        trainer.state["phase"] = PHASES.index("pool")
     start = time.time()
     for fraction in args.fractions:
         steps = max(1, int(total * fraction))
+        if steps <= trainer.state["step"]["unet"]:  # a resumed run has passed this point already
+            continue
         trainer.settings = dataclasses.replace(base, phase_steps=(0, 0, 10**9, steps))
         trainer.state["phase"] = min(trainer.state["phase"], PHASES.index("unet"))
         path = trainer.run()
@@ -92,6 +96,7 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=None, help="UNet steps (instead of the 55-minute count)")
     parser.add_argument("--fractions", type=lambda s: [float(f) for f in s.split(",")], default=[0.5, 1.0],
                         help="evaluate after these shares of the steps")
+    parser.add_argument("--resume", action="store_true", help="continue the state in OUT/VARIANT (same --steps)")
     args = parser.parse_args(argv)
     if args.steps is not None and args.steps < 1:
         sys.exit(f"steps: {args.steps} must be at least 1")

@@ -80,6 +80,9 @@ def test_resume_after_the_pool_restores_its_scenes(tmp_path):
     resumed = Trainer(tmp_path / "b", _settings(), resume=True, log=lambda line: None)
     assert resumed.state["phase"] == 3 and resumed.pool["scenes"] == first.pool["scenes"]
     assert torch.equal(torch.cat(resumed.pool["latents"]), torch.cat(first.pool["latents"]))
+    # the contexts are not in state.pt: encoded again from the saved captions, they come out bit-identical
+    assert resumed.pool["captions"] == first.pool["captions"]
+    assert all(torch.equal(a, b) for a, b in zip(resumed.pool["contexts"], first.pool["contexts"], strict=True))
     resumed.run()
     a, b = straight.models["unet"].state_dict(), resumed.models["unet"].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -138,6 +141,29 @@ def test_context_matches_inference_encoding_including_chunked_prompts(trained):
     assert lengths
 
 
+def test_pooled_captions_are_encoded_as_inference_encodes_them(trained):
+    trainer, _ = trained
+    k = trainer.settings.pool_captions
+    pool = trainer.pool
+    assert k == 4 and len(pool["captions"]) == len(pool["contexts"]) == k * len(pool["scenes"])
+    for i, scene in enumerate(pool["scenes"]):  # scene i's captions describe scene i
+        for text in pool["captions"][i * k : (i + 1) * k]:
+            for o in scene.objects:
+                assert o.color in text and o.shape in text
+    for text, context in zip(pool["captions"], pool["contexts"]):
+        assert context.dtype == torch.float16
+        expected = trainer.text_encoder.encode(text).context[0]
+        torch.testing.assert_close(context.float(), expected, rtol=2e-3, atol=2e-3)  # fp16 storage
+
+
+def test_fresh_captions_every_step_still_train(tmp_path):
+    trainer = Trainer(tmp_path, _settings(pool_captions=0), log=lambda line: None)
+    trainer.run()
+    assert trainer.state["step"]["unet"] == 2 and trainer.pool["contexts"] == []
+    with pytest.raises(ClipDiffusionError, match=r"pool_captions: 65 is outside \[0, 64\]"):
+        TrainSettings(pool_captions=65)
+
+
 def test_training_captions_never_state_a_held_out_spec(trained):
     trainer, _ = trained
     rng = np.random.default_rng(0)
@@ -185,7 +211,28 @@ def test_train_cli_validates_arguments(tmp_path, capsys):
     assert "size_named: 2.0 is outside [0, 1]" in capsys.readouterr().err
     assert main(["train-tiny", "--out", str(tmp_path), "--unet-lr", "0", "--threads", "1"]) == 2
     assert "unet_lr: 0.0 is outside (0, 1)" in capsys.readouterr().err
+    assert main(["train-tiny", "--out", str(tmp_path), "--phase-steps", "1,2,x,4", "--threads", "1"]) == 2
+    assert "phase-steps: '1,2,x,4' is not four comma-separated integers" in capsys.readouterr().err
+    assert main(["train-tiny", "--out", str(tmp_path), "--phase-steps", "1,2", "--threads", "1"]) == 2
+    assert "phase_steps: (1, 2) needs 4 non-negative counts" in capsys.readouterr().err
     assert not (tmp_path / "state.pt").exists()
+
+
+@pytest.mark.slow  # two micro trainings through the CLI
+def test_train_cli_phase_steps_replay_a_run_exactly(tmp_path):
+    from safetensors.torch import load_file
+
+    from clipdiffusion.cli import main
+
+    args = ["train-tiny", "--model", "micro", "--pool-size", "6", "--phase-steps", "2,2,1,3", "--threads", "1"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    assert main([*args, "--out", str(tmp_path / "b")]) == 0
+    from clipdiffusion.checkpoints.safetensors_io import load_weights_only
+
+    assert load_weights_only(tmp_path / "a" / "state.pt")["state"]["step"] == {"clip": 2, "vae": 2, "pool": 1,
+                                                                               "unet": 3}  # fmt: skip
+    a, b = (load_file(tmp_path / run / "tiny-sd.safetensors") for run in ("a", "b"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_vae_round_trip_is_judged(trained):

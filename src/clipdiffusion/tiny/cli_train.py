@@ -22,6 +22,13 @@ def add_arguments(parser):
                         help="share of objects whose size a training caption names (default: the shipped recipe's)")
     parser.add_argument("--unet-lr", type=float, default=None, metavar="LR",
                         help="the UNet's AdamW learning rate (default 1e-3)")
+    parser.add_argument("--pool-captions", type=int, default=None, metavar="K",
+                        help="captions encoded once per pooled scene (default 4; 0: a fresh caption every UNet "
+                             "step, as the first shipped model was trained)")  # fmt: skip
+    parser.add_argument("--phase-steps", default=None, metavar="CLIP,VAE,POOL,UNET",
+                        help="stop each phase after this many steps as well as at its share of --minutes: with a "
+                             "generous --minutes, a run's logged step counts replay it exactly (same seed, torch "
+                             "and threads)")  # fmt: skip
     parser.add_argument("--eval", type=int, default=0, metavar="N",
                         help="afterwards, evaluate the result on N prompts per object count")  # fmt: skip
 
@@ -36,7 +43,15 @@ def run(args) -> int:
     from .train import Trainer, TrainSettings
 
     torch.set_num_threads(args.threads)
-    extra = {k: v for k, v in (("size_named", args.size_named), ("unet_lr", args.unet_lr)) if v is not None}
+    phase_steps = None
+    if args.phase_steps is not None:
+        try:
+            phase_steps = tuple(int(n) for n in args.phase_steps.split(","))
+        except ValueError:
+            raise ClipDiffusionError(f"phase-steps: {args.phase_steps!r} is not four comma-separated integers") from None
+    options = (("size_named", args.size_named), ("unet_lr", args.unet_lr), ("pool_captions", args.pool_captions),
+               ("phase_steps", phase_steps))  # fmt: skip
+    extra = {k: v for k, v in options if v is not None}
     settings = TrainSettings(model=args.model, minutes=args.minutes, seed=args.seed, pool_size=args.pool_size, **extra)
     trainer = Trainer(args.out, settings, resume=args.resume, log=lambda line: print(line, file=sys.stderr))
     path = trainer.run()

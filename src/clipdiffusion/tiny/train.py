@@ -40,9 +40,10 @@ class TrainSettings:
     minutes: float = 60.0
     # share of the budget per phase (the pool is bounded by pool_size, its share only caps it). The VAE gets a
     # fifth: until it draws the six colours apart, nothing downstream can (measured: after ~300 steps it still
-    # mixes red/orange and blue/purple). The defaults are the shipped run's but for unet_lr; eval/training.md has the
-    # runs that changed them and did worse.
-    shares: tuple[float, ...] = (0.10, 0.20, 0.04, 0.66)
+    # mixes red/orange and blue/purple). The defaults are the shipped run's but for unet_lr and the pool: it now
+    # encodes pool_captions captions per scene (~100 s on 2 cores at 4 x 12,000), so its share is 0.08 (was 0.04;
+    # what it leaves unused passes to the UNet). eval/training.md has the runs that changed them and did worse.
+    shares: tuple[float, ...] = (0.10, 0.20, 0.08, 0.62)
     clip_batch: int = 128
     vae_batch: int = 16
     unet_batch: int = 32
@@ -57,6 +58,10 @@ class TrainSettings:
     # Off by default: the two runs with it (and hard negatives) drew colours worse (eval/training.md).
     lr_floor: float | None = None
     pool_size: int = 12000
+    # captions drawn per pooled scene and encoded once, in the pool phase, by the frozen text tower; each UNet
+    # step picks one of them. Encoding 32 fresh captions every step was a fifth of a UNet step's time. 0: a fresh
+    # caption every step (run 3, the first shipped model).
+    pool_captions: int = 4
     p_tags: float = 0.3  # captions with style-tag noise (some past 75 tokens: chunked contexts)
     # share of objects whose size a training caption names. At 0.8 (the shipped run) the model draws squares
     # whose size the prompt leaves open as circles (shape accuracy 0.57 open, 0.76 named); a run at 0.5 closed
@@ -91,6 +96,8 @@ class TrainSettings:
             raise ClipDiffusionError(f"size_named: {self.size_named!r} is outside [0, 1] (a probability)")
         if self.lr_floor is not None and not 0 <= self.lr_floor <= 1:
             raise ClipDiffusionError(f"lr_floor: {self.lr_floor!r} is outside [0, 1] (a share of the base rate)")
+        if not 0 <= self.pool_captions <= 64:
+            raise ClipDiffusionError(f"pool_captions: {self.pool_captions!r} is outside [0, 64]")
         if self.phase_steps is not None and (len(self.phase_steps) != len(PHASES) or min(self.phase_steps) < 0):
             raise ClipDiffusionError(f"phase_steps: {self.phase_steps!r} needs {len(PHASES)} non-negative counts")
 
@@ -177,6 +184,9 @@ def caption_pair(spec: SceneSpec, rng, p_tags: float, size_named: float = 0.8) -
     seed = int(rng.integers(2**63))  # the same template, order and tags for both
     return (caption(loose, np.random.default_rng(seed), p_tags=p_tags),
             caption(twin, np.random.default_rng(seed), p_tags=p_tags))  # fmt: skip
+
+
+POOL_BATCH = 64  # scenes per pool step
 
 
 class Scenes:
@@ -292,6 +302,7 @@ class Trainer:
         self.rng = np.random.default_rng(settings.seed)
         self.torch_rng = torch.Generator().manual_seed(settings.seed)
         self.pool = None
+        self._empty = None  # the empty caption's context, encoded at the first UNet step
         state_path = self.out / "state.pt"
         if resume:
             if not state_path.exists():
@@ -315,9 +326,10 @@ class Trainer:
             "rng": self.rng.bit_generator.state,
             "torch_rng": self.torch_rng.get_state(),
             # scenes as plain tuples: the file then holds only tensors and builtins, and loads with weights_only
+            # the encoded contexts (~1 GB) are not saved: resuming encodes the saved captions again
             "pool": None if self.pool is None else {
                 "scenes": [(sc.background, [dataclasses.astuple(o) for o in sc.objects]) for sc in self.pool["scenes"]],
-                "latents": self.pool["latents"]},
+                "latents": self.pool["latents"], "captions": self.pool["captions"]},
         }
         tmp = self.out / "state.pt.tmp"
         torch.save(blob, tmp)
@@ -356,7 +368,11 @@ class Trainer:
         pool = blob["pool"]
         if pool is not None:  # scenes were saved as tuples (see _save)
             scenes = [Scene(bg, tuple(SceneObject(*o) for o in objects)) for bg, objects in pool["scenes"]]
-            pool = {"scenes": scenes, "latents": pool["latents"]}
+            pool = {"scenes": scenes, "latents": pool["latents"], "captions": list(pool["captions"]), "contexts": []}
+            # in the pool phase's batches, so the contexts come out bit-identical to the ones the run had
+            per_batch = POOL_BATCH * self.settings.pool_captions
+            for start in range(0, len(pool["captions"]), per_batch or 1):
+                pool["contexts"] += self._encode(pool["captions"][start : start + per_batch])
         self.pool = pool
 
     def _record(self, phase, **values):
@@ -486,13 +502,46 @@ class Trainer:
     def _pool_step(self):
         s = self.settings
         if self.pool is None:
-            self.pool = {"scenes": [], "latents": []}
-        scenes = self.scenes.draw(min(64, s.pool_size - len(self.pool["scenes"])))
+            self.pool = {"scenes": [], "latents": [], "captions": [], "contexts": []}
+        scenes = self.scenes.draw(min(POOL_BATCH, s.pool_size - len(self.pool["scenes"])))
         pixels = to_pixels([render(sc, self.config.image.canvas) for sc in scenes]).to(self.device)
         latents = self.models["vae"].encode(pixels).mean * self.state["scale_factor"]  # [b, 4, h, w]
         self.pool["scenes"] += scenes
         self.pool["latents"].append(latents.half().cpu())
+        # scene i's captions are captions[i * pool_captions : (i + 1) * pool_captions]
+        captions = [loose_caption(sc.spec(), self.rng, s.p_tags, s.size_named)
+                    for sc in scenes for _ in range(s.pool_captions)]  # fmt: skip
+        self.pool["captions"] += captions
+        self.pool["contexts"] += self._encode(captions)
         return len(self.pool["scenes"]) >= s.pool_size
+
+    def _encode(self, captions) -> list:
+        """captions -> their cross-attention contexts [T, D], fp16 on the CPU, in order."""
+        contexts = [None] * len(captions)
+        for members, context in ContextBuilder(self.text_encoder)(captions):
+            for i, row in zip(members, context.half().cpu()):
+                contexts[i] = row
+        return contexts
+
+    def _batch_contexts(self, index) -> list:
+        """The UNet batch's contexts, grouped by length: [(members, context [b, T, D])]. Caption dropout (the
+        empty prompt, also what the negative "" encodes to at inference) is drawn here."""
+        s = self.settings
+        drop = [self.rng.random() < s.caption_dropout for _ in index]
+        if not s.pool_captions:  # run 3: a fresh caption every step
+            captions = ["" if d else loose_caption(self.pool["scenes"][i].spec(), self.rng, s.p_tags, s.size_named)
+                        for d, i in zip(drop, index)]  # fmt: skip
+            return ContextBuilder(self.text_encoder)(captions)
+        if self._empty is None:
+            self._empty = self._encode([""])[0]
+        picks = self.rng.integers(s.pool_captions, size=len(index))
+        rows = [self._empty if d else self.pool["contexts"][i * s.pool_captions + k]
+                for d, i, k in zip(drop, index, picks)]  # fmt: skip
+        groups: dict = {}
+        for j, row in enumerate(rows):
+            groups.setdefault(row.shape[0], []).append(j)
+        return [(members, torch.stack([rows[j] for j in members]).float().to(self.device))
+                for _, members in sorted(groups.items())]  # fmt: skip
 
     def _unet_step(self):
         from ..diffusion.denoiser import sd_alphas_cumprod
@@ -503,10 +552,7 @@ class Trainer:
             self.pool["latents"] = torch.cat(self.pool["latents"])  # [N, 4, h, w]
         alphas = sd_alphas_cumprod().float()
         index = self.rng.integers(len(self.pool["scenes"]), size=s.unet_batch)
-        scenes = [self.pool["scenes"][i] for i in index]
-        # caption dropout: the empty prompt, which is also what the negative "" encodes to at inference
-        captions = ["" if self.rng.random() < s.caption_dropout
-                    else loose_caption(sc.spec(), self.rng, s.p_tags, s.size_named) for sc in scenes]  # fmt: skip
+        groups = self._batch_contexts(index)
         x0 = self.pool["latents"][torch.from_numpy(index)].float()  # [B, 4, h, w]
         t = torch.randint(0, len(alphas), (s.unet_batch,), generator=self.torch_rng)
         noise = torch.randn(x0.shape, generator=self.torch_rng)
@@ -516,7 +562,7 @@ class Trainer:
         weight = (snr.clamp(max=5.0) / snr).to(self.device)  # Min-SNR-gamma for eps prediction, gamma = 5
         noise, t = noise.to(self.device), t.to(self.device)
         loss = 0.0
-        for members, context in ContextBuilder(self.text_encoder)(captions):
+        for members, context in groups:
             m = torch.tensor(members, device=self.device)
             eps = unet(xt[m], t[m], context)
             per_sample = ((eps - noise[m]) ** 2).mean(dim=(1, 2, 3))
