@@ -32,6 +32,8 @@ VARIANTS = {
     "base": (models.TINY_SD, RUN3, "base"),
     "lr": (models.TINY_SD, {"unet_lr": 1e-3, "pool_captions": 0}, "base"),
     "lr_pc4": (models.TINY_SD, {"unet_lr": 1e-3, "pool_captions": 4}, "base"),  # the defaults since session 5
+    # half the batch: twice the updates for the same samples (run with twice the --steps to compare)
+    "lr_b16": (models.TINY_SD, {"unet_lr": 1e-3, "pool_captions": 4, "unet_batch": 16}, "base"),
     "sz": (models.TINY_SD, SZ, "base"),
     "sz_lr": (models.TINY_SD, {**SZ, "unet_lr": 1e-3}, "base"),
     "sz_rb2": (unet(num_res_blocks=2), SZ, "neg_rb2"),
