@@ -86,6 +86,9 @@ def test_resume_after_the_pool_restores_its_scenes(tmp_path):
     resumed.run()
     a, b = straight.models["unet"].state_dict(), resumed.models["unet"].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # resumed with another pool_captions, the saved captions no longer index the scenes: a named error
+    with pytest.raises(ClipDiffusionError, match="malformed .*24 pooled captions for 6 scenes at pool_captions 2"):
+        Trainer(tmp_path / "b", _settings(pool_captions=2), resume=True, log=lambda line: None)
 
 
 class _Planted:

@@ -368,7 +368,11 @@ class Trainer:
         pool = blob["pool"]
         if pool is not None:  # scenes were saved as tuples (see _save)
             scenes = [Scene(bg, tuple(SceneObject(*o) for o in objects)) for bg, objects in pool["scenes"]]
-            pool = {"scenes": scenes, "latents": pool["latents"], "captions": list(pool["captions"]), "contexts": []}
+            captions = list(pool.get("captions", []))  # states written before pooled captions have none
+            if len(captions) != self.settings.pool_captions * len(scenes):
+                raise ValueError(f"{len(captions)} pooled captions for {len(scenes)} scenes at pool_captions "
+                                 f"{self.settings.pool_captions}")  # fmt: skip
+            pool = {"scenes": scenes, "latents": pool["latents"], "captions": captions, "contexts": []}
             # in the pool phase's batches, so the contexts come out bit-identical to the ones the run had
             per_batch = POOL_BATCH * self.settings.pool_captions
             for start in range(0, len(pool["captions"]), per_batch or 1):
