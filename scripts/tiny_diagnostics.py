@@ -14,10 +14,17 @@ the same caption with one shape, colour or cell changed? (Not the training twins
     python scripts/tiny_diagnostics.py latent RUN/tiny-sd.safetensors [...]
     python scripts/tiny_diagnostics.py twins RUN/tiny-sd.safetensors RUN/tiny-clip-heads.safetensors
     python scripts/tiny_diagnostics.py context RUN/tiny-sd.safetensors [...]
+    python scripts/tiny_diagnostics.py readout [--clip-skip N] RUN/tiny-sd.safetensors [...]
 
 ``context``: how far apart the frozen text encoder puts captions that differ in one word, as the UNet sees them.
 For one-object captions (the same template), each pair of colours and of shapes: the largest per-position L2
 distance between the two cross-attention contexts, over the mean row norm; mean and 10th percentile.
+
+``readout``: how easily cross-attention reads the scene back out of the frozen text encoder's context, which is the
+UNet's task in miniature. Nine learned queries (one per cell) attend over the context of a caption (1-3 objects,
+no style tags) through one small head, and linear layers name the colour and shape in each cell (or "empty").
+Trained for a fixed, short budget on captions of fresh scenes, it reports accuracy on other captions: per occupied
+cell colour, shape and both (bound), and a caption entirely right. The same seed and budget for every checkpoint.
 """
 
 import dataclasses
@@ -26,6 +33,7 @@ import sys
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from clipdiffusion.pipeline import Pipeline
 from clipdiffusion.tiny.captions import caption
@@ -114,6 +122,63 @@ def twins(path, heads_path, n=200, seed=7):
     print(f"{path}: true caption above its twin, " + ", ".join(f"{k} {np.mean(v):.3f}" for k, v in right.items()))
 
 
+def readout(paths, clip_skip=1, n_train=4000, n_test=1000, steps=(200, 500), seed=3):
+    rng = np.random.default_rng(seed)
+    specs = [sample_spec(rng, p_size=0.8, p_background=0.7) for _ in range(n_train + n_test)]
+    texts = [caption(s, np.random.default_rng(int(rng.integers(2**32))), p_tags=0.0) for s in specs]
+    colours, shapes = list(COLORS), list(SHAPES)
+    colour_y = torch.zeros(len(specs), 9, dtype=torch.long)  # 0: empty cell
+    shape_y = torch.zeros(len(specs), 9, dtype=torch.long)
+    for i, spec in enumerate(specs):
+        for o in spec.objects:
+            colour_y[i, o.cell] = 1 + colours.index(o.color)
+            shape_y[i, o.cell] = 1 + shapes.index(o.shape)
+    for path in paths:
+        encoder = Pipeline.from_file(path).text_encoder
+        spec = encoder.encoders[0]
+        with torch.no_grad():  # captions without tags fit one window: [N, 77] ids -> [N, 77, D], in batches
+            ids = torch.tensor([encoder.plan(t).windows[0].ids(spec.pad_id) for t in texts])
+            ctx = torch.cat([spec.model(ids[i : i + 500], clip_skip=clip_skip, final_norm=spec.final_norm).hidden
+                             for i in range(0, len(ids), 500)])  # fmt: skip
+        ctx = ctx / ctx.norm(dim=-1).mean()  # one scale for every run: the readout sees geometry, not norm
+        torch.manual_seed(seed)
+        width = 32
+        queries = torch.nn.Parameter(torch.randn(9, width) / width**0.5)
+        key, value = torch.nn.Linear(ctx.shape[-1], width), torch.nn.Linear(ctx.shape[-1], width)
+        head = torch.nn.Linear(width, 1 + len(colours) + 1 + len(shapes))
+        params = [queries, *key.parameters(), *value.parameters(), *head.parameters()]
+        opt = torch.optim.Adam(params, lr=1e-2)
+
+        def read(index):
+            c = ctx[index]
+            attn = torch.softmax(torch.einsum("qw,btw->bqt", queries, key(c)) / width**0.5, dim=-1)
+            out = head(torch.einsum("bqt,btw->bqw", attn, value(c)))  # [b, 9, 7 + 4]
+            return out[..., : 1 + len(colours)], out[..., 1 + len(colours) :]
+
+        gen = torch.Generator().manual_seed(seed)
+        cells = []
+        for step in range(1, max(steps) + 1):
+            index = torch.randint(n_train, (128,), generator=gen)
+            c_logits, s_logits = read(index)
+            loss = F.cross_entropy(c_logits.flatten(0, 1), colour_y[index].flatten()) + F.cross_entropy(
+                s_logits.flatten(0, 1), shape_y[index].flatten())  # fmt: skip
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if step in steps:
+                with torch.no_grad():
+                    test = torch.arange(n_train, n_train + n_test)
+                    c_logits, s_logits = read(test)
+                    c_ok = c_logits.argmax(-1) == colour_y[test]
+                    s_ok = s_logits.argmax(-1) == shape_y[test]
+                    occupied = colour_y[test] > 0
+                    scene_ok = (c_ok & s_ok).all(dim=1).float().mean().item()
+                    cells.append(f"{step} steps: colour {c_ok[occupied].float().mean():.3f} shape "
+                                 f"{s_ok[occupied].float().mean():.3f} bound {(c_ok & s_ok)[occupied].float().mean():.3f}"
+                                 f" caption {scene_ok:.3f}")  # fmt: skip
+        print(f"{path}: readout at clip skip {clip_skip}, " + "; ".join(cells), flush=True)
+
+
 if __name__ == "__main__":
     torch.set_num_threads(2)
     if sys.argv[1:2] == ["roundtrip"]:
@@ -122,6 +187,9 @@ if __name__ == "__main__":
         latent(sys.argv[2:])
     elif sys.argv[1:2] == ["context"]:
         context(sys.argv[2:])
+    elif sys.argv[1:2] == ["readout"]:  # readout [--clip-skip N] PATH...
+        skip = int(sys.argv[3]) if sys.argv[2:3] == ["--clip-skip"] else 1
+        readout(sys.argv[4:] if sys.argv[2:3] == ["--clip-skip"] else sys.argv[2:], clip_skip=skip)
     elif sys.argv[1:2] == ["twins"]:
         twins(sys.argv[2], sys.argv[3])
     else:

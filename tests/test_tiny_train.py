@@ -331,3 +331,36 @@ def test_unused_phase_time_passes_to_the_next_phase():
     assert phase_seconds(settings, {"clip": 10, "vae": 12, "pool": 1}) == {"clip": 15, "vae": 20, "pool": 23,
                                                                            "unet": 37}  # fmt: skip
     assert phase_seconds(settings, {"clip": 30, "vae": 15})["pool"] == 15
+
+
+def test_train_cli_turns_hard_negatives_on(tmp_path):
+    from clipdiffusion.cli import main
+
+    args = ["train-tiny", "--model", "micro", "--pool-size", "4", "--phase-steps", "1,1,1,1", "--threads", "1"]
+    assert main([*args, "--out", str(tmp_path / "on"), "--clip-hard-negatives", "on"]) == 0
+    assert main([*args, "--out", str(tmp_path / "off")]) == 0
+    for run, twins in (("on", True), ("off", False)):
+        first = json.loads((tmp_path / run / "log.jsonl").read_text().splitlines()[0])
+        assert first["phase"] == "clip" and ("twin_accuracy" in first) is twins
+
+
+def test_cell_targets_name_what_the_caption_states_per_cell():
+    from clipdiffusion.tiny.train import cell_targets
+    from clipdiffusion.tiny.world import ObjectSpec, SceneSpec
+
+    spec = SceneSpec((ObjectSpec("red", "circle", 0, "large"), ObjectSpec("orange", "triangle", 8, None)), None)
+    t = cell_targets([spec])
+    assert t.shape == (1, 9, 3)
+    assert t[0, 0].tolist() == [1, 1, 2]  # red (first colour), circle (first shape), large
+    assert t[0, 8].tolist() == [6, 3, 0]  # orange (sixth colour), triangle, size left unstated
+    assert t[0, 1:8].abs().sum() == 0  # the other cells are empty
+
+
+def test_readout_loss_trains_the_text_tower(tmp_path):
+    from clipdiffusion.cli import main
+
+    args = ["train-tiny", "--model", "micro", "--pool-size", "4", "--phase-steps", "2,1,1,1", "--threads", "1"]
+    assert main([*args, "--out", str(tmp_path / "r"), "--clip-readout", "1"]) == 0
+    first = json.loads((tmp_path / "r" / "log.jsonl").read_text().splitlines()[0])
+    assert first["readout"] > 0 and first["loss"] > first["readout"]  # contrastive + readout
+    assert main([*args, "--out", str(tmp_path / "bad"), "--clip-readout", "-1"]) == 2

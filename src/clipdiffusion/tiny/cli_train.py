@@ -29,6 +29,11 @@ def add_arguments(parser):
                         help="stop each phase after this many steps as well as at its share of --minutes: with a "
                              "generous --minutes, a run's logged step counts replay it exactly (same seed, torch "
                              "and threads)")  # fmt: skip
+    parser.add_argument("--clip-hard-negatives", choices=("on", "off"), default=None,
+                        help="NegCLIP-style twins (one attribute changed) in the tiny CLIP's loss")
+    parser.add_argument("--clip-readout", type=float, default=None, metavar="W",
+                        help="weight of the tiny CLIP's cell-readout loss (its context must name each cell's "
+                             "colour, shape and size to a cross-attention probe); 0: contrastive only")  # fmt: skip
     parser.add_argument("--eval", type=int, default=0, metavar="N",
                         help="afterwards, evaluate the result on N prompts per object count")  # fmt: skip
 
@@ -49,8 +54,10 @@ def run(args) -> int:
             phase_steps = tuple(int(n) for n in args.phase_steps.split(","))
         except ValueError:
             raise ClipDiffusionError(f"phase-steps: {args.phase_steps!r} is not four comma-separated integers") from None
+    hard = None if args.clip_hard_negatives is None else args.clip_hard_negatives == "on"
     options = (("size_named", args.size_named), ("unet_lr", args.unet_lr), ("pool_captions", args.pool_captions),
-               ("phase_steps", phase_steps))  # fmt: skip
+               ("phase_steps", phase_steps), ("clip_hard_negatives", hard),
+               ("clip_readout", args.clip_readout))  # fmt: skip
     extra = {k: v for k, v in options if v is not None}
     settings = TrainSettings(model=args.model, minutes=args.minutes, seed=args.seed, pool_size=args.pool_size, **extra)
     trainer = Trainer(args.out, settings, resume=args.resume, log=lambda line: print(line, file=sys.stderr))

@@ -73,6 +73,33 @@ class ContrastiveHeads(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(2.659))  # log(1 / 0.07), CLIP's initial temperature
 
 
+class CellReadout(nn.Module):
+    """An auxiliary head for training the tiny CLIP: nine learned queries, one per cell of the 3x3 grid,
+    cross-attend (``heads`` heads) over the text tower's final hidden states, the context a UNet sees, and name
+    the colour, shape and size the caption puts in each cell (class 0: none). It asks the per-token states, which
+    the contrastive loss trains only through what the EOS state gathers from them, to hold each object's
+    attributes bound to its place, readable by cross-attention. Training only; not part of the checkpoint."""
+
+    CLASSES = (7, 4, 3)  # colour (6 + none), shape (3 + none), size (small, large + unstated)
+
+    def __init__(self, width: int, dim: int = 64, heads: int = 4):
+        super().__init__()
+        self.heads = heads
+        self.queries = nn.Parameter(torch.randn(9, dim) / dim**0.5)
+        self.key = nn.Linear(width, dim)
+        self.value = nn.Linear(width, dim)
+        self.out = nn.Linear(dim, sum(self.CLASSES))
+
+    def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """hidden [B, T, D] -> logits per cell: ([B, 9, 7], [B, 9, 4], [B, 9, 3])."""
+        b, t, _ = hidden.shape
+        k = self.key(hidden).view(b, t, self.heads, -1).transpose(1, 2)  # [B, h, T, d]
+        v = self.value(hidden).view(b, t, self.heads, -1).transpose(1, 2)
+        q = self.queries.view(9, self.heads, -1).transpose(0, 1).expand(b, -1, -1, -1)  # [B, h, 9, d]
+        read = torch.nn.functional.scaled_dot_product_attention(q, k, v)  # [B, h, 9, d]
+        return self.out(read.transpose(1, 2).reshape(b, 9, -1)).split(self.CLASSES, dim=-1)
+
+
 class ImageTower(nn.Module):
     """pixels [B, 3, H, W] in [-1, 1] -> embedding [B, P] (not normalised)."""
 

@@ -1,14 +1,17 @@
 """Training of the embedded tiny model from scratch, in phases, within a wall-clock budget, resumable.
 
 1. ``clip``: the tiny CLIP, contrastively (symmetric InfoNCE, Radford et al. 2021) between the text tower (our
-   ``CLIPTextModel``) and a small CNN image tower, on renders and captions of the synthetic world.
+   ``CLIPTextModel``) and a small CNN image tower, on renders and captions of the synthetic world, plus an
+   auxiliary cell readout (``models.CellReadout``) that trains the final hidden states, the UNet's context, to
+   hold each object's attributes bound to its cell; the contrastive loss alone left them to chance.
 2. ``vae``: our ``AutoencoderKL`` at 4x downsampling, L1 + MSE reconstruction and LDM's tiny KL weight; the
    scale factor is then measured as 1 / std of the latents, as the SD authors did for theirs.
 3. ``pool``: a fixed pool of scenes and their latents (rendering and encoding once is far cheaper than per step).
 4. ``unet``: our ``UNetModel``, eps prediction on the SD noise schedule with Min-SNR-5 loss weighting (Hang et al.
    2023), cross-attending to the *frozen* tiny CLIP's context built exactly as inference builds it (the same
    ``TextEncoder.plan`` windows, so captions past 75 tokens train 154-token chunked contexts), 10% caption dropout
-   for classifier-free guidance, captions drawn fresh from each pooled scene's spec every time, and an EMA copy.
+   for classifier-free guidance, captions drawn from each pooled scene's (``pool_captions`` per scene, encoded
+   once in the pool phase), and an EMA copy.
 
 The state (weights, optimisers, RNGs, phase clocks) is written atomically every few minutes; ``resume=True`` picks
 up where it stopped. The result is one LDM-layout ``.safetensors`` of family "tiny" (``save_checkpoint``).
@@ -40,9 +43,9 @@ class TrainSettings:
     minutes: float = 60.0
     # share of the budget per phase (the pool is bounded by pool_size, its share only caps it). The VAE gets a
     # fifth: until it draws the six colours apart, nothing downstream can (measured: after ~300 steps it still
-    # mixes red/orange and blue/purple). The defaults are the shipped run's but for unet_lr and the pool: it now
-    # encodes pool_captions captions per scene (~100 s on 2 cores at 4 x 12,000), so its share is 0.08 (was 0.04;
-    # what it leaves unused passes to the UNet). eval/training.md has the runs that changed them and did worse.
+    # mixes red/orange and blue/purple). The defaults are the shipped run's (run E of eval/training.md, seed 1).
+    # The pool encodes pool_captions captions per scene (~100 s on 2 cores at 4 x 12,000), so its share is 0.08
+    # (what it leaves unused passes to the UNet). eval/training.md has the runs that changed them and did worse.
     shares: tuple[float, ...] = (0.10, 0.20, 0.08, 0.62)
     clip_batch: int = 128
     vae_batch: int = 16
@@ -81,6 +84,11 @@ class TrainSettings:
     # scenes, almost always told apart by colour and position alone) barely ask for. It makes a better CLIP
     # (twin test: shape 0.82 -> 0.87) but, in two 55-minute runs, a UNet that drew colours worse; off by default.
     clip_hard_negatives: bool = False
+    # weight of an auxiliary loss on the tiny CLIP (models.CellReadout): cross-attention from nine cell queries
+    # over the final hidden states (the UNet's context) must name each cell's colour, shape and size. 0: off
+    # (run 3, the first shipped model: contrastive only). On run 3's VAE, a UNet of 3,720 steps learns 0.71 /
+    # 0.69 / 0.57 on such a CLIP against 0.42 / 0.15 / 0.01 on run 3's own (eval/training.md, session 6)
+    clip_readout: float = 1.0
 
     def __post_init__(self):
         if self.model not in PRESETS:
@@ -94,6 +102,8 @@ class TrainSettings:
                 raise ClipDiffusionError(f"{name}: {getattr(self, name)!r} is outside (0, 1)")
         if not 0 <= self.size_named <= 1:
             raise ClipDiffusionError(f"size_named: {self.size_named!r} is outside [0, 1] (a probability)")
+        if not 0 <= self.clip_readout < 100:
+            raise ClipDiffusionError(f"clip_readout: {self.clip_readout!r} is outside [0, 100) (a loss weight)")
         if self.lr_floor is not None and not 0 <= self.lr_floor <= 1:
             raise ClipDiffusionError(f"lr_floor: {self.lr_floor!r} is outside [0, 1] (a share of the base rate)")
         if not 0 <= self.pool_captions <= 64:
@@ -158,6 +168,11 @@ def caption_pair(spec: SceneSpec, rng, p_tags: float, size_named: float = 0.8) -
     """A training caption of a full scene and its hard-negative twin: the same words but for one attribute,
     which misdescribes the image (a shape or colour changed, an object moved to an empty cell, or two objects'
     colours or shapes swapped)."""
+    return described_pair(spec, rng, p_tags, size_named)[:2]
+
+
+def described_pair(spec: SceneSpec, rng, p_tags: float, size_named: float = 0.8) -> tuple[str, str, SceneSpec]:
+    """``caption_pair``, and the spec the caption states (sizes and background at times left open)."""
     from .world import COLORS, SHAPES
 
     loose = loosen(spec, rng, size_named)
@@ -183,7 +198,21 @@ def caption_pair(spec: SceneSpec, rng, p_tags: float, size_named: float = 0.8) -
     twin = SceneSpec(tuple(changed), loose.background)
     seed = int(rng.integers(2**63))  # the same template, order and tags for both
     return (caption(loose, np.random.default_rng(seed), p_tags=p_tags),
-            caption(twin, np.random.default_rng(seed), p_tags=p_tags))  # fmt: skip
+            caption(twin, np.random.default_rng(seed), p_tags=p_tags), loose)  # fmt: skip
+
+
+def cell_targets(specs) -> torch.Tensor:
+    """What each caption states per cell of the grid, as ``CellReadout`` classes: [B, 9, (colour, shape, size)];
+    0 is an empty cell (for size also a size left unstated)."""
+    from .world import COLORS, SHAPES, SIZES
+
+    colours, sizes = list(COLORS), list(SIZES)
+    out = torch.zeros(len(specs), 9, 3, dtype=torch.long)
+    for i, spec in enumerate(specs):
+        for o in spec.objects:
+            size = 0 if o.size is None else 1 + sizes.index(o.size)
+            out[i, o.cell] = torch.tensor([1 + colours.index(o.color), 1 + SHAPES.index(o.shape), size])
+    return out
 
 
 POOL_BATCH = 64  # scenes per pool step
@@ -291,9 +320,15 @@ class Trainer:
         self.models, self.text_encoder = build_models(self.config, tokenizer)
         for m in self.models.values():
             m.to(self.device)
+        if settings.clip_readout:
+            from .models import CellReadout
+
+            self.models["readout"] = CellReadout(self.config.text.width).to(self.device)
+        clip_params = [*self.models["text"].parameters(), *self.models["heads"].parameters()]
+        if "readout" in self.models:
+            clip_params += list(self.models["readout"].parameters())
         self.optimizers = {
-            "clip": _optimizer([*self.models["text"].parameters(), *self.models["heads"].parameters()],
-                               settings.clip_lr),  # fmt: skip
+            "clip": _optimizer(clip_params, settings.clip_lr),
             "vae": _optimizer(self.models["vae"].parameters(), settings.vae_lr),
             "unet": _optimizer(self.models["unet"].parameters(), settings.unet_lr),
         }
@@ -442,23 +477,32 @@ class Trainer:
         step = self.state["step"]["clip"]
         scenes = self.scenes.draw(s.clip_batch)
         # captions fitting one window: the pooled EOS must see every object
-        pairs = [caption_pair(sc.spec(), self.rng, s.p_tags * 0.5, s.size_named) for sc in scenes]
-        captions = [p for p, _ in pairs] + ([n for _, n in pairs] if s.clip_hard_negatives else [])
+        pairs = [described_pair(sc.spec(), self.rng, s.p_tags * 0.5, s.size_named) for sc in scenes]
+        captions = [p for p, _, _ in pairs] + ([n for _, n, _ in pairs] if s.clip_hard_negatives else [])
         plans = [self.text_encoder.plan(c, long_prompt="truncate") for c in captions]
         ids = torch.tensor([p.windows[0].ids(self.text_encoder.encoders[0].pad_id) for p in plans])  # [T, 77]
         pixels = to_pixels([render(sc, self.config.image.canvas) for sc in scenes]).to(self.device)
         heads = self.models["heads"]
-        pooled = self.models["text"](ids.to(self.device), pooled=True).pooled
-        text = F.normalize(heads.text_projection(pooled), dim=-1)  # [T, P]; T = B, or 2B with the twins
+        encoded = self.models["text"](ids.to(self.device), pooled=True)
+        text = F.normalize(heads.text_projection(encoded.pooled), dim=-1)  # [T, P]; T = B, or 2B with the twins
         image = F.normalize(heads.image(pixels), dim=-1)  # [B, P]
         logits = heads.logit_scale.clamp(max=math.log(100)).exp() * image @ text.T  # [B, T]
         labels = torch.arange(len(scenes), device=self.device)
         # image -> text over every caption, twins included; text -> image over the true captions only
         loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits[:, : len(scenes)].T, labels)) / 2
+        readout = None
+        if s.clip_readout:  # the true captions' final hidden states: the UNet's context for them
+            targets = cell_targets([spec for _, _, spec in pairs]).to(self.device)  # [B, 9, 3]
+            logits_per_cell = self.models["readout"](encoded.hidden[: len(scenes)])
+            readout = sum(F.cross_entropy(lg.flatten(0, 1), targets[..., j].flatten())
+                          for j, lg in enumerate(logits_per_cell))  # fmt: skip
+            loss = loss + s.clip_readout * readout
         self._update("clip", loss, s.clip_lr)
         if step % s.log_every == 0:
             accuracy = (logits[:, : len(scenes)].argmax(1) == labels).float().mean()
             values = {"loss": loss.item(), "accuracy": accuracy.item()}
+            if readout is not None:
+                values["readout"] = readout.item()
             if s.clip_hard_negatives:  # share of images scoring their caption above its twin
                 twin = logits.diagonal() > logits[:, len(scenes) :].diagonal()
                 values["twin_accuracy"] = twin.float().mean().item()
