@@ -15,6 +15,7 @@ the same caption with one shape, colour or cell changed? (Not the training twins
     python scripts/tiny_diagnostics.py twins RUN/tiny-sd.safetensors RUN/tiny-clip-heads.safetensors
     python scripts/tiny_diagnostics.py context RUN/tiny-sd.safetensors [...]
     python scripts/tiny_diagnostics.py readout [--clip-skip N] RUN/tiny-sd.safetensors [...]
+    python scripts/tiny_diagnostics.py longpos RUN/tiny-sd.safetensors [PER_COUNT]
 
 ``context``: how far apart the frozen text encoder puts captions that differ in one word, as the UNet sees them.
 For one-object captions (the same template), each pair of colours and of shapes: the largest per-position L2
@@ -25,6 +26,10 @@ UNet's task in miniature. Nine learned queries (one per cell) attend over the co
 no style tags) through one small head, and linear layers name the colour and shape in each cell (or "empty").
 Trained for a fixed, short budget on captions of fresh scenes, it reports accuracy on other captions: per occupied
 cell colour, shape and both (bound), and a caption entirely right. The same seed and budget for every checkpoint.
+
+``longpos``: why long-prompt recall varies with the length of the tag run. The long-prompt study's prompts (more of
+them), generated with the chunk strategy; each object's recall is tallied by where its first word ("a") lands: which
+75-token chunk, and at what position inside it. Objects whose colour and shape repeat in a prompt are left out.
 """
 
 import dataclasses
@@ -179,6 +184,46 @@ def readout(paths, clip_skip=1, n_train=4000, n_test=1000, steps=(200, 500), see
         print(f"{path}: readout at clip skip {clip_skip}, " + "; ".join(cells), flush=True)
 
 
+def longpos(path, per_count=20, lengths=(0, 20, 40, 60, 90, 120, 150)):
+    import re
+
+    from clipdiffusion.tiny.eval import long_prompt_cases
+    from clipdiffusion.tiny.judge import judge, verdict
+
+    pipe = Pipeline.from_file(path)
+    encoder = pipe.text_encoder
+    tokenizer = encoder.tokenizer
+    buckets = {}  # (chunk, position bucket) -> [hits, total]
+    by_length = {}
+    for length in lengths:
+        for case in long_prompt_cases(tokenizer, length, per_count):
+            plan = encoder.plan(case.prompt, long_prompt="chunk")
+            starts = np.cumsum([0] + [len(w.tokens) for w in plan.windows])
+            seen = judge(pipe.generate(case.prompt, seed=case.seed, steps=20, guidance=7.0).image)
+            v = verdict(case.spec, seen)
+            for obj, ok in zip(case.spec.objects, v.objects_ok):
+                words = ("(?:small |large )?" if obj.size is None else obj.size + " ") + f"{obj.color} {obj.shape}"
+                found = [m.start() for m in re.finditer(r"\ba " + words + r"\b", case.prompt)]
+                if len(found) != 1:
+                    continue
+                index = len(tokenizer.encode(case.prompt[: found[0]]))  # words tokenize alone in CLIP's BPE
+                window = int(np.searchsorted(starts, index, side="right") - 1)
+                position = index - int(starts[window])
+                key = (window, min(position // 15, 4))
+                buckets.setdefault(key, [0, 0])
+                buckets[key][0] += int(ok)
+                buckets[key][1] += 1
+                by_length.setdefault(length, [0, 0])
+                by_length[length][0] += int(ok)
+                by_length[length][1] += 1
+        hits, total = by_length[length]
+        print(f"{length} tokens of tags: recall {hits / total:.3f} of {total} objects", flush=True)
+    print("chunk | object starts at position | recall | objects")
+    for (window, bucket), (hits, total) in sorted(buckets.items()):
+        span = f"{15 * bucket}-{15 * bucket + 14}" if bucket < 4 else "60-74"
+        print(f"{window + 1} | {span} | {hits / total:.3f} | {total}")
+
+
 if __name__ == "__main__":
     torch.set_num_threads(2)
     if sys.argv[1:2] == ["roundtrip"]:
@@ -190,6 +235,8 @@ if __name__ == "__main__":
     elif sys.argv[1:2] == ["readout"]:  # readout [--clip-skip N] PATH...
         skip = int(sys.argv[3]) if sys.argv[2:3] == ["--clip-skip"] else 1
         readout(sys.argv[4:] if sys.argv[2:3] == ["--clip-skip"] else sys.argv[2:], clip_skip=skip)
+    elif sys.argv[1:2] == ["longpos"]:
+        longpos(sys.argv[2], *[int(a) for a in sys.argv[3:4]])
     elif sys.argv[1:2] == ["twins"]:
         twins(sys.argv[2], sys.argv[3])
     else:
