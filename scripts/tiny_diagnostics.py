@@ -190,6 +190,8 @@ def longpos(path, per_count=20, lengths=(0, 20, 40, 60, 90, 120, 150)):
     from clipdiffusion.tiny.eval import long_prompt_cases
     from clipdiffusion.tiny.judge import judge, verdict
 
+    if per_count < 1:
+        sys.exit(f"longpos: PER_COUNT must be at least 1, got {per_count}")
     pipe = Pipeline.from_file(path)
     encoder = pipe.text_encoder
     tokenizer = encoder.tokenizer
@@ -236,6 +238,8 @@ if __name__ == "__main__":
         skip = int(sys.argv[3]) if sys.argv[2:3] == ["--clip-skip"] else 1
         readout(sys.argv[4:] if sys.argv[2:3] == ["--clip-skip"] else sys.argv[2:], clip_skip=skip)
     elif sys.argv[1:2] == ["longpos"]:
+        if len(sys.argv) < 3 or not all(a.isdigit() for a in sys.argv[3:4]):
+            sys.exit("usage: tiny_diagnostics.py longpos MODEL [PER_COUNT, a positive integer]")
         longpos(sys.argv[2], *[int(a) for a in sys.argv[3:4]])
     elif sys.argv[1:2] == ["twins"]:
         twins(sys.argv[2], sys.argv[3])
