@@ -350,6 +350,7 @@ def test_worker_shutdown_interrupts_running_and_cancels_queued():
     _wait(lambda: pipe.calls[0]["steps_done"] == 2)
     stopper = threading.Thread(target=worker.stop)
     stopper.start()
+    _wait(lambda: worker.stopping)
     gate.release(100)
     stopper.join(10)
     assert not worker.alive
@@ -359,6 +360,44 @@ def test_worker_shutdown_interrupts_running_and_cancels_queued():
     assert len(pipe.calls) == 1  # the queued job never ran
     with pytest.raises(WorkerStopped):
         worker.submit(Job("t", "m", work))
+
+
+def test_worker_stop_interrupts_the_running_job_before_anything_else():
+    """stop() raises the stop flag and interrupts the running job in one step: by the time it drains the queue (or
+    anyone sees `stopping`), the job is already told to stop, so it cannot run on to its last step meanwhile."""
+    import queue as queue_module
+
+    from clipdiffusion.server.worker import Job, JobControl, Worker, WorkerStopped
+
+    seen = []
+
+    class SpyQueue(queue_module.Queue):
+        def get_nowait(self):
+            seen.append((worker.stopping, control.interrupted))
+            return super().get_nowait()
+
+    gate = threading.Semaphore(0)
+    pipe = FakePipeline(gate=gate)
+    worker = Worker(fake_factory(pipe), queue_size=2)
+    worker._queue = SpyQueue(maxsize=2)
+    worker.start()
+    control = JobControl(steps=50)
+
+    def work(pipe, control):
+        return pipe.generate("p", steps=50, callback=control.on_step, should_stop=control.should_stop)
+
+    running = worker.submit(Job("t", "m", work, control))
+    _wait(lambda: worker.snapshot()["running"] is not None)
+    queued = worker.submit(Job("t", "m", work, JobControl(steps=50)))
+    stopper = threading.Thread(target=worker.stop)
+    stopper.start()
+    _wait(lambda: worker.stopping)
+    gate.release(100)
+    stopper.join(10)
+    assert seen and seen[0] == (True, True)  # interrupted before the first job was drained
+    assert running.result(5).images and pipe.calls[0]["steps_done"] <= 1
+    with pytest.raises(WorkerStopped):
+        queued.result(5)
 
 
 def test_serve_command_line():

@@ -124,6 +124,10 @@ class Worker:
         with self._lock:
             self._stopping = True
             current = self._current
+            if current is not None:
+                # Interrupt together with the flag: whoever sees `stopping` also sees the running job told to stop,
+                # so it cannot run on to its last step while the queue is being drained.
+                current.control.interrupt()
         while True:
             try:
                 job = self._queue.get_nowait()
@@ -131,8 +135,6 @@ class Worker:
                 break
             if job is not None and job.future.set_running_or_notify_cancel():
                 job.future.set_exception(WorkerStopped("server is shutting down; the job was not run"))
-        if current is not None:
-            current.control.interrupt()
         if self._thread is None:
             return True
         try:
@@ -177,10 +179,13 @@ class Worker:
                 return
             if not job.future.set_running_or_notify_cancel():
                 continue  # the client went away before its turn
-            if self._stopping:
+            with self._lock:  # with stop(): a job either starts before the flag (and is interrupted) or never
+                stopping = self._stopping
+                if not stopping:
+                    self._current = job
+            if stopping:
                 job.future.set_exception(WorkerStopped("server is shutting down; the job was not run"))
                 continue
-            self._current = job
             job.control.started = time.monotonic()
             try:
                 result = job.work(self._pipeline_for(job.model), job.control)
