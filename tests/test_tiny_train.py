@@ -364,3 +364,75 @@ def test_readout_loss_trains_the_text_tower(tmp_path):
     first = json.loads((tmp_path / "r" / "log.jsonl").read_text().splitlines()[0])
     assert first["readout"] > 0 and first["loss"] > first["readout"]  # contrastive + readout
     assert main([*args, "--out", str(tmp_path / "bad"), "--clip-readout", "-1"]) == 2
+
+
+def test_a_run_slower_than_the_shipped_one_is_told_so(trained):
+    """The phases run on the clock: a slower CPU gets fewer steps than the shipped run and a weaker model, so the
+    run says which phases fell behind the shipped run's pace (steps per budgeted minute)."""
+    from clipdiffusion.tiny.train import pace_notes, shipped_run
+
+    ref_settings, ref_steps = shipped_run()  # what export wrote into the shipped file's metadata
+    assert ref_settings["model"] == "tiny-sd" and ref_steps["unet"] > 1000 and ref_settings["phase_steps"] is None
+    mine = {**ref_settings, "minutes": ref_settings["minutes"] / 2}
+    half = {p: n // 2 for p, n in ref_steps.items()}  # half the steps in half the minutes: the same pace
+    assert pace_notes(mine, half, (ref_settings, ref_steps)) == []
+    slow = {**half, "unet": int(half["unet"] * 0.7)}
+    notes = pace_notes(mine, slow, (ref_settings, ref_steps))
+    assert len(notes) == 1 and notes[0].startswith(f"unet: {slow['unet']} steps, 70% of the shipped run's pace")
+    # other presets, step-capped replays and a missing shipped file compare to nothing
+    assert pace_notes({**mine, "model": "micro"}, slow, (ref_settings, ref_steps)) == []
+    assert pace_notes({**mine, "phase_steps": [1, 1, 1, 1]}, slow, (ref_settings, ref_steps)) == []
+    assert pace_notes(mine, slow, None) == []
+    # the micro run's own metadata, as export wrote it, reads back in the same form
+    from safetensors import safe_open
+
+    with safe_open(str(trained[1]), "np") as f:
+        meta = f.metadata()
+    settings = json.loads(meta["clipdiffusion.tiny.train_settings"])
+    steps = json.loads(meta["clipdiffusion.tiny.steps"])
+    assert settings["model"] == "micro" and pace_notes(settings, steps, (ref_settings, ref_steps)) == []
+
+
+def test_extending_a_finished_runs_unet_equals_a_longer_run(tmp_path):
+    """scripts/tiny_extend_unet.py continues a finished run's UNet phase: the result is bit-identical to a run
+    whose UNet phase was that long from the start (constant learning rate), and the original run is untouched."""
+    import importlib.util
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    path = Path(__file__).parents[1] / "scripts" / "tiny_extend_unet.py"
+    spec = importlib.util.spec_from_file_location("tiny_extend_unet", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    micro = {**MICRO, "max_steps": None}
+    short = Trainer(tmp_path / "short", TrainSettings(**micro, phase_steps=(2, 2, 2, 3)), log=lambda line: None).run()
+    long = Trainer(tmp_path / "long", TrainSettings(**micro, phase_steps=(2, 2, 2, 5)), log=lambda line: None).run()
+    before = load_file(short)
+    threads = str(torch.get_num_threads())
+    args = [str(tmp_path / "short"), str(tmp_path / "ext"), "--threads", threads]
+    assert script.main([*args, "--unet-steps", "5"]) == 0
+    extended, reference = load_file(tmp_path / "ext" / "tiny-sd.safetensors"), load_file(long)
+    assert extended.keys() == reference.keys()
+    assert all(torch.equal(extended[k], reference[k]) for k in reference)
+    assert all(torch.equal(before[k], v) for k, v in load_file(short).items())  # the run it started from
+    assert script.main([*args, "--unet-steps", "5"]) == 2  # the copy exists: refused, nothing overwritten
+    assert script.main([str(tmp_path / "short"), str(tmp_path / "ext2"), "--threads", threads,
+                        "--unet-steps", "2"]) == 2  # already past 2 steps
+
+
+def test_train_cli_ends_with_a_note_when_slower_than_the_shipped_run(tmp_path, monkeypatch, capsys):
+    import clipdiffusion.tiny.train as train
+    from clipdiffusion.cli import main
+
+    reference = ({"model": "micro", "minutes": 0.05, "phase_steps": None},
+                 {"clip": 10**6, "vae": 10**6, "pool": 6, "unet": 10**6})  # fmt: skip
+    monkeypatch.setattr(train, "shipped_run", lambda: reference)
+    args = ["train-tiny", "--model", "micro", "--pool-size", "6", "--minutes", "0.05", "--threads", "1"]
+    assert main([*args, "--out", str(tmp_path / "slow")]) == 0
+    err = capsys.readouterr().err
+    assert "note: this machine trained more slowly than the shipped model's run" in err
+    assert "unet: " in err and "--phase-steps 1000000,1000000,6,1000000 and a larger --minutes" in err
+    monkeypatch.setattr(train, "shipped_run", lambda: None)  # no shipped file to compare with: no note
+    assert main([*args, "--out", str(tmp_path / "plain")]) == 0
+    assert "note:" not in capsys.readouterr().err

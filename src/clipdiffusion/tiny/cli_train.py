@@ -45,7 +45,7 @@ def run(args) -> int:
         raise ClipDiffusionError(f"pool-size: {args.pool_size} must be positive")
     import torch
 
-    from .train import Trainer, TrainSettings
+    from .train import Trainer, TrainSettings, pace_notes, shipped_run
 
     torch.set_num_threads(args.threads)
     phase_steps = None
@@ -62,6 +62,13 @@ def run(args) -> int:
     settings = TrainSettings(model=args.model, minutes=args.minutes, seed=args.seed, pool_size=args.pool_size, **extra)
     trainer = Trainer(args.out, settings, resume=args.resume, log=lambda line: print(line, file=sys.stderr))
     path = trainer.run()
+    notes = pace_notes(trainer.state["settings"], trainer.state["step"], shipped_run())
+    if notes:
+        ref = shipped_run()[1]
+        counts = ",".join(str(ref[p]) for p in ("clip", "vae", "pool", "unet"))
+        print("note: this machine trained more slowly than the shipped model's run, so the model will likely score "
+              "lower:\n  " + "\n  ".join(notes) + f"\n  to replay the shipped step counts, run again with "
+              f"--phase-steps {counts} and a larger --minutes", file=sys.stderr)  # fmt: skip
     if args.eval:
         from .eval import evaluate, prompt_set
 

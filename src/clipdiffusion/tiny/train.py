@@ -131,6 +131,46 @@ def phase_seconds(settings: TrainSettings, spent: dict | None = None) -> dict:
     return budgets
 
 
+def pace_notes(settings: dict, steps: dict, reference: dict | None, *, below: float = 0.9) -> list:
+    """Where a run trained more slowly than the shipped model's run did: phases whose steps per budgeted minute
+    fell under ``below`` of the reference's. ``settings``/``steps`` are what ``export`` writes to a checkpoint's
+    metadata (``clipdiffusion.tiny.train_settings`` / ``.steps``); ``reference`` is the same pair of the shipped
+    file (``shipped_run()``). The phases run on the clock, so a slower CPU means fewer steps and, below the shipped
+    counts, a weaker model (eval/training.md, run G). Only runs of the same preset and step caps compare; the pool
+    is capped by its size and is left out."""
+    if reference is None:
+        return []
+    ref_settings, ref_steps = reference
+    if settings.get("model") != ref_settings.get("model") or settings.get("phase_steps") is not None:
+        return []
+    notes = []
+    for phase in ("clip", "vae", "unet"):
+        pace = steps.get(phase, 0) / settings["minutes"]
+        ref_pace = ref_steps.get(phase, 0) / ref_settings["minutes"]
+        if ref_pace > 0 and pace < below * ref_pace:
+            expected = round(ref_pace * settings["minutes"])
+            notes.append(f"{phase}: {steps.get(phase, 0)} steps, {pace / ref_pace:.0%} of the shipped run's pace "
+                         f"({expected} in {settings['minutes']:g} minutes)")  # fmt: skip
+    return notes
+
+
+def shipped_run():
+    """(train settings, step counts) recorded in the shipped tiny model's metadata, or None without one."""
+    from safetensors import safe_open
+
+    from ..pipeline import TINY_DATA
+
+    files = sorted(TINY_DATA.glob("*.safetensors")) if TINY_DATA.is_dir() else []
+    if len(files) != 1:
+        return None
+    with safe_open(str(files[0]), "np") as f:
+        meta = f.metadata() or {}
+    try:
+        return (json.loads(meta["clipdiffusion.tiny.train_settings"]), json.loads(meta["clipdiffusion.tiny.steps"]))
+    except (KeyError, ValueError):
+        return None
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Data
 
@@ -588,7 +628,7 @@ class Trainer:
         groups: dict = {}
         for j, row in enumerate(rows):
             groups.setdefault(row.shape[0], []).append(j)
-        return [(members, torch.stack([rows[j] for j in members]).float().to(self.device))
+        return [(members, torch.stack([rows[j].float() for j in members]).to(self.device))
                 for _, members in sorted(groups.items())]  # fmt: skip
 
     def _unet_step(self):
