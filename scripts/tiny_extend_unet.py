@@ -49,10 +49,18 @@ def main(argv=None) -> int:
         saved = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}
         # every setting the run trained with (model, batches, seed, ...), but a day of clock for the UNet phase and
         # a step cap on it, which is what ends it
-        settings = dataclasses.replace(TrainSettings(**saved), minutes=24 * 60, phase_steps=(0, 0, 0, args.unet_steps))
+        try:
+            settings = dataclasses.replace(TrainSettings(**saved), minutes=24 * 60,
+                                           phase_steps=(0, 0, 0, args.unet_steps))  # fmt: skip
+        except TypeError as e:
+            raise ClipDiffusionError(f"run: {str(args.run)!r}'s recorded training settings do not fit ({e})") from None
         torch.set_num_threads(args.threads)
         shutil.copytree(args.run, args.copy)
-        trainer = Trainer(args.copy, settings, resume=True)
+        try:  # a state that cannot resume (corrupt, planted, wrong model) leaves no half-made copy behind
+            trainer = Trainer(args.copy, settings, resume=True)
+        except ClipDiffusionError:
+            shutil.rmtree(args.copy)
+            raise
         done = trainer.state["step"]["unet"]
         if trainer.state["phase"] != len(PHASES) or done >= args.unet_steps:
             shutil.rmtree(args.copy)

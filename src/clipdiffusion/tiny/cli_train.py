@@ -62,9 +62,10 @@ def run(args) -> int:
     settings = TrainSettings(model=args.model, minutes=args.minutes, seed=args.seed, pool_size=args.pool_size, **extra)
     trainer = Trainer(args.out, settings, resume=args.resume, log=lambda line: print(line, file=sys.stderr))
     path = trainer.run()
-    notes = pace_notes(trainer.state["settings"], trainer.state["step"], shipped_run())
+    shipped = shipped_run()
+    notes = pace_notes(trainer.state["settings"], trainer.state["step"], shipped)
     if notes:
-        ref = shipped_run()[1]
+        ref = shipped[1]
         counts = ",".join(str(ref[p]) for p in ("clip", "vae", "pool", "unet"))
         print("note: this machine trained more slowly than the shipped model's run, so the model will likely score "
               "lower:\n  " + "\n  ".join(notes) + f"\n  to replay the shipped step counts, run again with "

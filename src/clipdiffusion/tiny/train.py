@@ -166,9 +166,10 @@ def shipped_run():
     with safe_open(str(files[0]), "np") as f:
         meta = f.metadata() or {}
     try:
-        return (json.loads(meta["clipdiffusion.tiny.train_settings"]), json.loads(meta["clipdiffusion.tiny.steps"]))
+        run = (json.loads(meta["clipdiffusion.tiny.train_settings"]), json.loads(meta["clipdiffusion.tiny.steps"]))
     except (KeyError, ValueError):
         return None
+    return run if all(isinstance(part, dict) for part in run) else None
 
 
 # ---------------------------------------------------------------------------------------------------------------
