@@ -55,7 +55,12 @@ def test_reports_use_the_users_words(capsys):
     report = json.loads(out)
     starts = [c["starts_with"] for c in report["chunks"]]
     assert starts[0] == "tag0, tag1, tag2, ..." and all(s for s in starts)
-    assert report["tokens"][0]["word"] == "tag0,"
+    words = report["words"]
+    assert words[report["tokens"][0]["word"]] == {"text": "tag0,", "tokens": [0, 3]}  # tag 0 ,
+    assert [t["word"] for t in report["tokens"][:5]] == [0, 0, 0, 1, 1]
+    assert "".join(w["text"] for w in words).replace(",", "") == prompt.replace(",", "").replace(" ", "")
+    for index, word in enumerate(words):  # each word once, its token range points back at it
+        assert all(report["tokens"][k]["word"] == index for k in range(*word["tokens"]))
 
 
 def test_weights_and_break_in_text_output(capsys):
@@ -164,5 +169,22 @@ def test_report_without_word_alignment_falls_back_to_decoded_text():
     report = tokens_report("cat " * 80, long_prompt="truncate", tokenizer=StandIn())
     assert report["chunks"][0]["starts_with"] is None and report["dropped_words"] == ""
     assert report["tokens"][0] == {"id": CAT_ID, "text": "cat", "weight": 1.0, "word": None}
+    assert report["words"] == []
     text = format_report(report)
     assert "starts: cat cat cat" in text and "5 of 80 tokens dropped" in text
+
+
+@pytest.mark.parametrize("long_prompt", ["chunk", "truncate", "window", "stretch"])
+def test_json_size_is_linear_in_the_prompt(capsys, long_prompt):
+    # Each token once named its whole word, so one long word grew the output as tokens x word length.
+    sizes = {}
+    for n in (5_000, 10_000):
+        prompt = "ab" * (n // 2)
+        rc, out, _ = _run(capsys, prompt, "--json", "--long-prompt", long_prompt)
+        assert rc == 0
+        report = json.loads(out)
+        assert report["words"] == [{"text": prompt, "tokens": [0, report["total_tokens"]]}]
+        assert {t["word"] for t in report["tokens"]} == {0}
+        sizes[n] = len(out)
+        assert len(out) < 200 * n + 10_000, (n, len(out))
+    assert 1.8 < sizes[10_000] / sizes[5_000] < 2.2, sizes

@@ -42,12 +42,16 @@ def tokens_report(prompt, *, long_prompt="chunk", weights=True, tokenizer=None) 
 
         {"prompt", "long_prompt", "weights": bool, "segments": [{"text", "weight"}],
          "tokens": [{"id", "text", "weight", "word"}],   # prompt order, BREAK markers left out
+         "words": [{"text", "tokens": [start, stop]}],   # the user's words, each once
          "chunks": [{"tokens", "capacity", "first_words", "starts_with", "ids", "weights"}],
          "summary": "75/75 | 12/75", "total_tokens", "dropped_tokens", "dropped_text", "dropped_words",
          "notes": [...], "truncate_would_drop": {"tokens", "text", "words"} | None}  # other strategies, >75 tokens
 
     ``first_words`` and ``dropped_text`` are decoded tokens (chunking's report); ``starts_with``,
-    ``dropped_words`` and ``word`` are the user's own words, which keep the spacing that tokens lose.
+    ``dropped_words`` and ``words`` are the user's own words, which keep the spacing that tokens lose. A token's
+    ``word`` is the index in ``words`` of the word it belongs to (None when the tokenizer cannot tell), and
+    ``words[i]["tokens"]`` is the range ``[start, stop)`` of its tokens in ``tokens``: each word is listed once,
+    so the report stays linear in the prompt's length however long a word is.
     """
     prompt = chunking.check_prompt_text("prompt", prompt)
     chunking.check_strategy(long_prompt)
@@ -70,8 +74,14 @@ def tokens_report(prompt, *, long_prompt="chunk", weights=True, tokenizer=None) 
         info["weights"] = list(window.weights)
     labels = _token_words(segments, tokenizer, ids)
     ranges = _window_ranges(plan, ids, long_prompt)
-    for k, token in enumerate(out["tokens"]):
-        token["word"] = labels[k][0] if labels else None
+    out["words"] = _word_list(labels) if labels else []
+    if labels:
+        for index, word in enumerate(out["words"]):
+            for k in range(*word["tokens"]):
+                out["tokens"][k]["word"] = index
+    else:
+        for token in out["tokens"]:
+            token["word"] = None
     for info, span in zip(out["chunks"], ranges or [None] * len(plan.windows)):
         info["starts_with"] = _render(labels, strings, *span, limit=REPORT_TOKENS) if labels and span else None
     out["dropped_words"] = ""
@@ -106,6 +116,17 @@ def _token_words(segments, tokenizer, ids):
         if text:
             spaced = text[-1].isspace()
     return labels if seen == ids else None
+
+
+def _word_list(labels) -> list:
+    """``[{"text": word, "tokens": [start, stop)}]``, one entry per word of ``_token_words`` labels."""
+    words = []
+    for k, (word, starts_word, _glued) in enumerate(labels):
+        if starts_word or not words:
+            words.append({"text": word, "tokens": [k, k + 1]})
+        else:
+            words[-1]["tokens"][1] = k + 1
+    return words
 
 
 def _window_ranges(plan, ids, strategy):
