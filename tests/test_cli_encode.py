@@ -72,3 +72,48 @@ def test_encode_user_errors_are_one_line(encoder_file, tmp_path, capsys):
 
 def test_weighting_choices_match_library():
     assert cli_encode.WEIGHTING_NAMES == list(WEIGHTINGS)
+
+
+# -- hostile outputs (issue 14) -------------------------------------------------------------------------------
+
+
+def test_bad_output_is_refused_before_the_encoder_loads(encoder_file, tmp_path, capsys, monkeypatch):
+    import clipdiffusion.text.loading as loading
+
+    def refuse(*a, **k):
+        raise AssertionError("the text encoder was loaded before the bad output was refused")
+
+    monkeypatch.setattr(loading, "load_text_encoder", refuse)
+    folder = tmp_path / "dir.safetensors"
+    folder.mkdir()
+    cases = [(folder, "is a folder"), (tmp_path / "missing" / "c.safetensors", "does not exist")]
+    full = tmp_path / "full.safetensors"
+    full.symlink_to("/dev/full")
+    cases.append((full, "character device"))
+    for out, reason in cases:
+        assert main(["encode", "cat", "--text-encoder", str(encoder_file), "-o", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"output={str(out)!r}" in err and reason in err, err
+
+
+@pytest.mark.slow  # a subprocess that imports torch
+def test_file_size_limit_keeps_the_previous_file(encoder_file, tmp_path):
+    """`ulimit -f`: the write fails with EFBIG (Python ignores SIGXFSZ), one error line, the old file intact."""
+    import os
+    import resource
+    import subprocess
+    import sys
+
+    out = tmp_path / "old.safetensors"
+    out.write_bytes(b"previous contents")
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    proc = subprocess.run([sys.executable, "-m", "clipdiffusion", "encode", "cat", "--text-encoder",
+                           str(encoder_file), "-o", str(out)], capture_output=True, text=True, preexec_fn=limit,
+                          env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "old.safetensors" in proc.stderr and "File too large" in proc.stderr
+    assert out.read_bytes() == b"previous contents"
+    assert [p.name for p in tmp_path.iterdir()] == ["old.safetensors"]

@@ -84,28 +84,65 @@ def output_paths(output, n: int) -> list[Path]:
     return [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(n)]
 
 
+def check_outputs(paths: list[Path]) -> None:
+    """Refuse, before the model loads, outputs that can never be written: a folder, a device, a missing or
+    unwritable folder."""
+    from .fileio import check_output
+
+    for path in paths:
+        check_output(path, "output")
+
+
 def save_png(image, path, infotext: str):
+    """Write the PNG through a temporary file renamed onto `path`: a failed write (full disk, ``ulimit -f``)
+    is one ClipDiffusionError naming the path, and an image already at `path` is kept intact."""
     from PIL.PngImagePlugin import PngInfo
+
+    from .fileio import atomic_write
 
     info = PngInfo()
     info.add_text("parameters", infotext)
-    image.save(path, format="PNG", pnginfo=info)
+    atomic_write(path, lambda f: image.save(f, format="PNG", pnginfo=info), field="output")
+
+
+def read_init_image(path: str):
+    """The --init-image as a loaded PIL image, its declared size checked against the pipeline's limits before any
+    pixel is decoded (a PNG header can declare 20000x20000 in a few bytes)."""
+    import warnings
+
+    from PIL import Image, UnidentifiedImageError
+
+    from .pipeline import MAX_PIXELS, MAX_SIDE
+
+    shown = f"init-image={path!r}"
+    limit = Image.MAX_IMAGE_PIXELS
+    try:
+        # PIL's own bomb check (a warning, then an error at twice its limit) would speak before ours, without
+        # the size; ours is stricter (the pipeline's limits), so PIL's is lifted while the header is read.
+        Image.MAX_IMAGE_PIXELS = None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise ClipDiffusionError(f"{shown}: cannot read ({exc})") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+    width, height = image.size
+    if width < 1 or height < 1 or width > MAX_SIDE or height > MAX_SIDE or width * height > MAX_PIXELS:
+        image.close()
+        raise ClipDiffusionError(f"{shown}: the image is {width}x{height}; at most {MAX_SIDE} pixels a side and "
+                                 f"{MAX_PIXELS} pixels in all")
+    try:
+        image.load()
+    except (OSError, ValueError, SyntaxError, MemoryError, Image.DecompressionBombError) as exc:
+        raise ClipDiffusionError(f"{shown}: cannot read ({type(exc).__name__}: {exc})") from None
+    return image
 
 
 def run(args) -> int:
     paths = output_paths(args.output, args.batch_size if isinstance(args.batch_size, int) else 1)
-    for path in paths:
-        if not path.parent.is_dir():
-            raise ClipDiffusionError(f"output={str(path)!r}: folder {str(path.parent)!r} does not exist")
-    init_image = None
-    if args.init_image:
-        from PIL import Image, UnidentifiedImageError
-
-        try:
-            init_image = Image.open(args.init_image)
-            init_image.load()
-        except (OSError, UnidentifiedImageError) as exc:
-            raise ClipDiffusionError(f"init-image={args.init_image!r}: cannot read ({exc})") from None
+    check_outputs(paths)
+    init_image = read_init_image(args.init_image) if args.init_image else None
     pipe = load_pipeline(args.model, args.prediction)
     result = pipe.generate(
         args.prompt, args.negative, steps=args.steps, guidance=args.guidance, seed=args.seed, sampler=args.sampler,

@@ -43,8 +43,12 @@ def _describe(name, report) -> list:
 
 def run(args) -> int:
     from ..checkpoints.safetensors_io import save_file
+    from ..fileio import check_output
     from .loading import load_text_encoder
 
+    # Before the encoder loads: a folder, a device or a missing folder as --output fails now, not after the work.
+    # save_file writes through a temporary file renamed onto the target, so a failed write keeps an old file.
+    target = check_output(args.output, "output")
     encoder = load_text_encoder(args.text_encoder)
     cond = encoder.encode(
         args.prompt,
@@ -75,7 +79,7 @@ def run(args) -> int:
         "settings": json.dumps(settings),
         "report": json.dumps(cond.report.to_dict()),
     }
-    save_file({k: v.contiguous() for k, v in tensors.items()}, args.output, metadata=metadata)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, target, metadata=metadata)
     lines = _describe("prompt", cond.report.prompt) + _describe("negative", cond.report.negative_prompt)
     lines += [f"note: {note}" for note in cond.report.notes]
     shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in tensors.items())
