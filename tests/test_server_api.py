@@ -161,7 +161,8 @@ def test_unknown_fields_are_accepted_and_listed(client):
     ({"steps": 51}, "steps"), ({"batch_size": 5}, "batch_size"), ({"n_iter": 4}, "n_iter"),
     ({"prompt": "x" * 501}, "prompt"), ({"negative_prompt": "y" * 501}, "negative_prompt"),
     ({"steps": "many"}, "steps"), ({"cfg_scale": "nan"}, "cfg_scale"), ({"seed": -5}, "seed"),
-    ({"width": 16.5}, "width")])
+    ({"width": 16.5}, "width"), ({"steps": True}, "steps"), ({"cfg_scale": False}, "cfg_scale"),
+    ({"seed": True}, "seed")])
 def test_limits_and_types_are_422_naming_the_field(client, served, change, field):
     body = {"prompt": "p", "steps": 2, "width": 16, "height": 16, **change}
     field_error(client.post("/sdapi/v1/txt2img", json=body), field)

@@ -16,11 +16,13 @@ import io
 import json
 import math
 import random
+import struct
 import time
+import zlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AllowInfNan, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from ..errors import ClipDiffusionError
 from .settings import ServerSettings
@@ -151,23 +153,87 @@ def sampler_display_name(engine: str) -> str:
 # -- request schemas -----------------------------------------------------------------------------------------
 
 
-class Txt2ImgRequest(BaseModel):
+class NonFinite(str):
+    """A non-finite number from a request body, as its JSON literal ("NaN", "Infinity", "-Infinity"): encodable
+    where the float is not, and told apart from a client's string by its type."""
+
+
+def _json_literal(x: float) -> NonFinite:
+    return NonFinite("NaN" if x != x else ("Infinity" if x > 0 else "-Infinity"))
+
+
+def json_safe(data: Any) -> Any:
+    """`data` with every non-finite float (JSON's NaN/Infinity literals, or 1e999, which Python's parser accepts)
+    replaced by a `NonFinite` string, nested containers in place. A non-finite float must not reach a validation
+    error or a response: their JSON encoding refuses it (a 500 instead of the 422)."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else _json_literal(data)
+    stack = [data] if isinstance(data, (dict, list)) else []
+    while stack:  # iterative: JSON nesting may be as deep as the parser allows
+        container = stack.pop()
+        pairs = container.items() if isinstance(container, dict) else enumerate(container)
+        for key, value in pairs:
+            if isinstance(value, float):
+                if not math.isfinite(value):
+                    container[key] = _json_literal(value)  # replaces a value: the dict's size does not change
+            elif isinstance(value, (dict, list)):
+                stack.append(value)
+    return data
+
+
+def _number(value: Any) -> Any:
+    # JSON true/false are not numbers: pydantic's lax mode would read true as 1 (one step, seed 1).
+    if isinstance(value, bool):
+        raise ValueError(f"must be a number, not {str(value).lower()}")
+    if isinstance(value, NonFinite):
+        raise ValueError(f"must be a finite number, not {value}")
+    return value
+
+
+def _text(value: Any) -> Any:
+    if isinstance(value, NonFinite):
+        raise ValueError(f"must be a string, not the number {value}")
+    return value
+
+
+# Request field types. Integers: JSON integers, integral floats (20.0, as pydantic and A1111 take them) and
+# numeric strings; never booleans. Numbers: also never NaN or +-Infinity (literal, 1e999, or as a string).
+# Text: a string, never a non-finite number turned into one by `json_safe`.
+Int = Annotated[int, BeforeValidator(_number)]
+Number = Annotated[float, BeforeValidator(_number), AllowInfNan(False)]
+Text = Annotated[str, BeforeValidator(_text)]
+
+
+class JSONRequest(BaseModel):
+    """Base of every request body: non-finite floats become `NonFinite` strings before validation, so that a
+    field refuses them with a 422 naming it, and nothing echoes them back unencodable. Declare fields with the
+    `Int`, `Number` and `Text` types."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _finite_json(cls, data):
+        data = json_safe(data)
+        # a bare NaN body: a plain str, since pydantic would read attributes off an object of another type
+        return str(data) if isinstance(data, NonFinite) else data
+
+
+class Txt2ImgRequest(JSONRequest):
     """POST /sdapi/v1/txt2img. Unknown fields are accepted (A1111 has many we do not implement)."""
 
     model_config = ConfigDict(extra="allow")
 
-    prompt: str = ""
-    negative_prompt: str = ""
-    seed: int = Field(-1, description="-1 picks a random seed; the seed used is returned in info")
-    sampler_name: str | None = Field(None, description='A1111 name ("Euler a", "DPM++ 2M", ...) or ours')
-    sampler_index: str | None = Field(None, description="deprecated alias of sampler_name")
-    scheduler: str | None = Field(None, description='"automatic", "karras", "normal", ...')
-    steps: int = 50
-    cfg_scale: float = 7.0
-    width: int = 512
-    height: int = 512
-    batch_size: int = 1
-    n_iter: int = 1
+    prompt: Text = ""
+    negative_prompt: Text = ""
+    seed: Int = Field(-1, description="-1 picks a random seed; the seed used is returned in info")
+    sampler_name: Text | None = Field(None, description='A1111 name ("Euler a", "DPM++ 2M", ...) or ours')
+    sampler_index: Text | None = Field(None, description="deprecated alias of sampler_name")
+    scheduler: Text | None = Field(None, description='"automatic", "karras", "normal", ...')
+    steps: Int = 50
+    cfg_scale: Number = 7.0
+    width: Int = 512
+    height: Int = 512
+    batch_size: Int = 1
+    n_iter: Int = 1
     override_settings: dict[str, Any] | None = Field(
         None, description="sd_model_checkpoint and CLIP_stop_at_last_layers are honoured")
     override_settings_restore_afterwards: bool = True
@@ -184,14 +250,14 @@ class Txt2ImgRequest(BaseModel):
 
 
 class Img2ImgRequest(Txt2ImgRequest):
-    init_images: list[str] | None = Field(None, description="base64 images (data: URLs accepted)")
-    denoising_strength: float = 0.75
+    init_images: list[Text] | None = Field(None, description="base64 images (data: URLs accepted)")
+    denoising_strength: Number = 0.75
     include_init_images: bool = False
-    resize_mode: int = 0
+    resize_mode: Int = 0
 
 
-class PNGInfoRequest(BaseModel):
-    image: str = Field(description="base64 PNG (a data: URL is accepted)")
+class PNGInfoRequest(JSONRequest):
+    image: Text = Field(description="base64 PNG (a data: URL is accepted)")
 
 
 # A1111 fields we accept but do not act on, with the values at which ignoring them changes nothing.
@@ -201,7 +267,7 @@ NEUTRAL_FIELDS: dict[str, tuple] = {
     "script_args": ([], None), "alwayson_scripts": ({}, None), "refiner_checkpoint": (None, ""),
     "mask": (None, ""), "image_cfg_scale": (None, 1.5), "initial_noise_multiplier": (None, 1, 1.0),
     "eta": (None, 0, 0.0, 1, 1.0), "s_churn": (None, 0, 0.0), "s_tmin": (None, 0, 0.0),
-    "s_tmax": (None, 0, 0.0, math.inf), "s_noise": (None, 1, 1.0), "seed_resize_from_h": (None, 0, -1),
+    "s_tmax": (None, 0, 0.0, math.inf, "Infinity"), "s_noise": (None, 1, 1.0), "seed_resize_from_h": (None, 0, -1),
     "seed_resize_from_w": (None, 0, -1), "hr_scale": None, "hr_upscaler": None, "hr_second_pass_steps": None,
     "hr_resize_x": None, "hr_resize_y": None, "hr_checkpoint_name": None, "hr_sampler_name": None,
     "hr_scheduler": None, "hr_prompt": None, "hr_negative_prompt": None, "firstphase_width": None,
@@ -236,11 +302,18 @@ def ignored_fields(req: BaseModel) -> list[str]:
 # -- images --------------------------------------------------------------------------------------------------
 
 
-def decode_image(text: Any, field_name: str, max_pixels: int):
-    """A base64 image (optionally a data: URL) -> RGB PIL image, or RequestError naming the field. URLs are
-    refused: the server never fetches on a client's behalf."""
-    from PIL import Image
+# Formats accepted as uploads: what A1111 clients send. PIL's other plugins are not offered to strangers.
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")  # a JPEG may open as MPO, its multi-picture form
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_TEXT_CHUNKS = (b"tEXt", b"zTXt", b"iTXt")
+# All text chunks of one image together, decompressed: an A1111 infotext is a few KB; a zTXt of a few KB can
+# inflate to gigabytes.
+MAX_PNG_TEXT_BYTES = 1 << 20
 
+
+def _b64_payload(text: Any, field_name: str) -> bytes:
+    """A base64 image (optionally a data: URL) -> its bytes, or RequestError naming the field. URLs are refused:
+    the server never fetches on a client's behalf."""
     if not isinstance(text, str) or not text:
         raise RequestError(field_name, text, "expected a base64-encoded image")
     payload = text.strip()
@@ -251,30 +324,171 @@ def decode_image(text: Any, field_name: str, max_pixels: int):
     elif payload.startswith(("http://", "https://")):
         raise RequestError(field_name, text, "URLs are not fetched; send the image as base64")
     try:
-        raw = base64.b64decode(payload, validate=True)
+        return base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
         raise RequestError(field_name, text, "not valid base64") from None
-    try:
-        image = Image.open(io.BytesIO(raw))
-        width, height = image.size
-        if width * height > max_pixels:
+
+
+def _png_chunks(raw: bytes):
+    """(type, data start, data end) of each complete chunk of a PNG, up to IEND; no chunk is decompressed.
+    Stops at a truncated chunk (what is there is read, as PIL reads a PNG's text chunks)."""
+    pos, size = len(PNG_SIGNATURE), len(raw)
+    while pos + 12 <= size:
+        length, kind = struct.unpack_from(">I4s", raw, pos)
+        start, end = pos + 8, pos + 8 + length
+        if end + 4 > size:
+            return
+        yield kind, start, end
+        if kind == b"IEND":
+            return
+        pos = end + 4
+
+
+def declared_size(raw: bytes) -> tuple[int, int] | None:
+    """Width and height from a PNG or WebP header, None for other formats. Read before PIL opens the image:
+    libwebp allocates the whole canvas when PIL opens a WebP, before any size check of ours could run."""
+    if raw.startswith(PNG_SIGNATURE) and raw[12:16] == b"IHDR" and len(raw) >= 24:
+        return struct.unpack_from(">II", raw, 16)
+    if raw[:4] == b"RIFF" and raw[8:12] == b"WEBP" and len(raw) >= 30:
+        kind = raw[12:16]
+        if kind == b"VP8X":
+            return 1 + int.from_bytes(raw[24:27], "little"), 1 + int.from_bytes(raw[27:30], "little")
+        if kind == b"VP8L" and raw[20] == 0x2F:
+            bits = int.from_bytes(raw[21:25], "little")
+            return 1 + (bits & 0x3FFF), 1 + ((bits >> 14) & 0x3FFF)
+        if kind == b"VP8 " and raw[23:26] == b"\x9d\x01\x2a":
+            return (int.from_bytes(raw[26:28], "little") & 0x3FFF, int.from_bytes(raw[28:30], "little") & 0x3FFF)
+    return None
+
+
+def _without_png_text(raw: bytes) -> bytes:
+    """The PNG minus its text chunks, so that opening it for the pixels inflates no zTXt/iTXt (PIL would hold up
+    to 64 MB of decompressed text per image)."""
+    if not raw.startswith(PNG_SIGNATURE):
+        return raw
+    spans = [(start - 8, end + 4) for kind, start, end in _png_chunks(raw) if kind in PNG_TEXT_CHUNKS]
+    if not spans:
+        return raw
+    parts, pos = [], 0
+    for a, b in spans:
+        parts.append(raw[pos:a])
+        pos = b
+    parts.append(raw[pos:])
+    return b"".join(parts)
+
+
+def _open_image(raw: bytes, field_name: str, text: Any, max_pixels: int | None):
+    """PIL image for `raw`, header read, no pixel decoded; its declared size checked against `max_pixels`
+    (None: not checked, the pixels will not be decoded) before PIL allocates anything for it."""
+    from PIL import Image
+
+    def check(width, height):
+        if max_pixels is not None and width * height > max_pixels:
             raise RequestError(field_name, f"{width}x{height} image", f"larger than {max_pixels} pixels")
+
+    size = declared_size(raw)
+    if size is not None:
+        check(*size)
+    Image.init()
+    formats = [name for name in IMAGE_FORMATS if name in Image.OPEN]  # as this PIL was built
+    try:
+        image = Image.open(io.BytesIO(raw), formats=formats)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise RequestError(field_name, text, f"not a readable image ({type(exc).__name__})") from None
+    check(*image.size)
+    return image
+
+
+def decode_image(text: Any, field_name: str, max_pixels: int, *, load: bool = True):
+    """A base64 image (optionally a data: URL) -> RGB PIL image, or RequestError naming the field. The declared
+    size is checked before any pixel is decoded. `load=False` validates the header only (returns None)."""
+    from PIL import Image
+
+    raw = _without_png_text(_b64_payload(text, field_name))
+    image = _open_image(raw, field_name, text, max_pixels)
+    if not load:
+        return None
+    try:
         image.load()
         return image.convert("RGB")
-    except RequestError:
-        raise
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+    except (OSError, ValueError, SyntaxError, MemoryError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as exc:
         raise RequestError(field_name, text, f"not a readable image ({type(exc).__name__})") from None
 
 
-def read_png_text(image_b64: str, max_pixels: int) -> tuple[str, dict]:
-    """(parameters text, other text chunks) from a PNG, as A1111's png-info reads them."""
-    from PIL import Image
+def _inflate(data: bytes, budget: int, field_name: str, key: str) -> bytes:
+    """zlib data -> at most `budget` bytes; more is a RequestError (a decompression bomb), never allocated."""
+    inflater = zlib.decompressobj()
+    try:
+        out = inflater.decompress(data, budget + 1)
+    except zlib.error:
+        raise RequestError(field_name, f"text chunk {key!r}", "is not valid zlib data") from None
+    if len(out) > budget:
+        raise RequestError(field_name, f"text chunk {key!r}",
+                           f"the PNG's text chunks decompress to more than {MAX_PNG_TEXT_BYTES} bytes")
+    return out
 
-    decode_image(image_b64, "image", max_pixels)  # validates
-    payload = image_b64.strip().partition(",")[2] if image_b64.strip().startswith("data:") else image_b64
-    image = Image.open(io.BytesIO(base64.b64decode(payload)))
-    items = {k: v for k, v in image.info.items() if isinstance(k, str) and isinstance(v, str)}
+
+def png_text(raw: bytes, field_name: str = "image", limit: int = MAX_PNG_TEXT_BYTES) -> dict[str, str]:
+    """The text chunks (tEXt, zTXt, iTXt) of a PNG, read as PIL's `info` reads them (a later chunk with the same
+    keyword wins, chunks with a bad CRC or undecodable text are skipped) but without decoding pixel data, and with
+    all text together inflated to at most `limit` bytes (more: RequestError naming `field_name`)."""
+    items: dict[str, str] = {}
+    budget = limit
+    for kind, start, end in _png_chunks(raw):
+        if kind not in PNG_TEXT_CHUNKS:
+            continue  # IDAT and the rest are skipped over, never inflated
+        data = raw[start:end]
+        if zlib.crc32(kind + data) != struct.unpack_from(">I", raw, end)[0]:
+            continue
+        key, sep, rest = data.partition(b"\0")
+        if not sep or not 1 <= len(key) <= 79:
+            continue
+        name = key.decode("latin-1")
+        if kind == b"tEXt":
+            value = rest
+        elif kind == b"zTXt":
+            if rest[:1] != b"\0":
+                continue  # compression method 0 (zlib) is the only one defined
+            value = _inflate(rest[1:], budget, field_name, name)
+        else:  # iTXt: flag, method, language\0, translated keyword\0, text (UTF-8)
+            if len(rest) < 2:
+                continue
+            compressed, method = rest[0], rest[1]
+            lang, sep1, rest = rest[2:].partition(b"\0")
+            translated, sep2, value = rest.partition(b"\0")
+            if not (sep1 and sep2):
+                continue
+            if compressed:
+                if method != 0:
+                    continue
+                value = _inflate(value, budget, field_name, name)
+        if len(value) > budget:
+            raise RequestError(field_name, f"text chunk {name!r}",
+                               f"the PNG's text chunks hold more than {limit} bytes")
+        budget -= len(value)
+        try:
+            items[name] = value.decode("utf-8" if kind == b"iTXt" else "latin-1")
+        except UnicodeDecodeError:
+            continue
+    return items
+
+
+def read_png_text(image_b64: str, max_pixels: int | None = None) -> tuple[str, dict]:
+    """(parameters text, other text chunks) from an image, as A1111's png-info reads them, without decoding its
+    pixels: a PNG's text chunks are read by `png_text` (bounded inflation); other formats are opened by PIL for
+    their header only (WebP not at all). `max_pixels` is accepted for compatibility and not used: nothing is
+    decoded."""
+    raw = _b64_payload(image_b64, "image")
+    if raw.startswith(PNG_SIGNATURE):
+        if raw[12:16] != b"IHDR":
+            raise RequestError("image", image_b64, "not a readable image (a PNG must start with IHDR)")
+        items = png_text(raw, "image")
+    elif raw[:4] == b"RIFF" and raw[8:12] == b"WEBP":
+        items = {}  # PIL reports no text for WebP, and opening one makes libwebp allocate the whole canvas
+    else:
+        image = _open_image(raw, "image", image_b64, None)
+        items = {k: v for k, v in image.info.items() if isinstance(k, str) and isinstance(v, str)}
     return items.pop("parameters", ""), items
 
 
@@ -314,6 +528,10 @@ class GenerationPlan:
 
 
 def check_int(name: str, value: Any, low: int, high: int) -> int:
+    """`value` as an int in [low, high], or RequestError naming `name`. As the request schemas: an integral float
+    (2.0) is taken, a boolean is not."""
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         raise RequestError(name, value, f"must be an integer in [{low}, {high}]")
     return value
@@ -351,7 +569,7 @@ def plan_a1111(req: Txt2ImgRequest, settings: ServerSettings, defaults: dict, sa
         raise RequestError("override_settings.sd_model_checkpoint", model,
                            f"not a listed model; available: {', '.join(m.name for m in settings.models)}")
     clip_skip = overrides.pop("CLIP_stop_at_last_layers", defaults["CLIP_stop_at_last_layers"])
-    check_int("override_settings.CLIP_stop_at_last_layers", clip_skip, 1, 12)
+    clip_skip = check_int("override_settings.CLIP_stop_at_last_layers", clip_skip, 1, 12)
     check_prompt("prompt", req.prompt, settings)
     check_prompt("negative_prompt", req.negative_prompt, settings)
     check_int("steps", req.steps, 1, settings.max_steps)
@@ -385,8 +603,8 @@ def plan_a1111(req: Txt2ImgRequest, settings: ServerSettings, defaults: dict, sa
             raise RequestError("denoising_strength", strength, "must be in (0, 1]")
         max_pixels = settings.max_width * settings.max_height
         image = decode_image(req.init_images[0], "init_images[0]", max_pixels)
-        for i, extra in enumerate(req.init_images[1:], start=1):
-            decode_image(extra, f"init_images[{i}]", max_pixels)
+        for i, extra in enumerate(req.init_images[1:], start=1):  # ignored (listed), so only their headers
+            decode_image(extra, f"init_images[{i}]", max_pixels, load=False)
         plan.init_image = image.resize((req.width, req.height)) if image.size != (req.width, req.height) else image
         plan.strength = float(strength)
     return plan

@@ -9,48 +9,48 @@ import io
 import math
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from . import a1111
-from .a1111 import GenerationPlan, RequestError
+from .a1111 import GenerationPlan, Int, JSONRequest, Number, RequestError, Text
 from .settings import ServerSettings
 
 LONG_PROMPT = ("truncate", "chunk", "window", "stretch")
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(JSONRequest):
     model_config = ConfigDict(extra="forbid")
-    prompt: str = ""
-    long_prompt: str = Field("chunk", description="truncate | chunk | window | stretch")
+    prompt: Text = ""
+    long_prompt: Text = Field("chunk", description="truncate | chunk | window | stretch")
 
 
-class EncodeRequest(BaseModel):
+class EncodeRequest(JSONRequest):
     model_config = ConfigDict(extra="forbid")
-    prompt: str = ""
-    negative_prompt: str = ""
-    clip_skip: int | None = Field(None, description="1 = last layer, 2 = penultimate; None: the model's default")
-    long_prompt: str = "chunk"
-    weighting: str = "a1111"
-    model: str | None = None
+    prompt: Text = ""
+    negative_prompt: Text = ""
+    clip_skip: Int | None = Field(None, description="1 = last layer, 2 = penultimate; None: the model's default")
+    long_prompt: Text = "chunk"
+    weighting: Text = "a1111"
+    model: Text | None = None
 
 
-class GenerateRequest(BaseModel):
+class GenerateRequest(JSONRequest):
     model_config = ConfigDict(extra="forbid")
-    prompt: str = ""
-    negative_prompt: str = ""
-    steps: int = 20
-    guidance: float = 7.0
-    seed: int = -1
-    sampler: str = Field("euler", description="ours (euler, euler_a, ...) or an A1111 name")
-    schedule: str = "normal"
-    width: int | None = Field(None, description="None: the model's native size")
-    height: int | None = None
-    clip_skip: int | None = Field(None, description="1 = last layer, 2 = penultimate; None: the model's default")
-    long_prompt: str = "chunk"
-    weighting: str = "a1111"
-    batch_size: int = 1
+    prompt: Text = ""
+    negative_prompt: Text = ""
+    steps: Int = 20
+    guidance: Number = 7.0
+    seed: Int = -1
+    sampler: Text = Field("euler", description="ours (euler, euler_a, ...) or an A1111 name")
+    schedule: Text = "normal"
+    width: Int | None = Field(None, description="None: the model's native size")
+    height: Int | None = None
+    clip_skip: Int | None = Field(None, description="1 = last layer, 2 = penultimate; None: the model's default")
+    long_prompt: Text = "chunk"
+    weighting: Text = "a1111"
+    batch_size: Int = 1
     attention_maps: bool = Field(False, description="return one heatmap per prompt token (first image)")
-    model: str | None = None
+    model: Text | None = None
 
 
 def _check_choice(name: str, value: str, choices) -> str:
