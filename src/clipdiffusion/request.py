@@ -1,0 +1,426 @@
+"""One generation request: the shape that the CLI, the A1111 routes, our own routes, infotexts and batch files
+all translate to and from, with one set of limits and one validation.
+
+``GenerationRequest`` is a frozen dataclass of typed fields in our names (``guidance``, not ``cfg_scale``; engine
+sampler names such as ``euler_a``, not "Euler a": adapters resolve A1111 names before building one). Every
+instance is valid against the engine's ``LIMITS`` (checked in ``__post_init__``, which also normalises ints to
+floats and lists to tuples); ``create(limits, **fields)`` and ``validate(limits)`` check against a server's
+tightened ``Limits``. Bad values raise ``RequestError`` naming the field and the value. Fields in
+``UNIMPLEMENTED`` (hires fix, inpainting, styles, LoRAs) are accepted with neutral defaults so that adapters can
+carry what clients send; ``unhonoured()`` names those set to values the engine does not honour yet.
+
+Torch-free and PIL-free: the images (``init_image``, ``mask``) are opaque objects, compared by identity.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import re
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from .errors import ClipDiffusionError
+from .infotext import SAMPLER_NAMES, SCHEDULE_NAMES, GenerationParameters, format_infotext, parse_infotext
+from .text.chunking import LONG_PROMPT_STRATEGIES
+from .text.prompt import MAX_PROMPT_CHARS
+
+LONG_PROMPTS = tuple(LONG_PROMPT_STRATEGIES)
+# text.conditioning.WEIGHTINGS, repeated because that module imports torch; tests/test_request.py keeps them equal
+WEIGHTINGS = ("a1111", "comfy", "none")
+# Engine sampler/schedule names (diffusion.samplers.SAMPLERS/SCHEDULES import torch, so membership is checked by
+# check_engine_names()). Lowercase identifiers never collide with A1111 display names ("Euler a", "Karras").
+_ENGINE_NAME = re.compile(r"[a-z0-9][a-z0-9_]{0,63}\Z")
+
+
+class RequestError(ClipDiffusionError):
+    """A request field with a bad value (the server answers 422). ``field`` is our field name."""
+
+    def __init__(self, field_name: str, value: Any, reason: str):
+        self.field = field_name
+        self.value = value
+        shown = value if not isinstance(value, str) or len(value) <= 80 else value[:77] + "..."
+        super().__init__(f"{field_name}={shown!r}: {reason}")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on a request, in one place. ``LIMITS`` is the engine's; a server narrows it with ``tightened``. Every
+    request is also checked against ``LIMITS``, so a hand-built looser ``Limits`` admits nothing more."""
+
+    max_steps: int = 1000
+    max_width: int = 8192
+    max_height: int = 8192
+    max_pixels: int = 4096 * 4096
+    size_multiple: int = 1  # the engine checks the model's own multiple (VAE factor 4 for tiny, 8 for SD)
+    max_batch_size: int = 64
+    max_n_iter: int = 100  # A1111's "Batch count" slider tops out at 100
+    max_prompt_chars: int = MAX_PROMPT_CHARS
+    max_guidance: float = 100.0
+    # Clip skip counts layers back from the last (A1111). A1111's slider is 1..12 (CLIP-L), but SD2's OpenCLIP-H has
+    # 24 layers and SDXL's bigG 32; 48 is the widest range any route accepted before, so no request valid today is
+    # refused. A value above a model's layer count is refused by TextEncoder.encode, which knows the model.
+    max_clip_skip: int = 48
+    # torch.Generator.manual_seed takes [0, 2**64) and A1111 keeps seeds as Python ints; every seed used
+    # (seed + i for i < batch_size * n_iter) must be below this. The server's old 2**63 had no reason behind it.
+    seed_limit: int = 2**64
+
+    def tightened(self, **changes) -> Limits:
+        """A copy with some limits narrowed; widening one (or an unknown name) is a ClipDiffusionError."""
+        known = {f.name for f in fields(self)}
+        for name, value in changes.items():
+            if name not in known:
+                raise ClipDiffusionError(f"{name}: not a limit; limits are {', '.join(sorted(known))}")
+            kinds = (int, float) if name == "max_guidance" else int
+            if isinstance(value, bool) or not isinstance(value, kinds) or not 0 < value < math.inf:
+                raise ClipDiffusionError(f"{name}={value!r}: a limit must be a positive finite number")
+            old = getattr(self, name)
+            looser = value % old != 0 if name == "size_multiple" else value > old
+            if looser:
+                how = f"a multiple of {old}" if name == "size_multiple" else f"at most {old}"
+                raise ClipDiffusionError(f"{name}={value!r}: limits can only be tightened, to {how}")
+        return dataclasses.replace(self, **changes)
+
+
+LIMITS = Limits()
+
+# Fields whose non-default values the engine does not honour yet (the issues after #15).
+UNIMPLEMENTED = frozenset({
+    "enable_hr", "hr_scale", "hr_upscaler", "hr_second_pass_steps", "hr_resize_x", "hr_resize_y", "hr_prompt",
+    "hr_negative_prompt", "hr_sampler", "hr_schedule", "hr_strength", "mask", "mask_blur", "inpainting_fill",
+    "inpaint_full_res", "inpaint_full_res_padding", "inpainting_mask_invert", "resize_mode", "styles", "loras",
+})
+_MASK_OPTIONS = ("mask_blur", "inpainting_fill", "inpaint_full_res", "inpaint_full_res_padding",
+                 "inpainting_mask_invert")
+_OPAQUE = ("init_image", "mask")
+# Pipeline.generate's keyword arguments (besides callback and should_stop), in its order.
+GENERATE_ARGS = ("prompt", "negative_prompt", "steps", "guidance", "seed", "sampler", "schedule", "width", "height",
+                 "clip_skip", "long_prompt", "weighting", "batch_size", "init_image", "strength", "attention_maps")
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """A txt2img or img2img request (img2img when ``init_image`` is set). Defaults are ``Pipeline.generate``'s."""
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    steps: int = 20
+    guidance: float = 7.0  # classifier-free guidance scale (A1111 cfg_scale)
+    seed: int = -1  # -1: random, picked by resolve_seed() or the engine and recorded
+    sampler: str = "euler"  # engine name (diffusion.samplers.SAMPLERS)
+    schedule: str = "normal"  # engine name (diffusion.samplers.SCHEDULES)
+    width: int | None = None  # None: the model's native size
+    height: int | None = None
+    clip_skip: int | None = None  # A1111 counting, 1 = last layer; None: the family default (SD1 1, SD2/SDXL 2)
+    long_prompt: str = "chunk"  # text.chunking strategy
+    weighting: str = "a1111"
+    batch_size: int = 1  # images per engine call, seeds seed .. seed + batch_size - 1
+    n_iter: int = 1  # A1111 "Batch count": engine calls, seeds continuing across them
+    init_image: Any = field(default=None, compare=False, repr=False)  # a PIL image: img2img
+    strength: float = 0.75  # img2img denoising strength, (0, 1]
+    attention_maps: bool = False  # per-token cross-attention maps of the first image
+    # -- not honoured yet (UNIMPLEMENTED); A1111's names and defaults unless said otherwise --
+    enable_hr: bool = False  # hires fix (txt2img only)
+    hr_scale: float = 2.0
+    hr_upscaler: str | None = None  # None: A1111's default ("Latent")
+    hr_second_pass_steps: int = 0  # 0: the same as steps
+    hr_resize_x: int = 0  # 0 and 0: use hr_scale
+    hr_resize_y: int = 0
+    hr_prompt: str = ""  # "": the same as prompt
+    hr_negative_prompt: str = ""
+    hr_sampler: str | None = None  # engine name; None: the same as sampler
+    hr_schedule: str | None = None
+    hr_strength: float = 0.75  # A1111 txt2img "denoising_strength": the second pass's
+    mask: Any = field(default=None, compare=False, repr=False)  # a PIL image: inpainting (needs init_image)
+    mask_blur: int = 4
+    inpainting_fill: int = 0  # 0 fill, 1 original, 2 latent noise, 3 latent nothing
+    inpaint_full_res: bool = True  # "only masked" area
+    inpaint_full_res_padding: int = 0
+    inpainting_mask_invert: int = 0  # 1: inpaint what the mask does not cover
+    resize_mode: int = 0  # 0 just resize (what img2img does today), 1 crop, 2 fill, 3 latent upscale
+    styles: tuple[str, ...] = ()
+    loras: tuple[tuple[str, float, float], ...] = ()  # (name, text-encoder weight, UNet weight)
+
+    def __post_init__(self):
+        for name, value in _checked(self._values(), LIMITS).items():
+            object.__setattr__(self, name, value)
+
+    def __eq__(self, other):
+        # dataclass equality, except that the images compare by identity (PIL's == compares pixels)
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return all(getattr(self, f.name) is getattr(other, f.name) if f.name in _OPAQUE
+                   else getattr(self, f.name) == getattr(other, f.name) for f in fields(self))
+
+    # __hash__ is the dataclass's (frozen, eq): over the compared fields, which leave the images out
+
+    def _values(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def create(cls, limits: Limits = LIMITS, **values) -> GenerationRequest:
+        """A request checked against ``limits`` (a server's tightened ones), so errors quote those."""
+        unknown = [name for name in values if name not in _DEFAULTS]
+        if unknown:
+            raise RequestError(unknown[0], values[unknown[0]], "unknown field")
+        return cls(**_checked({**_DEFAULTS, **values}, limits))
+
+    def validate(self, limits: Limits = LIMITS) -> GenerationRequest:
+        """``self`` when it is within ``limits``; RequestError otherwise."""
+        _checked(self._values(), limits)
+        return self
+
+    def replace(self, *, limits: Limits = LIMITS, **changes) -> GenerationRequest:
+        """A validated copy with ``changes``."""
+        return type(self).create(limits, **{**self._values(), **changes})
+
+    def resolve_seed(self, rng: random.Random | None = None) -> GenerationRequest:
+        """Seed -1 replaced by a random one in [0, 2**32) (the engine's and A1111's range); else ``self``."""
+        if self.seed != -1:
+            return self
+        return dataclasses.replace(self, seed=(rng or random).randrange(2**32))
+
+    def unhonoured(self) -> list[str]:
+        """Names of UNIMPLEMENTED fields set to values that would change the output. Options of a feature that is
+        off do not count: hr_* without enable_hr, mask options without a mask, resize_mode without init_image."""
+        names = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if (f.name not in UNIMPLEMENTED or (f.name.startswith("hr_") and not self.enable_hr)
+                    or (f.name in _MASK_OPTIONS and self.mask is None)
+                    or (f.name == "resize_mode" and self.init_image is None)):
+                continue
+            if (value is not None) if f.name in _OPAQUE else value != f.default:
+                names.append(f.name)
+        return names
+
+    def check_engine_names(self, samplers=None, schedules=None) -> GenerationRequest:
+        """Check sampler/schedule names against the given tables, by default the engine's (imports torch)."""
+        if samplers is None or schedules is None:
+            from .diffusion import samplers as engine
+
+            samplers = engine.SAMPLERS if samplers is None else samplers
+            schedules = engine.SCHEDULES if schedules is None else schedules
+        for name, table in (("sampler", samplers), ("hr_sampler", samplers), ("schedule", schedules),
+                            ("hr_schedule", schedules)):
+            value = getattr(self, name)
+            if value is not None and value not in table:
+                raise RequestError(name, value, f"unknown {name.removeprefix('hr_')}; choose from {', '.join(table)}")
+        return self
+
+    def to_generate_kwargs(self, *, iteration: int = 0, allow_unhonoured: bool = False) -> dict:
+        """Keyword arguments of ``Pipeline.generate`` for engine call ``iteration`` (of n_iter; its seed continues
+        the previous call's batch when the seed is fixed). Unhonoured fields are a RequestError unless
+        ``allow_unhonoured`` (a caller that reports them, as the A1111 routes' ``ignored_fields`` do)."""
+        names = self.unhonoured()
+        if names and not allow_unhonoured:
+            raise RequestError(names[0], getattr(self, names[0]), f"not implemented yet ({', '.join(names)})")
+        if isinstance(iteration, bool) or not isinstance(iteration, int) or not 0 <= iteration < self.n_iter:
+            raise RequestError("iteration", iteration, f"must be an integer in [0, {self.n_iter - 1}]")
+        kwargs = {name: getattr(self, name) for name in GENERATE_ARGS}
+        if self.seed != -1:
+            kwargs["seed"] = self.seed + iteration * self.batch_size
+        return kwargs
+
+
+_DEFAULTS = {f.name: f.default for f in fields(GenerationRequest)}
+
+
+# -- validation ----------------------------------------------------------------------------------------------
+
+
+def _int(name, value, low, high, *, multiple=1, optional=False):
+    if optional and value is None:
+        return None
+    ok = not isinstance(value, bool) and isinstance(value, int) and low <= value <= high and value % multiple == 0
+    if not ok:
+        what = f"a multiple of {multiple}" if multiple > 1 else "an integer"
+        raise RequestError(name, value, f"must be {'None or ' if optional else ''}{what} in [{low}, {high}]")
+    return value
+
+
+def _float(name, value, low, high, *, low_open=False):
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    if not (ok and (value > low if low_open else value >= low) and value <= high):
+        raise RequestError(name, value, f"must be a finite number in {'(' if low_open else '['}{low}, {high}]")
+    return float(value)
+
+
+def _text(name, value, max_chars):
+    if not isinstance(value, str) or len(value) > max_chars:
+        raise RequestError(name, value, f"must be a string of at most {max_chars} characters")
+    return value
+
+
+def _label(name, value, *, optional=False):
+    """A name we pass on without a table (styles, upscaler): 1 to 200 characters."""
+    if not (optional and value is None) and not (isinstance(value, str) and 0 < len(value) <= 200):
+        raise RequestError(name, value, f"must be {'None or ' if optional else ''}a name of 1 to 200 characters")
+    return value
+
+
+def _engine_name(name, value, *, optional=False):
+    if optional and value is None:
+        return None
+    if not isinstance(value, str) or not _ENGINE_NAME.match(value):
+        raise RequestError(name, value, "must be an engine name (lowercase letters, digits, _), e.g. euler_a")
+    return value
+
+
+def _bool(name, value):
+    if not isinstance(value, bool):
+        raise RequestError(name, value, "must be true or false")
+    return value
+
+
+def _image(name, value):
+    if value is not None and not (hasattr(value, "size") and hasattr(value, "convert")):
+        raise RequestError(name, type(value).__name__, "must be an image (PIL) or None")
+    return value
+
+
+def _sequence(name, value, item):
+    if not isinstance(value, (list, tuple)):
+        raise RequestError(name, value, "must be a list")
+    return tuple(item(x) for x in value)
+
+
+def _lora(value):
+    ok = isinstance(value, (list, tuple)) and len(value) == 3 and isinstance(value[0], str) and value[0]
+    ok = ok and all(not isinstance(w, bool) and isinstance(w, (int, float)) and math.isfinite(w) for w in value[1:])
+    if not ok:
+        raise RequestError("loras", value, "each LoRA must be (name, te_weight, unet_weight) with finite weights")
+    return (value[0], float(value[1]), float(value[2]))
+
+
+def _checked(v: dict, lim: Limits) -> dict:
+    """``v`` (every field) checked against ``lim`` and normalised; RequestError naming the first bad field."""
+    out = dict(v)
+    for name in ("prompt", "negative_prompt", "hr_prompt", "hr_negative_prompt"):
+        _text(name, v[name], lim.max_prompt_chars)
+    out["steps"] = _int("steps", v["steps"], 1, lim.max_steps)
+    out["guidance"] = _float("guidance", v["guidance"], 0.0, lim.max_guidance)
+    seed = v["seed"]
+    if isinstance(seed, bool) or not isinstance(seed, int) or not (seed == -1 or 0 <= seed < lim.seed_limit):
+        raise RequestError("seed", seed, f"must be -1 (random) or an integer in [0, {lim.seed_limit - 1}]")
+    for name in ("sampler", "schedule", "hr_sampler", "hr_schedule"):
+        _engine_name(name, v[name], optional=name.startswith("hr_"))
+    m = lim.size_multiple
+    _int("width", v["width"], m, lim.max_width, multiple=m, optional=True)
+    _int("height", v["height"], m, lim.max_height, multiple=m, optional=True)
+    if v["width"] is not None and v["height"] is not None and v["width"] * v["height"] > lim.max_pixels:
+        raise RequestError("width", f"{v['width']}x{v['height']}", f"more than {lim.max_pixels} pixels")
+    _int("clip_skip", v["clip_skip"], 1, lim.max_clip_skip, optional=True)
+    for name, choices in (("long_prompt", LONG_PROMPTS), ("weighting", WEIGHTINGS)):
+        if not isinstance(v[name], str) or v[name] not in choices:
+            raise RequestError(name, v[name], f"must be one of {', '.join(choices)}")
+    _int("batch_size", v["batch_size"], 1, lim.max_batch_size)
+    _int("n_iter", v["n_iter"], 1, lim.max_n_iter)
+    if seed != -1 and seed + v["batch_size"] * v["n_iter"] > lim.seed_limit:
+        raise RequestError("seed", seed, f"the last seed used, seed + batch_size * n_iter - 1, must be below "
+                                         f"{lim.seed_limit}")
+    _image("init_image", v["init_image"])
+    out["strength"] = _float("strength", v["strength"], 0.0, 1.0, low_open=True)
+    _bool("attention_maps", v["attention_maps"])
+    if _bool("enable_hr", v["enable_hr"]) and v["init_image"] is not None:
+        raise RequestError("enable_hr", True, "hires fix is for txt2img: a request with init_image cannot use it")
+    out["hr_scale"] = _float("hr_scale", v["hr_scale"], 1.0, 8.0)  # A1111's slider: 1..4
+    _label("hr_upscaler", v["hr_upscaler"], optional=True)
+    _int("hr_second_pass_steps", v["hr_second_pass_steps"], 0, lim.max_steps)
+    _int("hr_resize_x", v["hr_resize_x"], 0, lim.max_width, multiple=m)
+    _int("hr_resize_y", v["hr_resize_y"], 0, lim.max_height, multiple=m)
+    out["hr_strength"] = _float("hr_strength", v["hr_strength"], 0.0, 1.0)
+    if _image("mask", v["mask"]) is not None and v["init_image"] is None:
+        raise RequestError("mask", type(v["mask"]).__name__, "inpainting needs an init_image")
+    _bool("inpaint_full_res", v["inpaint_full_res"])
+    for name, high in (("mask_blur", 64), ("inpainting_fill", 3), ("inpaint_full_res_padding", 256),
+                       ("inpainting_mask_invert", 1), ("resize_mode", 3)):  # A1111's slider / choice ranges
+        _int(name, v[name], 0, high)
+    out["styles"] = _sequence("styles", v["styles"], lambda style: _label("styles", style))
+    out["loras"] = _sequence("loras", v["loras"], _lora)
+    return out
+
+
+# -- infotext ------------------------------------------------------------------------------------------------
+
+_SIZE = re.compile(r"(\d+)x(\d+)\Z")
+# hires field -> (A1111 infotext key, our name -> A1111 name, text -> value); A1111 processing.py,
+# StableDiffusionProcessingTxt2Img.init. "Hires resize" (WxH) holds hr_resize_x and hr_resize_y.
+_HIRES = {"hr_scale": ("Hires upscale", {}, float), "hr_second_pass_steps": ("Hires steps", {}, int),
+          "hr_upscaler": ("Hires upscaler", {}, str), "hr_sampler": ("Hires sampler", SAMPLER_NAMES, str),
+          "hr_schedule": ("Hires schedule type", SCHEDULE_NAMES, str), "hr_prompt": ("Hires prompt", {}, str),
+          "hr_negative_prompt": ("Hires negative prompt", {}, str)}
+
+
+def to_infotext(request: GenerationRequest, *, seed: int | None = None, model: str | None = None,
+                width: int | None = None, height: int | None = None, default_clip_skip: int | None = None) -> str:
+    """The A1111 infotext of one image of ``request``: ``seed`` is that image's (default ``request.seed``),
+    ``width``/``height`` the size used (default the request's), ``default_clip_skip`` the model family's (a clip
+    skip equal to it is left out, as A1111 and Pipeline.generate do).
+
+    Not recorded: init_image and mask (images), n_iter and attention_maps (they change no image), the mask options,
+    resize_mode, styles and loras; "Denoising strength" is ``strength`` unless hires fix is on (then
+    ``hr_strength``, as in A1111), written for txt2img only when not the default. A one-sided size (width or
+    height None) is recorded only when ``width`` and ``height`` are given. "Batch size" is written when above 1.
+    """
+    r = request
+    extra: dict = {}
+    if r.batch_size > 1:
+        extra["Batch size"] = r.batch_size
+    strength = r.strength if r.init_image is not None or r.strength != _DEFAULTS["strength"] else None
+    if r.enable_hr:
+        strength = r.hr_strength
+        for name, (key, names, _) in _HIRES.items():
+            value = getattr(r, name)
+            if value not in (None, "") and (value != 0 or name == "hr_scale"):  # as A1111: unset ones left out
+                extra[key] = names.get(value, value)
+        if r.hr_resize_x or r.hr_resize_y:
+            extra["Hires resize"] = f"{r.hr_resize_x}x{r.hr_resize_y}"
+    return format_infotext(GenerationParameters(
+        prompt=r.prompt, negative_prompt=r.negative_prompt, steps=r.steps, sampler=r.sampler, schedule=r.schedule,
+        guidance=r.guidance, seed=r.seed if seed is None else seed, width=r.width if width is None else width,
+        height=r.height if height is None else height, model=model, strength=strength,
+        clip_skip=None if r.clip_skip == default_clip_skip else r.clip_skip, long_prompt=r.long_prompt,
+        weighting=r.weighting, extra=extra))
+
+
+def _from_text(name, key, text, convert):
+    try:
+        return convert(text)
+    except ValueError:
+        raise RequestError(name, text, f"infotext {key!r} is not a valid value") from None
+
+
+def from_infotext(text: str, *, limits: Limits = LIMITS) -> GenerationRequest:
+    """The request an infotext (ours or A1111's) describes; keys it does not give keep their defaults. Keys
+    without a request field (Model, Model hash, Version, ...) are ignored: ``parse_infotext`` gives them.
+
+    ``from_infotext(to_infotext(r)) == r`` for a request with no images, n_iter 1, no attention maps, default
+    mask/resize/style/LoRA fields and, with hires fix on, the default strength, whose prompts the format can
+    hold: lines (split on "\\n") without leading or trailing whitespace, none starting with "Negative prompt:",
+    a prompt whose first line is empty only when it is all empty; hires prompts and upscaler that hold a comma,
+    colon or newline or have no leading or trailing whitespace."""
+    p = parse_infotext(text)
+    values = {"prompt": p.prompt, "negative_prompt": p.negative_prompt, "long_prompt": p.long_prompt,
+              "weighting": p.weighting}
+    for name in ("steps", "sampler", "schedule", "guidance", "seed", "width", "height", "clip_skip"):
+        if getattr(p, name) is not None:
+            values[name] = getattr(p, name)
+    if "Batch size" in p.extra:
+        values["batch_size"] = _from_text("batch_size", "Batch size", p.extra["Batch size"], int)
+    hires = {}
+    for name, (key, names, convert) in _HIRES.items():
+        if key in p.extra:
+            value = _from_text(name, key, p.extra[key], convert)
+            hires[name] = {display: ours for ours, display in names.items()}.get(value, value)
+    if "Hires resize" in p.extra:
+        size = _SIZE.match(p.extra["Hires resize"].strip())
+        if size is None:
+            raise RequestError("hr_resize_x", p.extra["Hires resize"], "infotext 'Hires resize' is not WxH")
+        hires["hr_resize_x"], hires["hr_resize_y"] = int(size[1]), int(size[2])
+    if hires:
+        values.update(hires, enable_hr=True)
+    if p.strength is not None:
+        values["hr_strength" if hires else "strength"] = p.strength
+    return GenerationRequest.create(limits, **values)
