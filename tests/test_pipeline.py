@@ -143,6 +143,15 @@ def test_attention_maps_per_prompt_token(pipe):
     assert gen(pipe).attention is None
 
 
+@pytest.mark.parametrize("prompt", ["", "   ", "BREAK", "\u0000"])
+def test_attention_maps_of_a_prompt_without_tokens_are_empty(pipe, prompt):
+    r = gen(pipe, prompt, attention_maps=True)
+    assert r.attention.tokens == [] and r.attention.maps.shape == (0, 16, 16)
+    assert r.attention.maps.dtype == np.float32
+    # nothing was recorded: the image is the one generated without attention maps
+    np.testing.assert_array_equal(r.pixels, gen(pipe, prompt).pixels)
+
+
 @pytest.mark.parametrize("family", ["sd2", "sdxl"])
 @pytest.mark.parametrize("prediction", ["eps", "v"])
 def test_other_families_and_v_prediction(family, prediction):

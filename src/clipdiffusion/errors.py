@@ -17,3 +17,23 @@ class CheckpointError(ClipDiffusionError):
         self.path = str(path)
         self.reason = reason
         super().__init__(f"{self.path}: {reason}")
+
+
+class NonFiniteError(ClipDiffusionError):
+    """A stage of generation produced NaN or Inf: broken weights or a dtype that overflows (fp16), not bad input.
+
+    ``stage`` is "text encoder", "VAE encode", "UNet", "sampler" or "VAE decode"; ``step`` (1-based) and ``total``
+    are set for "UNet" (the sampler step whose model call gave non-finite output); ``detail`` says how many values
+    are NaN and Inf. The CLI prints it as one line (exit 2) and writes no image; the server answers 500 with the
+    message (a model problem, not a request problem), as AUTOMATIC1111 does for its NansException.
+    """
+
+    def __init__(self, stage: str, *, step: int | None = None, total: int | None = None, detail: str = "",
+                 hint: str | None = None):
+        self.stage = stage
+        self.step = step
+        self.total = total
+        where = f"{stage} output" if step is None else f"{stage} output at step {step} of {total}"
+        hint = hint or ("the model's weights are broken or its dtype overflows (fp16: try float32); run "
+                        "`clipdiffusion info --check MODEL` to find non-finite weights")
+        super().__init__(f"{where} has non-finite values ({detail or 'NaN/Inf'}): {hint}")

@@ -9,6 +9,11 @@ noise as diffusers' ``generator=torch.Generator().manual_seed(s)``. The noise is
 first sigma, which is diffusers' ``init_noise_sigma`` for its k-diffusion style schedulers (Euler with
 "linspace"/"trailing" spacing). Its VP-space schedulers (DDIM, DPM-Solver) start from unit noise instead, i.e.
 sqrt(sigma_max^2 + 1) in sigma units: 0.2 % more at sigma_max = 14.6. We follow k-diffusion and A1111.
+
+Non-finite values (NaN/Inf from broken weights or fp16 overflow) are caught where they appear, as
+``NonFiniteError`` naming the stage (text encoder, VAE encode, UNet at step N of M, sampler, VAE decode), instead
+of turning into a black image. Loading does no scan of the weights; each check here is one ``isfinite().all()``
+reduction over a stage's output (one per model call while sampling), and the checks only read tensors.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ClipDiffusionError
+from .errors import ClipDiffusionError, NonFiniteError
 from .infotext import GenerationParameters, format_infotext
 
 MAX_SIDE = 8192
@@ -200,7 +205,9 @@ class Pipeline:
         for g in generators:
             z = posterior.sample(g).float() * self.vae.config.scale_factor
             rows.append(z + torch.randn(shape, generator=g).to(device) * sigmas[0])
-        return torch.cat(rows), sigmas  # [B,C,h,w]
+        latents = torch.cat(rows)  # [B,C,h,w]
+        _check_finite("VAE encode", latents)
+        return latents, sigmas
 
     @staticmethod
     def _image_pixels(init_image, width, height):
@@ -240,6 +247,10 @@ class Pipeline:
 
         ``clip_skip`` counts like A1111 (1 = last layer, 2 = penultimate); None is the family's default (SD1 1,
         SD2/SDXL 2), and only a value other than that default is written to the infotext.
+        Raises ``NonFiniteError`` (and returns no image) when a stage gives NaN/Inf: its ``stage`` is "text
+        encoder", "VAE encode" (img2img), "UNet" (with ``step``, 1-based, of ``total`` sampler steps), "sampler"
+        or "VAE decode". There is no load-time scan of the weights (``clipdiffusion info --check`` does that); the
+        runtime stage checks cost one ``isfinite().all()`` reduction per model call and one per other stage.
         ``callback(step, total, latents)`` runs after each sampler step; ``should_stop()`` is polled before each
         step, and when it returns True the images are decoded from the latest denoised estimate
         (``result.interrupted``). img2img (``init_image``, a PIL image, resized to width x height; its size when
@@ -274,6 +285,8 @@ class Pipeline:
 
         cond = self.text_encoder.encode(prompt, negative_prompt, clip_skip=clip_skip, long_prompt=long_prompt,
                                         weighting=weighting, equalize=False)
+        _check_finite("text encoder", cond.context, cond.negative_context, getattr(cond, "pooled", None),
+                      getattr(cond, "negative_pooled", None))
         device = self._device()
         B = batch_size
         context = cond.context.to(device).float().expand(B, -1, -1)  # [B,T,D]
@@ -293,7 +306,8 @@ class Pipeline:
         if attention_maps:
             rows, labels = self._token_rows(prompt, long_prompt, weighting)
             recorder = _AttentionAccumulator(rows, x.shape[-2:])
-            cfg.attention_recorder = recorder
+            if rows:  # an empty prompt ("", "BREAK", ...) has no token rows: empty maps, nothing recorded
+                cfg.attention_recorder = recorder
 
         stopped = []
 
@@ -303,9 +317,12 @@ class Pipeline:
                 return True
             return False
 
+        checked = _FiniteDenoiser(cfg, len(sigmas) - 1, callback)
         with torch.no_grad():
-            latents = sample(cfg, x, sigmas, generator=generators, callback=callback, should_stop=stop)
+            latents = sample(checked, x, sigmas, generator=generators, callback=checked.callback, should_stop=stop)
+            _check_finite("sampler", latents)
             pixels = self.vae.decode(latents / self.vae.config.scale_factor).float()  # [B,3,H,W] in [-1,1]
+            _check_finite("VAE decode", pixels)
         pixels = (pixels / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()  # [B,H,W,3]
         images = [_to_pil(p) for p in pixels]
 
@@ -321,6 +338,51 @@ class Pipeline:
         ]
         attention = recorder.result(labels) if recorder is not None else None
         return GenerationResult(images, seeds, infotexts, attention, pixels, interrupted=bool(stopped))
+
+
+def _nonfinite_detail(t) -> str:
+    import torch
+
+    nan = int(torch.isnan(t).sum())
+    inf = int(torch.isinf(t).sum())
+    return f"{nan} NaN, {inf} Inf of {t.numel()} values"
+
+
+def _check_finite(stage, *tensors, step=None, total=None):
+    """One reduction per tensor; raises NonFiniteError naming ``stage`` when any holds NaN or Inf."""
+    import torch
+
+    for t in tensors:
+        if t is not None and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise NonFiniteError(stage, step=step, total=total, detail=_nonfinite_detail(t))
+
+
+class _FiniteDenoiser:
+    """The CFG denoiser as the sampler sees it, checking each model call's output for NaN/Inf.
+
+    ``callback`` (passed to the sampler) counts completed steps, so a failing call names its 1-based sampler step
+    of ``total`` (Heun's second call within a step names that step), then forwards to the user's callback.
+    """
+
+    def __init__(self, denoiser, total: int, user_callback=None):
+        self.denoiser = denoiser
+        self.total = total
+        self.step = 1
+        self.user_callback = user_callback
+
+    @property
+    def sigmas(self):
+        return self.denoiser.sigmas
+
+    def __call__(self, x, sigma):
+        out = self.denoiser(x, sigma)
+        _check_finite("UNet", out, step=self.step, total=self.total)
+        return out
+
+    def callback(self, step, total, x):
+        self.step = step + 1
+        if self.user_callback is not None:
+            self.user_callback(step, total, x)
 
 
 def _to_pil(pixels: np.ndarray):
@@ -343,6 +405,8 @@ class _AttentionAccumulator:
         import torch
         import torch.nn.functional as F
 
+        if not self.rows:
+            return
         h, w = self.size
         B, _, HW, _ = probs.shape  # [B,heads,HW,T]
         if self._index is None:

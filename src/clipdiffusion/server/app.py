@@ -3,7 +3,9 @@
 Handlers validate and translate (cheap, in the event loop or a thread pool), then hand the model work to the
 single `Worker` and await its future. Everything a request can get wrong becomes a 4xx whose message names the
 field and the value: `RequestError`/`ClipDiffusionError` -> 422, a full queue or a shutdown -> 503, a job that
-fails inside the engine -> 500 with the error's type and text, and the worker goes on.
+fails inside the engine -> 500 with the error's type and text, and the worker goes on. `NonFiniteError` (NaN/Inf
+from the model's weights or dtype) is a `ClipDiffusionError` but not the request's fault: 500 with its message,
+as A1111 answers its NansException.
 
 `pipeline_factory(model_name) -> Pipeline` is called in the worker thread the first time a model is needed
 (never with a name outside `settings.models`). Building the app imports neither torch nor the engine.
@@ -26,7 +28,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
-from ..errors import ClipDiffusionError
+from ..errors import ClipDiffusionError, NonFiniteError
 from . import a1111
 from .a1111 import Img2ImgRequest, PNGInfoRequest, RequestError, Txt2ImgRequest
 from .middleware import BasicAuth, BodyLimit
@@ -106,6 +108,8 @@ class ServerState:
         future = self.worker.submit(Job(kind, model, work, control))
         try:
             return await asyncio.wrap_future(future)
+        except NonFiniteError as exc:  # the model is broken, not the request: 500, not 422
+            raise JobFailed(exc) from exc
         except (ClipDiffusionError, QueueFull, WorkerStopped):
             raise
         except asyncio.CancelledError:
