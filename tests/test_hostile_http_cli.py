@@ -260,19 +260,37 @@ def webp_declaring(width, height) -> bytes:
     return b"RIFF" + struct.pack("<I", 4 + len(vp8x)) + b"WEBP" + vp8x
 
 
+def jpeg_declaring(width, height) -> bytes:
+    """A small JPEG whose frame header (SOF0) is rewritten to declare width x height."""
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, format="JPEG")
+    raw = bytearray(buf.getvalue())
+    sof = raw.index(b"\xff\xc0")
+    raw[sof + 5:sof + 9] = struct.pack(">HH", height, width)
+    return bytes(raw)
+
+
 @pytest.mark.parametrize("make, size", [(png_declaring, (20000, 20000)), (png_declaring, (257, 256)),
-                                         (webp_declaring, (16384, 16384))])
+                                         (webp_declaring, (16384, 16384)), (jpeg_declaring, (5000, 5000)),
+                                         (jpeg_declaring, (65000, 65000))])
 def test_oversized_init_images_are_422_before_decoding(client, served, monkeypatch, make, size):
     def no_open(*a, **k):
         raise AssertionError("PIL opened an image larger than the limit")
 
-    monkeypatch.setattr(Image, "open", no_open)
+    def no_load(*a, **k):
+        raise AssertionError("pixels were decoded")
+
+    if make is jpeg_declaring:  # no header reader of ours: PIL reads the header, nothing more
+        monkeypatch.setattr(ImageFile.ImageFile, "load", no_load)
+    else:  # PNG and WebP sizes are read before PIL sees the file (libwebp allocates the canvas on open)
+        monkeypatch.setattr(Image, "open", no_open)
     body = {**BASE, "init_images": [b64(make(*size))]}
     msg = field_error(client.post("/sdapi/v1/img2img", json=body), "init_images[0]")
-    assert f"{size[0]}x{size[1]}" in msg
+    assert f"{size[0]}x{size[1]}" in msg or f"{size[0] * size[1]} pixels" in msg, msg
     monkeypatch.undo()
     body = {**BASE, "init_images": [b64(real_png()), b64(make(*size))]}
-    assert f"{size[0]}x{size[1]}" in field_error(client.post("/sdapi/v1/img2img", json=body), "init_images[1]")
+    msg = field_error(client.post("/sdapi/v1/img2img", json=body), "init_images[1]")
+    assert f"{size[0]}x{size[1]}" in msg or f"{size[0] * size[1]} pixels" in msg, msg
     assert served.pipe.calls == []
 
 

@@ -393,7 +393,9 @@ def _open_image(raw: bytes, field_name: str, text: Any, max_pixels: int | None):
     formats = [name for name in IMAGE_FORMATS if name in Image.OPEN]  # as this PIL was built
     try:
         image = Image.open(io.BytesIO(raw), formats=formats)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise RequestError(field_name, text, f"larger than {max_pixels} pixels ({exc})") from None
+    except (OSError, ValueError, SyntaxError) as exc:
         raise RequestError(field_name, text, f"not a readable image ({type(exc).__name__})") from None
     check(*image.size)
     return image
