@@ -360,3 +360,10 @@ def test_atomic_write_cleans_up_after_any_failure(tmp_path):
         check_output(out / "x.bin")
     with pytest.raises(ClipDiffusionError, match="does not exist"):
         check_output(tmp_path / "no" / "x.bin")
+
+
+@pytest.mark.parametrize("body", ["NaN", "[NaN]", "1e999", "[1, 2]", '"text"'])
+def test_options_body_that_is_not_an_object_is_422(client, body):
+    response = post_raw(client, "/sdapi/v1/options", body)
+    assert response.status_code == 422, (response.status_code, response.text)
+    assert response.json()["detail"]

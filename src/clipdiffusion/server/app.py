@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from fastapi import Body, FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
@@ -159,6 +161,13 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ClipDiffusionError)
     async def _user_error(request: Request, exc: ClipDiffusionError):
         return JSONResponse(_error_body(exc), status_code=422)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        # FastAPI's own handler echoes the offending input, and a NaN/Infinity literal there cannot be encoded
+        # (a 500 instead of the 422): report the same errors with non-finite numbers as strings.
+        return JSONResponse({"detail": a1111.json_safe(jsonable_encoder(exc.errors(), sqlalchemy_safe=False))},
+                            status_code=422)  # fmt: skip
 
     @app.exception_handler(QueueFull)
     async def _busy(request: Request, exc: QueueFull):
