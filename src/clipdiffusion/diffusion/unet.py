@@ -16,6 +16,31 @@ from ..errors import ClipDiffusionError
 from .attention import CrossAttention, GroupNorm32, SpatialTransformer
 
 
+# Bounds far beyond every Stable Diffusion model (SDXL: 2048-wide context, 1280 channels, depth 10, 3 levels) that
+# keep a hostile config from building millions of modules or overflowing a shape product.
+MAX_WIDTH = 1 << 20
+MAX_BLOCKS = 256
+MAX_LEVELS = 16
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _show(value) -> str:
+    """A config value for an error message, cut short (a hostile value can be a megabyte of JSON)."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _check_int(name, value, *, maximum=MAX_WIDTH, none=False):
+    if none and value is None:
+        return
+    if not _is_int(value) or not 1 <= value <= maximum:
+        allowed = "None or " if none else ""
+        raise ClipDiffusionError(f"UNetConfig.{name}={_show(value)}: must be {allowed}an integer from 1 to {maximum}")
+
+
 @dataclass(frozen=True)
 class UNetConfig:
     in_channels: int = 4  # 9 for inpainting models (latent + mask + masked-image latent)
@@ -40,17 +65,43 @@ class UNetConfig:
     norm_groups: int = 32
 
     def __post_init__(self):
+        # Configs come from files (our metadata, diffusers config.json) as well as from code: every value is
+        # checked here, so that a hostile or broken value is one error naming the field, never a crash deep inside
+        # torch (a negative width, a GroupNorm that does not divide, a list where an int belongs).
         for name in ("channel_mult", "transformer_depth"):  # JSON round trips give lists; keep configs hashable
-            object.__setattr__(self, name, tuple(getattr(self, name)))
+            value = getattr(self, name)
+            if not isinstance(value, (list, tuple)) or not 1 <= len(value) <= MAX_LEVELS:
+                raise ClipDiffusionError(f"UNetConfig.{name}={_show(value)}: must be a list of 1 to {MAX_LEVELS} "
+                                         f"integers, one per level")
+            object.__setattr__(self, name, tuple(value))
+        for name in ("in_channels", "out_channels", "model_channels", "context_dim", "size_embed_dim", "norm_groups"):
+            _check_int(name, getattr(self, name))
+        for name in ("num_res_blocks", "transformer_depth_middle"):
+            _check_int(name, getattr(self, name), maximum=MAX_BLOCKS)
+        for name in ("adm_in_channels", "num_heads", "head_channels"):
+            _check_int(name, getattr(self, name), none=True)
+        if not isinstance(self.use_linear_in_transformer, bool):
+            raise ClipDiffusionError(f"UNetConfig.use_linear_in_transformer={_show(self.use_linear_in_transformer)}: "
+                                     f"must be true or false")
+        for mult in self.channel_mult:
+            if not _is_int(mult) or not 1 <= mult <= MAX_WIDTH // self.model_channels:
+                raise ClipDiffusionError(f"UNetConfig.channel_mult={_show(self.channel_mult)}: must be positive "
+                                         f"integers (times model_channels={self.model_channels}, at most {MAX_WIDTH})")
+        if not all(_is_int(d) and 0 <= d <= MAX_BLOCKS for d in self.transformer_depth):
+            raise ClipDiffusionError(f"UNetConfig.transformer_depth={_show(self.transformer_depth)}: must be integers "
+                                     f"from 0 (no attention) to {MAX_BLOCKS}")
         if (self.num_heads is None) == (self.head_channels is None):
             raise ClipDiffusionError(
                 f"UNetConfig: set exactly one of num_heads ({self.num_heads}) and head_channels ({self.head_channels})")
         if len(self.transformer_depth) != len(self.channel_mult):
             raise ClipDiffusionError(f"UNetConfig.transformer_depth {self.transformer_depth} needs one entry per "
                                      f"level of channel_mult {self.channel_mult}")
-        if self.transformer_depth_middle < 1:
-            raise ClipDiffusionError(f"UNetConfig.transformer_depth_middle must be >= 1, got "
-                                     f"{self.transformer_depth_middle}")
+        widths = [self.model_channels] + [m * self.model_channels for m in self.channel_mult]
+        bad = sorted({w for w in widths if w % self.norm_groups})
+        if bad:
+            raise ClipDiffusionError(f"UNetConfig.norm_groups={self.norm_groups}: does not divide the {bad[0]} "
+                                     f"channels of a level (model_channels={self.model_channels}, "
+                                     f"channel_mult={self.channel_mult})")
         split = self.num_heads or self.head_channels
         for mult, depth in zip(self.channel_mult, self.transformer_depth):
             if (depth or mult == self.channel_mult[-1]) and (mult * self.model_channels) % split:

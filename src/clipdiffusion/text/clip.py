@@ -15,6 +15,8 @@ pooled vector the final-LN state at the first EOS token, optionally projected.
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +36,21 @@ def _gelu(x: torch.Tensor) -> torch.Tensor:
 
 
 ACTIVATIONS = {"quick_gelu": _quick_gelu, "gelu": _gelu}
+# Far beyond every CLIP text tower (bigG: width 1280, 32 layers, 20 heads; Long-CLIP: 248 positions), small enough
+# that a hostile config cannot build millions of modules or overflow a shape product.
+_LIMITS = {"vocab_size": 1 << 24, "width": 1 << 20, "layers": 1024, "heads": 1 << 20, "max_positions": 1 << 20}
+
+
+def _finite_positive(value) -> bool:
+    try:
+        return math.isfinite(value) and value > 0
+    except OverflowError:  # an integer too large for a float (JSON allows any number of digits)
+        return False
+
+
+def _show(value) -> str:
+    text = repr(value)  # cut short: a hostile value can be a megabyte of JSON
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 @dataclass(frozen=True)
@@ -55,26 +72,33 @@ class CLIPTextConfig:
     mlp_width: int | None = None
 
     def __post_init__(self):
+        # Configs also come from files (our metadata, a diffusers text_encoder/config.json): every value is checked
+        # so that a bad one is an error naming the field, never a crash in torch or a silent NaN (layer_norm_eps).
         for name in ("vocab_size", "width", "layers", "heads", "max_positions"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ClipDiffusionError(f"CLIPTextConfig.{name} must be a positive integer, got {value!r}")
+                raise ClipDiffusionError(f"CLIPTextConfig.{name} must be a positive integer, got {_show(value)}")
+            if value > _LIMITS[name]:
+                raise ClipDiffusionError(f"CLIPTextConfig.{name}={value} exceeds the limit of {_LIMITS[name]}")
         if self.width % self.heads:
             raise ClipDiffusionError(
                 f"CLIPTextConfig.width ({self.width}) must be divisible by heads ({self.heads})"
             )
-        if self.activation not in ACTIVATIONS:
+        if not isinstance(self.activation, str) or self.activation not in ACTIVATIONS:
             raise ClipDiffusionError(
-                f"CLIPTextConfig.activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}"
+                f"CLIPTextConfig.activation must be one of {sorted(ACTIVATIONS)}, got {_show(self.activation)}"
             )
-        if self.projection_dim is not None and (not isinstance(self.projection_dim, int) or self.projection_dim < 1):
-            raise ClipDiffusionError(
-                f"CLIPTextConfig.projection_dim must be None or a positive integer, got {self.projection_dim!r}"
-            )
-        if self.mlp_width is not None and (not isinstance(self.mlp_width, int) or self.mlp_width < 1):
-            raise ClipDiffusionError(
-                f"CLIPTextConfig.mlp_width must be None or a positive integer, got {self.mlp_width!r}"
-            )
+        for name in ("projection_dim", "mlp_width"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or not 1 <= value <= _LIMITS["width"]):  # fmt: skip
+                raise ClipDiffusionError(
+                    f"CLIPTextConfig.{name} must be None or a positive integer up to {_LIMITS['width']}, "
+                    f"got {_show(value)}"
+                )
+        eps = self.layer_norm_eps
+        if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not _finite_positive(eps):
+            raise ClipDiffusionError(f"CLIPTextConfig.layer_norm_eps must be a finite number > 0, got {_show(eps)}")
 
     @property
     def hidden_mlp(self) -> int:
