@@ -37,13 +37,24 @@ def convert(src, dst, *, dtype="fp32", prediction=None, variant=None) -> Path:
         raise ClipDiffusionError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if not src.exists():
         raise ClipDiffusionError(f"input: {str(src)!r} does not exist")
-    if src.resolve() == dst.resolve():
+    try:
+        same = src.resolve() == dst.resolve()
+    except (OSError, RuntimeError) as exc:  # a symbolic link loop (RuntimeError before Python 3.13)
+        raise ClipDiffusionError(f"output: {str(dst)!r} cannot be resolved ({exc})") from None
+    if same:
         raise ClipDiffusionError(f"output: {str(dst)!r} is the input")
     to_file = dst.suffix.lower() == ".safetensors"
     if to_file and dst.is_dir():
         raise ClipDiffusionError(f"output: {str(dst)!r} is a folder")
-    if not to_file and dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
-        raise ClipDiffusionError(f"output: {str(dst)!r} exists; a diffusers folder is written to a new or empty folder")
+    # A symbolic link as OUT.safetensors is replaced by the new file, its target left alone (atomic_write).
+    if not to_file and (dst.exists() or dst.is_symlink()):
+        try:
+            occupied = not dst.is_dir() or any(dst.iterdir())
+        except OSError as exc:
+            raise ClipDiffusionError(f"output: {str(dst)!r} cannot be read ({exc.strerror or exc})") from None
+        if occupied:
+            raise ClipDiffusionError(f"output: {str(dst)!r} exists; a diffusers folder is written to a new or "
+                                     f"empty folder")
     # fp32 in memory: fp16/bf16 sources convert losslessly, and the cast to the output dtype happens once.
     if src.is_dir():
         model = load_diffusers(src, dtype=torch.float32, prediction=prediction, variant=variant)

@@ -14,9 +14,11 @@ a refusal there is reported, never retried with the unsafe unpickler (the attack
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import secrets
 import struct
 import sys
 from dataclasses import dataclass, field
@@ -30,6 +32,11 @@ MAX_HEADER_BYTES = 100_000_000
 MAX_TENSORS = 200_000
 MAX_RANK = 8
 MAX_NAME_CHARS = 1024
+# A zero-byte tensor may claim any shape ([0, 2**70] spans 0 bytes), and torch.empty overflows on such sizes. Bound
+# every dimension and the element count that the non-zero dimensions imply (strides must fit in 64 bits); real
+# tensors are far smaller (the largest SD weight has ~1e8 elements).
+MAX_DIM = 1 << 40
+MAX_ELEMENTS = 1 << 50
 
 # safetensors dtype string -> (torch dtype name, bytes per element). Only these load.
 DTYPES = {
@@ -112,6 +119,11 @@ def _parse_entry(path, name, entry) -> TensorInfo:
     if not isinstance(shape, list) or len(shape) > MAX_RANK or not all(_is_int(d) and d >= 0 for d in shape):
         raise CheckpointError(
             path, f"tensor {name!r}: shape {str(shape)[:80]} must be a list of at most {MAX_RANK} non-negative integers"
+        )
+    if any(d > MAX_DIM for d in shape) or math.prod(max(d, 1) for d in shape) > MAX_ELEMENTS:
+        raise CheckpointError(
+            path, f"tensor {name!r}: shape {str(shape)[:80]} is too large (each dimension at most {MAX_DIM}, "
+                  f"at most {MAX_ELEMENTS} elements)"
         )
     offsets = entry["data_offsets"]
     if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) and o >= 0 for o in offsets):
@@ -353,15 +365,59 @@ def save_file(tensors: dict, path, metadata: dict | None = None) -> None:
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-(8 + len(raw)) % 8)  # spaces are the padding the format allows
-    tmp = path.with_name(path.name + ".tmp")
+
+    def write(f):
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for flat in prepared:
+            if flat.numel():
+                f.write(flat.view(torch.uint8).numpy().tobytes())
+
+    atomic_write(path, write)
+
+
+# O_EXCL: fail rather than open anything already there, a symbolic link included.
+_EXCL_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
+
+
+def atomic_write(path, write) -> None:
+    """Call ``write(binary file)`` on a new temporary file beside ``path``, then rename it onto ``path``.
+
+    The temporary name is random and created with ``O_EXCL`` (as ``tempfile.mkstemp`` does, but with the usual
+    0o666-minus-umask permissions, so the result has the same mode an ordinary write would give): a file or symbolic
+    link planted under a predictable name (the old ``OUT.tmp``) is never opened or followed. Any failure (full
+    disk, quota, interrupt) removes the temporary file and leaves an existing ``path`` byte for byte as it was;
+    ``OSError`` becomes a ``CheckpointError`` naming ``path``. A symbolic link *at* ``path`` is replaced by the new
+    file (``os.replace`` renames over the link itself, never writing through it to its target): safe, the link's
+    target is left alone.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(path, "is a folder; cannot write a file there")
+    stem = path.name[:200]  # room for the random part within the 255-byte name limit
+    fd, tmp = None, None
     try:
-        with open(tmp, "wb") as f:
-            f.write(struct.pack("<Q", len(raw)))
-            f.write(raw)
-            for flat in prepared:
-                if flat.numel():
-                    f.write(flat.view(torch.uint8).numpy().tobytes())
+        for _ in range(100):
+            candidate = path.with_name(f".{stem}.{secrets.token_hex(8)}.tmp")
+            try:
+                fd = os.open(candidate, _EXCL_FLAGS, 0o666)
+            except FileExistsError:
+                continue
+            tmp = candidate
+            break
+        if tmp is None:
+            raise CheckpointError(path, "cannot create a temporary file beside it (all names taken)")
+        with os.fdopen(fd, "wb") as f:
+            fd = None  # the file object owns it now
+            write(f)
         os.replace(tmp, path)
+        tmp = None
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise CheckpointError(path, f"cannot write: {exc.strerror or exc}") from None
+    finally:
+        if fd is not None:
+            os.close(fd)
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+

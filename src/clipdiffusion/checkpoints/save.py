@@ -18,7 +18,7 @@ from pathlib import Path
 from ..errors import CheckpointError, ClipDiffusionError
 from . import detect
 from .load import config_to_json
-from .safetensors_io import save_file
+from .safetensors_io import atomic_write, save_file
 
 _MODELSPEC_ARCH = {"sd1": "stable-diffusion-v1", "sdxl": "stable-diffusion-xl-v1-base"}
 _SCHEDULER = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
@@ -105,9 +105,23 @@ def save_checkpoint(model, path, metadata: dict | None = None, *, dtype=None) ->
 # --- diffusers folders -------------------------------------------------------------------------------------
 
 
+def _write_text(path: Path, text: str):
+    """Through a private temporary file, as the weights are (safetensors_io.atomic_write): nothing planted in the
+    folder under a predictable name is followed."""
+    _mkdir(path.parent)
+    data = text.encode("utf-8")
+    atomic_write(path, lambda f: f.write(data))
+
+
+def _mkdir(folder: Path):
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CheckpointError(folder, f"cannot create the folder: {exc.strerror or exc}") from None
+
+
 def _write_json(path: Path, data: dict):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    _write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def _hf_text_config(config, *, with_projection: bool) -> dict:
@@ -167,10 +181,8 @@ def write_tokenizer(folder: Path, pad_token: str):
     pieces = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
     pieces += ["<|startoftext|>", "<|endoftext|>"]
     vocab = {piece: i for i, piece in enumerate(pieces)}
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n",
-                                       encoding="utf-8")  # fmt: skip
+    _write_text(folder / "vocab.json", json.dumps(vocab, ensure_ascii=False))
+    _write_text(folder / "merges.txt", "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
     _write_json(folder / "tokenizer_config.json", {
         "tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True,
         "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
@@ -192,8 +204,14 @@ def save_diffusers(model, folder, *, dtype=None, tokenizer: bool = True, weights
 
     family, prediction, encoders, unet, vae = _parts(model)
     folder = Path(folder)
-    if folder.exists() and any(folder.iterdir()):
-        raise CheckpointError(folder, "output folder exists and is not empty")
+    if folder.exists() or folder.is_symlink():
+        if not folder.is_dir():
+            raise CheckpointError(folder, "output exists and is not a folder")
+        try:
+            if any(folder.iterdir()):
+                raise CheckpointError(folder, "output folder exists and is not empty")
+        except OSError as exc:
+            raise CheckpointError(folder, f"cannot read the output folder: {exc.strerror or exc}") from None
     native = detect.NATIVE_RESOLUTION[family]
     xl = family == "sdxl"
     index = {
