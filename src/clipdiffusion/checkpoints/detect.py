@@ -195,8 +195,10 @@ def detect_family(shapes: dict, metadata: dict | None = None, *, prediction: str
         to_k = _first(shapes, ".attn2.to_k.weight")
         label = shapes.get(f"{UNET_PREFIX}label_emb.0.0.weight")
         name = declared
-        measured = dict(in_channels=first[1], model_channels=first[0], context_dim=to_k[1] if to_k else None,
-                        adm_in_channels=label[1] if label else None)  # fmt: skip
+        # rank checks: a file's shapes are its own claims (a rank-1 to_k must be a shape error later, not a crash)
+        measured = dict(in_channels=first[1], model_channels=first[0],
+                        context_dim=to_k[1] if to_k is not None and len(to_k) == 2 else None,
+                        adm_in_channels=label[1] if label is not None and len(label) == 2 else None)  # fmt: skip
     else:
         name, measured = _family_from_shapes(path, shapes)
         if declared is not None and declared != name:
@@ -218,20 +220,24 @@ def detect_family(shapes: dict, metadata: dict | None = None, *, prediction: str
 
 def family_from_diffusers(unet_config: dict, has_text_encoder_2: bool, path="<folder>") -> str:
     """Family of a diffusers folder from ``unet/config.json`` (cross_attention_dim, addition embeddings)."""
+    from .config_values import show
+
     context = unet_config.get("cross_attention_dim")
     in_ch = unet_config.get("in_channels", 4)
-    if in_ch != 4:
-        raise CheckpointError(path, f"unet in_channels={in_ch} (inpainting/depth/pix2pix models are not supported)")
+    embed_type = unet_config.get("addition_embed_type")
+    if isinstance(in_ch, bool) or in_ch != 4:
+        raise CheckpointError(path, f"unet in_channels={show(in_ch)} (inpainting/depth/pix2pix models are not "
+                                    f"supported)")
     if context == 768 and not has_text_encoder_2:
         return "sd1"
     if context == 1024 and unet_config.get("class_embed_type") is None and not has_text_encoder_2:
         return "sd2"
-    if context == 2048 and unet_config.get("addition_embed_type") == "text_time" and has_text_encoder_2:
+    if context == 2048 and embed_type == "text_time" and has_text_encoder_2:
         return "sdxl"
     if context == 1280:
         raise CheckpointError(path, "the SDXL refiner is not supported (cross_attention_dim=1280)")
     raise CheckpointError(
         path,
-        f"unknown model family (unet cross_attention_dim={context}, in_channels={in_ch}, "
-        f"addition_embed_type={unet_config.get('addition_embed_type')}, text_encoder_2={has_text_encoder_2})",
+        f"unknown model family (unet cross_attention_dim={show(context)}, in_channels={show(in_ch)}, "
+        f"addition_embed_type={show(embed_type)}, text_encoder_2={has_text_encoder_2})",
     )

@@ -8,7 +8,9 @@ string surgery).
 """
 
 from ..errors import ClipDiffusionError
+from . import config_values as V
 from . import unfit_keys_error
+from .config_values import ConfigValueError, config_error, show
 
 # LDM ResBlock sub-layer -> diffusers ResnetBlock2D sub-layer
 _RES = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
@@ -117,50 +119,67 @@ _FIXED = {"center_input_sample": False, "flip_sin_to_cos": True, "freq_shift": 0
           "time_embedding_act_fn": None, "cross_attention_norm": None, "norm_eps": 1e-5}
 
 
-def _per_level(value, n, field):
-    if isinstance(value, (list, tuple)):
-        if len(value) != n:
-            raise ClipDiffusionError(f"diffusers UNet config {field}: expected {n} entries, got {value}")
-        return list(value)
-    return [value] * n
+_DOWN = {"CrossAttnDownBlock2D", "DownBlock2D"}
+_UP = {"CrossAttnUpBlock2D", "UpBlock2D"}
 
 
-def unet_config_from_diffusers(d: dict):
-    """A diffusers `unet/config.json` dict -> UNetConfig. Unsupported settings raise, naming the field."""
+def unet_config_from_diffusers(d: dict, *, source=None):
+    """A diffusers `unet/config.json` dict -> UNetConfig. Every value read is type-checked first; a bad or
+    unsupported one raises naming the key and the value: ``CheckpointError(source, ...)`` when ``source`` (the
+    file) is given, else ``ClipDiffusionError("diffusers UNet config ...")``."""
+    try:
+        return _unet_config(d)
+    except ClipDiffusionError as exc:
+        raise config_error(source, "UNet", exc) from None
+
+
+def _unet_config(d: dict):
     from ..diffusion.unet import UNetConfig
 
+    if not isinstance(d, dict):
+        raise ConfigValueError(f"must be a JSON object, got {type(d).__name__}")
     for field, expected in _FIXED.items():
         if field in d and d[field] != expected:
-            raise ClipDiffusionError(f"diffusers UNet config {field}={d[field]!r} is not supported "
-                                     f"(only {expected!r})")
-    boc = list(d.get("block_out_channels", (320, 640, 1280, 1280)))
+            raise ConfigValueError(f"{field}={show(d[field])} is not supported (only {expected!r})")
+    boc = V.get_int_list(d, "block_out_channels", [320, 640, 1280, 1280])
     n, mc = len(boc), boc[0]
     if any(c % mc for c in boc):
-        raise ClipDiffusionError(f"diffusers UNet config block_out_channels={boc}: not multiples of {mc}")
-    down = list(d.get("down_block_types", ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)))
-    up = list(d.get("up_block_types", ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3))
+        raise ConfigValueError(f"block_out_channels={show(boc)}: not multiples of {mc}")
+    down = V.get_str_list(d, "down_block_types", ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"], choices=_DOWN)
+    up = V.get_str_list(d, "up_block_types", ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, choices=_UP)
     attn = [t == "CrossAttnDownBlock2D" for t in down]
     if [t == "CrossAttnUpBlock2D" for t in reversed(up)] != attn or len(down) != n:
-        raise ClipDiffusionError(f"diffusers UNet config down_block_types={down} / up_block_types={up}: "
-                                 f"must mirror each other, one per block_out_channels entry")
-    layers = d.get("layers_per_block", 2)
-    if not isinstance(layers, int):
-        raise ClipDiffusionError(f"diffusers UNet config layers_per_block={layers!r}: per-level counts unsupported")
-    tl = _per_level(d.get("transformer_layers_per_block", 1), n, "transformer_layers_per_block")
-    if any(not isinstance(x, int) for x in tl):
-        raise ClipDiffusionError(f"diffusers UNet config transformer_layers_per_block={tl}: "
-                                 f"per-block lists unsupported")
-    raw_heads = d.get("num_attention_heads") or d.get("attention_head_dim", 8)
-    heads = _per_level(raw_heads, n, "attention_head_dim")
-    context = d.get("cross_attention_dim", 1280)
-    if not isinstance(context, int):
-        raise ClipDiffusionError(f"diffusers UNet config cross_attention_dim={context!r}: per-level widths unsupported")
-    linear = bool(d.get("use_linear_projection", False))
+        raise ConfigValueError(f"down_block_types={show(down)} / up_block_types={show(up)}: must mirror each "
+                               f"other, one per block_out_channels entry")
+    if isinstance(d.get("layers_per_block"), (list, tuple)):
+        raise ConfigValueError(f"layers_per_block={show(d['layers_per_block'])}: per-level counts unsupported")
+    layers = V.get_int(d, "layers_per_block", 2, maximum=V.MAX_COUNT)
+    raw_tl = d.get("transformer_layers_per_block", 1)
+    if isinstance(raw_tl, (list, tuple)) and any(isinstance(x, (list, tuple)) for x in raw_tl):
+        raise ConfigValueError(f"transformer_layers_per_block={show(raw_tl)}: per-block lists unsupported")
+    tl = V.get_int_or_list(d, "transformer_layers_per_block", 1, length=n, minimum=0, maximum=V.MAX_COUNT)
+    tl = tl if isinstance(tl, list) else [tl] * n
+    if any(tl[i] < 1 for i in range(n) if attn[i]) or tl[-1] < 1:
+        raise ConfigValueError(f"transformer_layers_per_block={show(raw_tl)}: must be at least 1 for every "
+                               f"cross-attention block and the middle block")
+    # diffusers: `num_attention_heads = num_attention_heads or attention_head_dim` (a null first key falls back).
+    head_key = "num_attention_heads" if d.get("num_attention_heads") is not None else "attention_head_dim"
+    raw_heads = V.get_int_or_list(d, head_key, 8, length=n)
+    heads = raw_heads if isinstance(raw_heads, list) else [raw_heads] * n
+    if isinstance(d.get("cross_attention_dim"), (list, tuple)):
+        raise ConfigValueError(f"cross_attention_dim={show(d['cross_attention_dim'])}: per-level widths "
+                               f"unsupported")
+    context = V.get_int(d, "cross_attention_dim", 1280)
+    linear = bool(V.get_bool(d, "use_linear_projection", False, optional=True))
+    groups = V.get_int(d, "norm_num_groups", 32)
+    if any(c % groups for c in boc):
+        raise ConfigValueError(f"norm_num_groups={groups}: does not divide every block_out_channels entry "
+                               f"{show(boc)}")
     # `attention_head_dim` historically holds head *counts*; the mid block uses the last level's. One number is a
     # fixed count (SD1: 8); a list is per level and, in SD2/SDXL, encodes a fixed head width (64).
     used = [(boc[i], heads[i]) for i in range(n) if attn[i]] + [(boc[-1], heads[-1])]
     widths = {c // h for c, h in used}
-    same_width = len(widths) == 1 and all(c % h == 0 for c, h in used)
+    same_width = len(widths) == 1 and all(c % h == 0 for c, h in used) and min(widths) > 0
     if isinstance(raw_heads, int):
         num_heads, head_channels = raw_heads, None
     elif same_width:
@@ -168,20 +187,27 @@ def unet_config_from_diffusers(d: dict):
     elif len({h for _, h in used}) == 1:
         num_heads, head_channels = heads[-1], None
     else:
-        raise ClipDiffusionError(f"diffusers UNet config attention_head_dim={heads}: neither a fixed head count "
-                                 f"nor a fixed head width")
+        raise ConfigValueError(f"{head_key}={show(heads)}: neither a fixed head count nor a fixed head width")
+    bad = [c for c, h in used if c % h]
+    if num_heads is not None and bad:
+        raise ConfigValueError(f"{head_key}={show(raw_heads)}: {num_heads} heads do not divide the {bad[0]} "
+                               f"channels of an attention block")
     adm, size_dim = None, 256
     embed_type = d.get("addition_embed_type")
     if embed_type == "text_time":
-        adm, size_dim = d["projection_class_embeddings_input_dim"], d.get("addition_time_embed_dim") or 256
+        try:
+            adm = V.get_int(d, "projection_class_embeddings_input_dim")
+            size_dim = V.get_int(d, "addition_time_embed_dim", None, optional=True) or 256
+        except ConfigValueError as exc:
+            raise ConfigValueError(f"addition_embed_type='text_time': {exc.reason}") from None
     elif embed_type is not None:
-        raise ClipDiffusionError(f"diffusers UNet config addition_embed_type={embed_type!r} is not supported")
-    return UNetConfig(in_channels=d.get("in_channels", 4), out_channels=d.get("out_channels", 4), model_channels=mc,
-                      channel_mult=tuple(c // mc for c in boc), num_res_blocks=layers,
+        raise ConfigValueError(f"addition_embed_type={show(embed_type)} is not supported")
+    return UNetConfig(in_channels=V.get_int(d, "in_channels", 4), out_channels=V.get_int(d, "out_channels", 4),
+                      model_channels=mc, channel_mult=tuple(c // mc for c in boc), num_res_blocks=layers,
                       transformer_depth=tuple(tl[i] if attn[i] else 0 for i in range(n)),
                       transformer_depth_middle=tl[-1], context_dim=context, num_heads=num_heads,
                       head_channels=head_channels, use_linear_in_transformer=linear, adm_in_channels=adm,
-                      size_embed_dim=size_dim, norm_groups=d.get("norm_num_groups", 32))
+                      size_embed_dim=size_dim, norm_groups=groups)
 
 
 def unet_config_to_diffusers(config, *, sample_size: int = 64) -> dict:

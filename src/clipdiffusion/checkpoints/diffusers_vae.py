@@ -8,7 +8,9 @@ Mapping per checkpoints reference §5.3.
 """
 
 from ..errors import ClipDiffusionError
+from . import config_values as V
 from . import unfit_keys_error
+from .config_values import ConfigValueError, config_error, show
 
 _ATTN = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
 _ATTN_BACK = {v: k for k, v in _ATTN.items()} | {"query": "q", "key": "k", "value": "v", "proj_attn": "proj_out"}
@@ -91,28 +93,44 @@ def vae_ldm_to_diffusers(sd, config, *, source="VAE state dict"):
     return _convert(sd, config, True, source)
 
 
-def vae_config_from_diffusers(d: dict):
-    """A diffusers `vae/config.json` dict -> VAEConfig. Unsupported settings raise, naming the field."""
+def vae_config_from_diffusers(d: dict, *, source=None):
+    """A diffusers `vae/config.json` dict -> VAEConfig. Every value read is type-checked first; a bad or
+    unsupported one raises naming the key and the value: ``CheckpointError(source, ...)`` when ``source`` (the
+    file) is given, else ``ClipDiffusionError("diffusers VAE config ...")``."""
+    try:
+        return _vae_config(d)
+    except ClipDiffusionError as exc:
+        raise config_error(source, "VAE", exc) from None
+
+
+def _vae_config(d: dict):
     from ..diffusion.vae import VAEConfig
 
+    if not isinstance(d, dict):
+        raise ConfigValueError(f"must be a JSON object, got {type(d).__name__}")
     fixed = {"act_fn": "silu", "use_quant_conv": True, "use_post_quant_conv": True, "mid_block_add_attention": True,
              "shift_factor": None}
     for field, expected in fixed.items():
         if d.get(field, expected) != expected:
-            raise ClipDiffusionError(f"diffusers VAE config {field}={d[field]!r} is not supported (only {expected!r})")
-    boc = list(d.get("block_out_channels", (64,)))
+            raise ConfigValueError(f"{field}={show(d[field])} is not supported (only {expected!r})")
+    boc = V.get_int_list(d, "block_out_channels", [64])
     ch = boc[0]
     if any(c % ch for c in boc):
-        raise ClipDiffusionError(f"diffusers VAE config block_out_channels={boc}: not multiples of {ch}")
+        raise ConfigValueError(f"block_out_channels={show(boc)}: not multiples of {ch}")
     for field, kind in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
-        types = list(d.get(field, (kind,)))
-        if types != [kind] * len(boc):
-            raise ClipDiffusionError(f"diffusers VAE config {field}={types}: expected {len(boc)} x {kind}")
-    latent = d.get("latent_channels", 4)
-    return VAEConfig(ch=ch, ch_mult=tuple(c // ch for c in boc), num_res_blocks=d.get("layers_per_block", 1),
-                     z_channels=latent, embed_dim=latent, in_channels=d.get("in_channels", 3),
-                     out_channels=d.get("out_channels", 3), scale_factor=d.get("scaling_factor", 0.18215),
-                     norm_groups=d.get("norm_num_groups", 32))
+        types = d.get(field, [kind])
+        if not isinstance(types, (list, tuple)) or list(types) != [kind] * len(boc):
+            raise ConfigValueError(f"{field}={show(types)}: expected {len(boc)} x {kind}")
+    groups = V.get_int(d, "norm_num_groups", 32)
+    if any(c % groups for c in boc):
+        raise ConfigValueError(f"norm_num_groups={groups}: does not divide every block_out_channels entry "
+                               f"{show(boc)}")
+    latent = V.get_int(d, "latent_channels", 4)
+    return VAEConfig(ch=ch, ch_mult=tuple(c // ch for c in boc),
+                     num_res_blocks=V.get_int(d, "layers_per_block", 1, maximum=V.MAX_COUNT), z_channels=latent,
+                     embed_dim=latent, in_channels=V.get_int(d, "in_channels", 3),
+                     out_channels=V.get_int(d, "out_channels", 3),
+                     scale_factor=V.get_positive_float(d, "scaling_factor", 0.18215), norm_groups=groups)
 
 
 def vae_config_to_diffusers(config, *, sample_size: int = 512) -> dict:

@@ -18,8 +18,10 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError, ClipDiffusionError
+from . import config_values as V
 from . import detect
-from .safetensors_io import is_pickle_path, load_file, load_pickle, read_header
+from .config_values import ConfigValueError, show
+from .safetensors_io import load_file, read_shapes
 
 
 @dataclass(frozen=True)
@@ -57,7 +59,7 @@ def config_from_json(cls, text, *, source, what):
     """A frozen config dataclass from our metadata JSON; lists become tuples, unknown fields are an error."""
     try:
         data = json.loads(text) if isinstance(text, str) else text
-    except ValueError:
+    except (ValueError, RecursionError):
         raise CheckpointError(source, f"metadata {what} is not valid JSON") from None
     if not isinstance(data, dict):
         raise CheckpointError(source, f"metadata {what} must be a JSON object")
@@ -66,7 +68,7 @@ def config_from_json(cls, text, *, source, what):
     if unknown:
         raise CheckpointError(source, f"metadata {what} has unknown fields {unknown}")
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
-    try:
+    try:  # the config dataclasses check every field's type and range (__post_init__)
         return cls(**values)
     except (ClipDiffusionError, TypeError) as exc:
         raise CheckpointError(source, f"metadata {what}: {exc}") from None
@@ -81,6 +83,15 @@ def _meta_shapes(sd: dict, prefix: str) -> dict:
     return {k: torch.empty(v, device="meta") for k, v in sd.items() if k.startswith(prefix)}
 
 
+# What ``from_weights`` raises on shapes a hostile file chose (a missing key, a rank-0 tensor, a zero width).
+_SHAPE_ERRORS = (ClipDiffusionError, KeyError, IndexError, ValueError, ZeroDivisionError, TypeError)
+
+
+def _exc_text(exc) -> str:
+    text = f"missing {exc}" if isinstance(exc, KeyError) else str(exc)
+    return " ".join(text.split())[:300]
+
+
 def _unet_config(family, shapes, metadata, source):
     from ..diffusion import unet
 
@@ -93,8 +104,8 @@ def _unet_config(family, shapes, metadata, source):
         extra = dict(num_heads=preset.num_heads, head_channels=preset.head_channels)
     try:
         return unet.UNetConfig.from_weights(_meta_shapes(shapes, detect.UNET_PREFIX), **extra)
-    except (ClipDiffusionError, KeyError) as exc:
-        raise CheckpointError(source, f"UNet structure not recognised: {exc}") from None
+    except _SHAPE_ERRORS as exc:
+        raise CheckpointError(source, f"UNet structure not recognised: {_exc_text(exc)}") from None
 
 
 def _vae_config(family, shapes, metadata, source):
@@ -105,8 +116,8 @@ def _vae_config(family, shapes, metadata, source):
     try:
         return vae.VAEConfig.from_weights(_meta_shapes(shapes, detect.VAE_PREFIX),
                                           scale_factor=vae.PRESETS[family].scale_factor)  # fmt: skip
-    except (ClipDiffusionError, KeyError) as exc:
-        raise CheckpointError(source, f"VAE structure not recognised: {exc}") from None
+    except _SHAPE_ERRORS as exc:
+        raise CheckpointError(source, f"VAE structure not recognised: {_exc_text(exc)}") from None
 
 
 def _text_configs(metadata, source):
@@ -116,7 +127,7 @@ def _text_configs(metadata, source):
         return None
     try:
         items = json.loads(metadata[detect.META_TEXT])
-    except ValueError:
+    except (ValueError, RecursionError):
         raise CheckpointError(source, f"metadata {detect.META_TEXT} is not valid JSON") from None
     if not isinstance(items, list):
         raise CheckpointError(source, f"metadata {detect.META_TEXT} must be a JSON list")
@@ -137,6 +148,19 @@ def _problems(what, expected: dict, given: dict) -> list[str]:
         if items:
             out.append(f"{what} {label} ({len(items)}): {', '.join(items)}")
     return out
+
+
+_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+
+
+def _integer_weights(dtypes: dict, keys) -> list[str]:
+    """Weights stored as integers or bools (a module's parameters must be floating point): found from the header
+    dtypes, before any tensor data is read."""
+    bad = sorted(f"{k} ({dtypes[k]})" for k in keys if dtypes[k] not in _FLOAT_DTYPES)
+    if not bad:
+        return []
+    shown = ", ".join(bad[:20]) + (f" (+{len(bad) - 20} more)" if len(bad) > 20 else "")
+    return [f"weights stored with an integer or bool dtype ({len(bad)}; must be F16, BF16, F32 or F64): {shown}"]
 
 
 def _expected(model, prefix=""):
@@ -160,9 +184,10 @@ def build_module(cls, config, tensors: dict, *, dtype, device, model=None):
     return model.eval().requires_grad_(False)
 
 
-def _text_encoder(family, text_sd, configs, *, source, dtype, device, diffusers_sd2=False):
-    """Text towers through text/loading.py (layout and conditioning semantics live there); our metadata's
-    configs then fix what weights cannot reveal (heads, activation) for the embedded tiny model."""
+def _text_encoder(family, text_sd, configs, *, source, dtype, device, diffusers_sd2=False,
+                  configs_from=f"metadata {detect.META_TEXT}"):
+    """Text towers through text/loading.py (layout and conditioning semantics live there); the configs (our
+    metadata's, or a diffusers folder's config.json) then fix what weights cannot reveal (heads, activation)."""
     from ..text.clip import CLIPTextModel
     from ..text.conditioning import TextEncoder
     from ..text.loading import text_encoders_from_state_dict
@@ -171,7 +196,7 @@ def _text_encoder(family, text_sd, configs, *, source, dtype, device, diffusers_
     encoders = list(result.encoders)
     if configs is not None:
         if len(configs) != len(encoders):
-            raise CheckpointError(source, f"metadata {detect.META_TEXT} lists {len(configs)} text encoders, "
+            raise CheckpointError(source, f"{configs_from} lists {len(configs)} text encoders, "
                                           f"the weights hold {len(encoders)}")  # fmt: skip
         for i, (spec, config) in enumerate(zip(encoders, configs)):
             if spec.model.config != config:
@@ -179,7 +204,7 @@ def _text_encoder(family, text_sd, configs, *, source, dtype, device, diffusers_
                     model = CLIPTextModel.from_state_dict(spec.model.state_dict(), config, dtype=dtype, device=device)
                 except RuntimeError as exc:  # the config's shapes disagree with the tensors
                     reason = " ".join(str(exc).split())[:300]
-                    raise CheckpointError(source, f"metadata {detect.META_TEXT} does not fit the weights: {reason}")
+                    raise CheckpointError(source, f"{configs_from} does not fit the weights: {reason}")
                 encoders[i] = dataclasses.replace(spec, model=model.eval().requires_grad_(False))
     if diffusers_sd2 and result.family != "sd2":
         # text/loading.py recognises an HF-layout OpenCLIP-H by its width (1024); a narrower tower in an SD2
@@ -190,6 +215,21 @@ def _text_encoder(family, text_sd, configs, *, source, dtype, device, diffusers_
     for spec in encoders:
         spec.model.eval().requires_grad_(False)
     return TextEncoder(family, encoders), tuple(result.ignored)
+
+
+def check_sdxl_vector(family, unet_config, text_encoder, source, what):
+    """SDXL's UNet takes y = [pooled bigG text | 6 size embeddings] (unet.sdxl_vector): its ``adm_in_channels``
+    must equal that width, or every generation would fail. The weights fix adm_in_channels and the pooled width;
+    ``size_embed_dim`` comes from a config (``what``), so a wrong one is named here, at load time."""
+    if family != "sdxl" or unet_config.adm_in_channels is None:
+        return
+    tower = text_encoder.encoders[-1].model.config
+    pooled = tower.projection_dim or tower.width
+    size = unet_config.size_embed_dim
+    if pooled + 6 * size != unet_config.adm_in_channels:
+        raise CheckpointError(source, f"{what}: size_embed_dim={size} does not fit: the UNet's y width "
+                                      f"{unet_config.adm_in_channels} must be the pooled text width {pooled} + 6 x "
+                                      f"size_embed_dim")  # fmt: skip
 
 
 # --- single files ------------------------------------------------------------------------------------------
@@ -216,12 +256,8 @@ def load_checkpoint(path, *, dtype=torch.float32, device="cpu", prediction=None)
         raise CheckpointError(path, "is a folder: load a diffusers folder with load_diffusers / from_pretrained")
     if not path.is_file():
         raise CheckpointError(path, "no such file")
-    if is_pickle_path(path):
-        # memory-mapped, so this reads no tensor data; load_file below copies what is used
-        shapes, metadata = {k: tuple(v.shape) for k, v in load_pickle(path).items()}, {}
-    else:
-        header = read_header(path)
-        shapes, metadata = header.shapes(), header.metadata
+    # pickles are memory-mapped, so this reads no tensor data; load_file below copies what is used
+    shapes, dtypes, metadata = read_shapes(path)
     fam = detect.detect_family(shapes, metadata, prediction=prediction, path=source)
     unet_config = _unet_config(fam.name, shapes, metadata, source)
     vae_config = _vae_config(fam.name, shapes, metadata, source)
@@ -241,19 +277,26 @@ def load_checkpoint(path, *, dtype=torch.float32, device="cpu", prediction=None)
     problems += _problems("VAE", _expected(vae_meta, detect.VAE_PREFIX), {k: shapes[k] for k in vae_keys})
     if stray:
         problems.append(f"unexpected keys outside any component ({len(stray)}): {', '.join(stray)}")
+    # SD2 saved by SGM-era tools keeps OpenCLIP-H at conditioner.embedders.0.model.: same tensors, LDM prefix.
+    sgm = "conditioner.embedders.0.model."
+    text_names = {k: ("cond_stage_model.model." + k[len(sgm):] if fam.name == "sd2" and k.startswith(sgm) else k)
+                  for k in text_keys}  # fmt: skip
+    if not problems:
+        from ..text.loading import text_weight_keys
+
+        text_weights = set(text_weight_keys({text_names[k]: shapes[k] for k in text_keys}, source=source))
+        weight_keys = unet_keys + vae_keys + [k for k in text_keys if text_names[k] in text_weights]
+        problems = _integer_weights(dtypes, weight_keys)
     if problems:
         raise CheckpointError(path, f"{fam.name} checkpoint does not match: " + "; ".join(problems))
 
     # cast and place while copying out of the file mapping: peak memory is the loaded model, not twice it
     tensors = load_file(path, keys=unet_keys + vae_keys + text_keys, dtype=dtype, device=device)
-    text_sd = {k: tensors[k] for k in text_keys}
-    if fam.name == "sd2":
-        # SD2 saved by SGM-era tools keeps OpenCLIP-H at conditioner.embedders.0.model.: same tensors, LDM prefix.
-        sgm = "conditioner.embedders.0.model."
-        text_sd = {("cond_stage_model.model." + k[len(sgm):] if k.startswith(sgm) else k): v
-                   for k, v in text_sd.items()}  # fmt: skip
+    text_sd = {text_names[k]: tensors[k] for k in text_keys}
     text_encoder, text_ignored = _text_encoder(fam.name, text_sd, text_configs, source=source, dtype=dtype,
                                                device=device)  # fmt: skip
+    check_sdxl_vector(fam.name, unet_config, text_encoder, source, f"metadata {detect.META_UNET}"
+                      if detect.META_UNET in metadata else "UNet")  # fmt: skip
     n_unet, n_vae = len(detect.UNET_PREFIX), len(detect.VAE_PREFIX)
     unet = build_module(UNetModel, unet_config, {k[n_unet:]: tensors[k] for k in unet_keys}, dtype=dtype,
                         device=device, model=unet_meta)  # fmt: skip
@@ -278,11 +321,16 @@ def read_json(path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(path, "no such file")
-    if path.stat().st_size > _MAX_JSON_BYTES:
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(_MAX_JSON_BYTES + 1)  # bounded even if the file grows after the check above
+    except OSError as exc:
+        raise CheckpointError(path, f"cannot read: {exc.strerror or exc}") from None
+    if len(raw) > _MAX_JSON_BYTES:
         raise CheckpointError(path, f"JSON file larger than {_MAX_JSON_BYTES} bytes")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
+        data = json.loads(raw.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise CheckpointError(path, f"not valid JSON ({str(exc)[:80]})") from None
     if not isinstance(data, dict):
         raise CheckpointError(path, "must hold a JSON object")
@@ -303,7 +351,10 @@ def component_weights(folder: Path, stem: str, variant: str | None = None) -> li
             weight_map = read_json(index).get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
                 raise CheckpointError(index, "weight_map must be a non-empty object")
-            files = sorted(set(weight_map.values()), key=str)
+            odd = [v for v in weight_map.values() if not isinstance(v, str)]
+            if odd:
+                raise CheckpointError(index, f"weight_map names invalid shard files {show(odd[:5])}")
+            files = sorted(set(weight_map.values()))
             # Shard names come from the file: plain names inside this folder only, no path traversal.
             bad = [f for f in files if not isinstance(f, str) or not _SHARD_NAME.fullmatch(f) or ".." in f]
             if bad:
@@ -318,8 +369,14 @@ def component_weights(folder: Path, stem: str, variant: str | None = None) -> li
 
 
 def load_component_files(files, *, dtype=None, device="cpu") -> dict:
+    """Every tensor of one component's files. Weights stored as integers or bools are refused from each file's
+    header, before its data is read; ignorable buffers (``position_ids``, detect.is_ignored_key) may be integers."""
     tensors = {}
     for f in files:
+        _, dtypes, _ = read_shapes(f)
+        problems = _integer_weights(dtypes, [k for k in dtypes if not detect.is_ignored_key(k)])
+        if problems:
+            raise CheckpointError(f, problems[0])
         part = load_file(f, dtype=dtype, device=device)
         dup = sorted(set(part) & set(tensors))
         if dup:
@@ -336,8 +393,8 @@ def diffusers_prediction(folder, family, override):
     scheduler = folder / "scheduler" / "scheduler_config.json"
     if scheduler.is_file():
         kind = read_json(scheduler).get("prediction_type", "epsilon")
-        if kind not in ("epsilon", "v_prediction"):
-            raise CheckpointError(scheduler, f"prediction_type {kind!r} is not supported (epsilon, v_prediction)")
+        if not isinstance(kind, str) or kind not in ("epsilon", "v_prediction"):
+            raise CheckpointError(scheduler, f"prediction_type={show(kind)} is not supported (epsilon, v_prediction)")
         return ("v" if kind == "v_prediction" else "eps"), ()
     note = f"no scheduler/scheduler_config.json: using the {family} default prediction"
     return detect.DEFAULT_PREDICTION[family], (note,)
@@ -361,26 +418,38 @@ def _text_sd_from_diffusers(family, folder, variant):
     te2 = hf("text_encoder_2")
     ours2 = {k.removeprefix("text_model."): v for k, v in te2.items() if not k.endswith("position_ids")}
     out = {"conditioner.embedders.0.transformer." + k: v for k, v in te.items()}
-    out.update({"conditioner.embedders.1.model." + k: v for k, v in to_open_clip_state_dict(ours2).items()})
+    try:
+        bigg = to_open_clip_state_dict(ours2)
+    except (ClipDiffusionError, KeyError, RuntimeError) as exc:  # a stray key, a q without k/v, mismatched shapes
+        text = f"missing {exc}" if isinstance(exc, KeyError) else " ".join(str(exc).split())
+        raise CheckpointError(folder / "text_encoder_2", f"text encoder weights do not fit: {text[:300]}") from None
+    out.update({"conditioner.embedders.1.model." + k: v for k, v in bigg.items()})
     return out
 
 
 def _text_configs_from_diffusers(folder, family):
-    from ..text.clip import CLIPTextConfig
+    from ..text.clip import ACTIVATIONS, CLIPTextConfig
 
     configs = []
     for sub in ("text_encoder", "text_encoder_2") if family == "sdxl" else ("text_encoder",):
-        c = read_json(folder / sub / "config.json")
+        path = folder / sub / "config.json"
+        c = read_json(path)
         try:
+            width = V.get_int(c, "hidden_size")
+            mlp = V.get_int(c, "intermediate_size", None, optional=True)
             configs.append(CLIPTextConfig(
-                vocab_size=c.get("vocab_size", 49408), width=c["hidden_size"], layers=c["num_hidden_layers"],
-                heads=c["num_attention_heads"], max_positions=c.get("max_position_embeddings", 77),
-                activation=c.get("hidden_act", "quick_gelu"), layer_norm_eps=c.get("layer_norm_eps", 1e-5),
-                projection_dim=c.get("projection_dim") if sub == "text_encoder_2" else None,
-                mlp_width=c.get("intermediate_size") if c.get("intermediate_size") != 4 * c["hidden_size"] else None,
+                vocab_size=V.get_int(c, "vocab_size", 49408, maximum=1 << 24), width=width,
+                layers=V.get_int(c, "num_hidden_layers", maximum=1024), heads=V.get_int(c, "num_attention_heads"),
+                max_positions=V.get_int(c, "max_position_embeddings", 77),
+                activation=V.get_str(c, "hidden_act", "quick_gelu", choices=ACTIVATIONS),
+                layer_norm_eps=V.get_positive_float(c, "layer_norm_eps", 1e-5),
+                projection_dim=V.get_int(c, "projection_dim", None, optional=True) if sub == "text_encoder_2" else None,
+                mlp_width=mlp if mlp != 4 * width else None,
             ))  # fmt: skip
-        except (KeyError, ClipDiffusionError) as exc:
-            raise CheckpointError(folder / sub / "config.json", f"unsupported text encoder config: {exc}") from None
+        except ConfigValueError as exc:
+            raise CheckpointError(path, exc.reason) from None
+        except ClipDiffusionError as exc:
+            raise CheckpointError(path, f"unsupported text encoder config: {exc}") from None
     return configs
 
 
@@ -393,25 +462,25 @@ def load_diffusers(folder, *, dtype=torch.float32, device="cpu", prediction=None
     from .diffusers_vae import vae_config_from_diffusers, vae_diffusers_to_ldm
 
     folder = Path(folder)
-    index = read_json(folder / "model_index.json")
+    index_path = folder / "model_index.json"
+    index = read_json(index_path)
     kind = index.get("_class_name")
-    if kind not in PIPELINES:
-        raise CheckpointError(folder / "model_index.json", f"_class_name {kind!r} is not one of {sorted(PIPELINES)}")
+    if not isinstance(kind, str) or kind not in PIPELINES:
+        raise CheckpointError(index_path, f"_class_name={show(kind)} is not one of {sorted(PIPELINES)}")
+    # Every config value is type-checked before anything is built from it; errors name the file and the key.
     unet_json = read_json(folder / "unet" / "config.json")
+    unet_config = unet_config_from_diffusers(unet_json, source=folder / "unet" / "config.json")
+    vae_config = vae_config_from_diffusers(read_json(folder / "vae" / "config.json"),
+                                           source=folder / "vae" / "config.json")  # fmt: skip
     # Folders we wrote name their family (tiny sizes match no public one); diffusers ignores "_" keys.
     family = index.get(detect.DIFFUSERS_FAMILY_KEY)
-    if family is not None and family not in detect.FAMILIES:
-        raise CheckpointError(folder / "model_index.json", f"{detect.DIFFUSERS_FAMILY_KEY}={family!r} is unknown")
+    if family is not None and (not isinstance(family, str) or family not in detect.FAMILIES):
+        raise CheckpointError(index_path, f"{detect.DIFFUSERS_FAMILY_KEY}={show(family)} is unknown "
+                                          f"(one of {list(detect.FAMILIES)})")  # fmt: skip
     if family is None:
         family = detect.family_from_diffusers(unet_json, (folder / "text_encoder_2").is_dir(), path=str(folder))
     pred, notes = diffusers_prediction(folder, family, prediction)
-    try:
-        unet_config = unet_config_from_diffusers(unet_json)
-        vae_config = vae_config_from_diffusers(read_json(folder / "vae" / "config.json"))
-    except ClipDiffusionError as exc:
-        if isinstance(exc, CheckpointError):
-            raise
-        raise CheckpointError(folder, str(exc)) from None
+    text_configs = _text_configs_from_diffusers(folder, family)
 
     problems = []
     parts, metas = {}, {}
@@ -432,9 +501,10 @@ def load_diffusers(folder, *, dtype=torch.float32, device="cpu", prediction=None
         raise CheckpointError(folder, f"{family} diffusers folder does not match: " + "; ".join(problems))
     text_sd = _text_sd_from_diffusers(family, folder, variant)
     text_encoder, text_ignored = _text_encoder(
-        family, text_sd, _text_configs_from_diffusers(folder, family), source=str(folder), dtype=dtype,
-        device=device, diffusers_sd2=family == "sd2",
+        family, text_sd, text_configs, source=str(folder), dtype=dtype,
+        device=device, diffusers_sd2=family == "sd2", configs_from="text_encoder config.json",
     )
+    check_sdxl_vector(family, unet_config, text_encoder, folder / "unet" / "config.json", "addition_time_embed_dim")
     unet = build_module(UNetModel, unet_config, parts["unet"], dtype=dtype, device=device, model=metas["unet"])
     vae = build_module(AutoencoderKL, vae_config, parts["vae"], dtype=dtype, device=device, model=metas["vae"])
     return LoadedModel(

@@ -324,9 +324,17 @@ def _build(plan: _EncoderPlan, tensors: dict, *, activation, dtype, device, prob
 
     ours, origin, unexpected, bad = _rename(plan, tensors)
     problems_before = len(problems)
+    # A module's parameters must be floating point: integer or bool weights (same shapes) are named here rather
+    # than failing inside load_state_dict. Ignored buffers (position_ids I64) never reach this point.
+    integer = sorted(f"{key} ({str(tensors[key].dtype).removeprefix('torch.')})" for key in plan.keys
+                     if not tensors[key].is_floating_point())  # fmt: skip
+    if integer:
+        problems.append(f"{plan.name} weights stored with an integer or bool dtype ({len(integer)}): "
+                        f"{', '.join(integer[:20])}")
+        return None
     try:
         config = CLIPTextConfig.from_weights(ours, activation=activation or plan.activation)
-    except ClipDiffusionError as exc:
+    except (ClipDiffusionError, IndexError) as exc:  # IndexError: a rank-0 tensor where a matrix belongs
         problems.append(f"{plan.name} ({plan.prefix or 'top level'}): {exc}")
         return None
     expected = {k: tuple(v.shape) for k, v in CLIPTextModel(config, device="meta").state_dict().items()}
@@ -371,6 +379,12 @@ def _assemble(plan: _Plan, tensors: dict, *, source, activation, dtype, device) 
         raise CheckpointError(source, f"{plan.family} text encoder does not load: " + "; ".join(problems))
     specs = [_spec(plan.family, e, m) for e, m in zip(plan.encoders, models)]
     return TextEncoderWeights(plan.family, specs, sorted(plan.ignored))
+
+
+def text_weight_keys(shapes: dict, *, source: str = "<memory>") -> list[str]:
+    """The keys of ``{key: shape}`` that would be loaded as text-encoder weights (not ignored buffers such as
+    ``position_ids``), so a caller can check their dtypes from a file header before reading any data."""
+    return _plan({k: tuple(v) for k, v in shapes.items()}, source).text_keys()
 
 
 def text_encoders_from_state_dict(
