@@ -97,6 +97,23 @@ def test_bad_diffusers_config_value_names_file_key_and_value(sources, tmp_path, 
     assert msg.startswith(str(path)), msg  # the file, then key=value
 
 
+@pytest.fixture(scope="module")
+def sdxl_folder(tmp_path_factory):
+    return save_diffusers(tiny_model("sdxl"), tmp_path_factory.mktemp("sdxl") / "xl", tokenizer=False)
+
+
+@pytest.mark.parametrize("rel,key,value,words", [
+    ("text_encoder_2/config.json", "projection_dim", "ab", ["projection_dim='ab'"]),
+    ("text_encoder_2/config.json", "layer_norm_eps", 0, ["layer_norm_eps=0"]),
+    ("unet/config.json", "addition_time_embed_dim", 7, ["addition_time_embed_dim", "size_embed_dim=7"]),
+    ("unet/config.json", "projection_class_embeddings_input_dim", None, ["projection_class_embeddings_input_dim"]),
+])  # fmt: skip
+def test_bad_sdxl_config_values(sdxl_folder, tmp_path, rel, key, value, words):
+    folder = folder_copy(sdxl_folder, tmp_path / "f")
+    path = set_config(folder, rel, key, value)
+    assert refused(lambda: load_diffusers(folder), *words).startswith(str(path))
+
+
 def test_unet_block_out_channels_message(sources, tmp_path):
     folder = folder_copy(sources[1], tmp_path / "f")
     set_config(folder, "unet/config.json", "block_out_channels", [0, 0])
@@ -388,3 +405,31 @@ def test_fuzz_every_metadata_config_field(sources, tmp_path):
                 outcomes[key, field, repr(value)] = _outcome(lambda: load_checkpoint(path), f"{key} {field}={value!r}")
                 path.unlink()
     assert "refused" in outcomes.values()
+
+
+def test_standalone_text_encoder_folder_with_hostile_config_or_dtypes(sources, tmp_path):
+    from clipdiffusion.text.loading import load_text_encoder
+
+    folder = folder_copy(sources[1], tmp_path / "f") / "text_encoder"
+    (folder / "config.json").unlink()
+    (folder / "config.json").write_text("[" * 100_000 + "]" * 100_000)  # only hidden_act is read from it: ignored
+    assert load_text_encoder(folder).family == "sd1"
+    weights = folder / "model.safetensors"
+    weights.unlink()
+    retyped(sources[1] / "text_encoder" / "model.safetensors", weights, "text_model.final_layer_norm.bias",
+            torch.int16, metadata=False)
+    refused(lambda: load_text_encoder(folder), str(weights), "final_layer_norm.bias", "int16")
+
+
+def test_convert_to_odd_destinations_is_one_line(sources, tmp_path, capsys):
+    from clipdiffusion.cli import main
+
+    loop = tmp_path / "loop.safetensors"
+    loop.symlink_to(loop.name)
+    blocker = tmp_path / "blocker"
+    blocker.write_text("x")
+    for dst in (loop, blocker / "out.safetensors", tmp_path / "missing" / "out.safetensors"):
+        assert main(["convert", str(sources[0]), str(dst)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(line.startswith("clipdiffusion convert: error:") for line in err), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blocker", "loop.safetensors"]

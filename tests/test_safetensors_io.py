@@ -117,6 +117,13 @@ def test_negative_huge_or_malformed_shapes(tmp_path, shape):
     refused(craft(tmp_path / "s.safetensors", header, bytes(4)), "'a'")
 
 
+@pytest.mark.parametrize("shape", [[0, 2**70], [2**41, 0], [0] + [2**39] * 7])
+def test_zero_byte_tensor_with_an_absurd_shape(tmp_path, shape):
+    """0 bytes match any shape with a zero in it, but torch.empty overflows on such dimensions: refused by name."""
+    header = {"a": f32([1], 0), "zero": {"dtype": "F32", "shape": shape, "data_offsets": [4, 4]}}
+    refused(craft(tmp_path / "z.safetensors", header, bytes(4)), "'zero'", "too large")
+
+
 def test_unknown_dtype_and_fp8(tmp_path):
     bad = {"a": {"dtype": "Q4", "shape": [1], "data_offsets": [0, 1]}}
     refused(craft(tmp_path / "u.safetensors", bad, bytes(1)), "unknown dtype")

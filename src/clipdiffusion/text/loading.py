@@ -406,10 +406,12 @@ def _activation_beside(path: Path) -> str | None:
     if not config.is_file():
         return None
     try:
-        act = json.loads(config.read_text()).get("hidden_act")
-    except (OSError, ValueError, AttributeError):
+        with open(config, "rb") as f:
+            raw = f.read(10_000_001)  # a config.json is a few hundred bytes; never read an unbounded file
+        act = json.loads(raw).get("hidden_act") if len(raw) <= 10_000_000 else None
+    except (OSError, ValueError, AttributeError, RecursionError):  # RecursionError: absurdly nested JSON
         return None
-    return act if act in ("quick_gelu", "gelu") else None
+    return act if isinstance(act, str) and act in ("quick_gelu", "gelu") else None
 
 
 def load_text_encoder(path, *, dtype=None, device="cpu", tokenizer=None):
