@@ -153,11 +153,10 @@ def test_bad_outputs_are_refused_before_the_model_loads(no_model, tmp_path, caps
     folder.mkdir()
     assert main(["generate", "x", "-o", str(folder)]) == 2
     assert f"output={str(folder)!r}" in (line := one_error_line(capsys)) and "is a folder" in line
-    full = tmp_path / "full.png"
-    full.symlink_to("/dev/full")
-    assert main(["generate", "x", "-o", str(full)]) == 2
-    assert "full.png" in (line := one_error_line(capsys)) and "character device" in line
-    assert full.is_symlink()
+    fifo = tmp_path / "fifo.png"
+    os.mkfifo(fifo)
+    assert main(["generate", "x", "-o", str(fifo)]) == 2
+    assert "fifo.png" in (line := one_error_line(capsys)) and "a pipe" in line
     assert main(["generate", "x", "-o", str(tmp_path / "missing" / "a.png")]) == 2
     assert "does not exist" in one_error_line(capsys)
     (tmp_path / "c-1.png").mkdir()
@@ -206,11 +205,18 @@ def test_written_png_replaces_the_old_one_with_normal_permissions(fake_model, tm
     umask = os.umask(0o022)
     os.umask(umask)
     assert fresh.stat().st_mode & 0o777 == 0o666 & ~umask
+    # A link where the output goes is replaced by the image; what it points to is never written through it.
+    before = out.read_bytes()
     link = tmp_path / "link.png"
     link.symlink_to(out)
     assert main(["generate", "x", "--seed", "5", "-o", str(link)]) == 0
-    assert link.is_symlink() and parse_infotext(Image.open(out).text["parameters"]).seed == 5
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "fresh.png", "link.png"]
+    assert not link.is_symlink() and parse_infotext(Image.open(link).text["parameters"]).seed == 5
+    assert out.read_bytes() == before
+    full = tmp_path / "full.png"
+    full.symlink_to("/dev/full")
+    assert main(["generate", "x", "--seed", "6", "-o", str(full)]) == 0
+    assert full.is_file() and not full.is_symlink()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "fresh.png", "full.png", "link.png"]
 
 
 @pytest.mark.parametrize("size", [(20000, 20000), (5000, 5000), (9000, 16)])

@@ -153,7 +153,8 @@ def test_cli_generate_with_a_poisoned_unet_exits_2_naming_the_stage_and_writes_n
     out = root / "out.png"
     assert main(["generate", "x", "--model", str(poisoned), "--steps", "2", "--seed", "1", "-o", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("clipdiffusion generate: error: UNet output at step 1 of 2 has non-finite values")
+    assert err.startswith(f"clipdiffusion generate: error: {poisoned}: UNet output at step 1 of 2 has non-finite")
+    assert f"info --check {poisoned}`" in err
     assert not out.exists()
 
 
@@ -237,7 +238,7 @@ def test_server_answers_500_naming_the_stage_for_a_poisoned_model(server):
     r = server.post("/api/generate", json={"prompt": "a cat", "steps": 2, "seed": 1, "model": "nan"})
     assert r.status_code == 500, r.text
     body = r.json()
-    assert body["error"] == "NonFiniteError" and body["detail"].startswith("UNet output at step 1 of 2")
+    assert body["error"] == "NonFiniteError" and body["detail"].startswith("nan: UNet output at step 1 of 2")
     r = server.post("/sdapi/v1/txt2img", json={"prompt": "a cat", "steps": 2, "seed": 1, "width": 32, "height": 32,
                                                "override_settings": {"sd_model_checkpoint": "nan"}})
     assert r.status_code == 500 and r.json()["error"] == "NonFiniteError", r.text

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import ClipDiffusionError
+from .errors import ClipDiffusionError, NonFiniteError
 
 
 def add_arguments(parser):
@@ -65,14 +65,23 @@ class ProgressBar:
         self.stream = stream if stream is not None else sys.stderr
         self.width = width
         self.start = time.perf_counter()
+        self.open_line = False
 
     def __call__(self, step, total, latents=None):
         filled = round(self.width * step / total)
         rate = (time.perf_counter() - self.start) / step
         self.stream.write(f"\r[{'#' * filled}{'-' * (self.width - filled)}] {step}/{total} {rate:.2f}s/step")
+        self.open_line = step != total
         if step == total:
             self.stream.write("\n")
         self.stream.flush()
+
+    def close(self):
+        """End a bar left half-drawn (an error or interrupt mid-sampling), so the next message gets its own line."""
+        if self.open_line:
+            self.stream.write("\n")
+            self.stream.flush()
+            self.open_line = False
 
 
 def output_paths(output, n: int) -> list[Path]:
@@ -144,12 +153,18 @@ def run(args) -> int:
     check_outputs(paths)
     init_image = read_init_image(args.init_image) if args.init_image else None
     pipe = load_pipeline(args.model, args.prediction)
-    result = pipe.generate(
-        args.prompt, args.negative, steps=args.steps, guidance=args.guidance, seed=args.seed, sampler=args.sampler,
-        schedule=args.schedule, width=args.width, height=args.height, clip_skip=args.clip_skip,
-        long_prompt=args.long_prompt, weighting=args.weighting, batch_size=args.batch_size, init_image=init_image,
-        strength=args.strength, callback=ProgressBar(),
-    )
+    progress = ProgressBar()
+    try:
+        result = pipe.generate(
+            args.prompt, args.negative, steps=args.steps, guidance=args.guidance, seed=args.seed,
+            sampler=args.sampler, schedule=args.schedule, width=args.width, height=args.height,
+            clip_skip=args.clip_skip, long_prompt=args.long_prompt, weighting=args.weighting,
+            batch_size=args.batch_size, init_image=init_image, strength=args.strength, callback=progress,
+        )  # fmt: skip
+    except NonFiniteError as exc:
+        raise exc.for_model(args.model or "the embedded tiny model") from None
+    finally:
+        progress.close()
     for image, seed, infotext, path in zip(result.images, result.seeds, result.infotexts, paths):
         save_png(image, path, infotext)
         print(f"{path} (seed {seed})")

@@ -29,11 +29,21 @@ class NonFiniteError(ClipDiffusionError):
     """
 
     def __init__(self, stage: str, *, step: int | None = None, total: int | None = None, detail: str = "",
-                 hint: str | None = None):
+                 hint: str | None = None, model: str | None = None):
         self.stage = stage
         self.step = step
         self.total = total
+        self.detail = detail
+        self.model = model
         where = f"{stage} output" if step is None else f"{stage} output at step {step} of {total}"
         hint = hint or ("the model's weights are broken or its dtype overflows (fp16: try float32); run "
-                        "`clipdiffusion info --check MODEL` to find non-finite weights")
-        super().__init__(f"{where} has non-finite values ({detail or 'NaN/Inf'}): {hint}")
+                        f"`clipdiffusion info --check {model or 'MODEL'}` to find non-finite weights")
+        self.hint = hint
+        prefix = f"{model}: " if model else ""
+        super().__init__(f"{prefix}{where} has non-finite values ({detail or 'NaN/Inf'}): {hint}")
+
+    def for_model(self, model: str) -> "NonFiniteError":
+        """The same error, naming the model file or folder (the CLI and server know it; the stages do not)."""
+        hint = None if "info --check MODEL`" in self.hint else self.hint
+        return NonFiniteError(self.stage, step=self.step, total=self.total, detail=self.detail, hint=hint,
+                              model=model)

@@ -7,7 +7,8 @@ flushes it to disk and renames it onto the target. A failed write (full disk, ``
 interrupt) removes the temporary file and leaves the previous file, if any, byte for byte as it was; the error is
 one `ClipDiffusionError` naming the field, the path and the operating system's reason.
 
-A symbolic link as the target is followed: the file it points to is replaced, the link stays. Python ignores
+A symbolic link as the target is replaced by the new file; the file it pointed to is never written (a link
+planted where an output goes cannot redirect the write). Python ignores
 SIGXFSZ (CPython sets it to SIG_IGN at start-up), so exceeding ``ulimit -f`` is an ``OSError`` (EFBIG) here, not a
 killed process. Torch-free, no third-party imports.
 """
@@ -36,14 +37,15 @@ def _reason(exc: OSError) -> str:
 
 
 def check_output(path, field: str = "output") -> Path:
-    """The file that writing `path` will replace (the link's target for a symbolic link), checked now so that a
-    bad output fails before the work that produces it. Raises `ClipDiffusionError` naming `field` and `path`."""
+    """`path`, checked now so that a bad output fails before the work that produces it: not a folder, device,
+    pipe or socket, in an existing writable folder. A symbolic link at `path` is fine: writing replaces the link
+    itself. Raises `ClipDiffusionError` naming `field` and `path`."""
     path = Path(path)
     shown = _shown(field, path)
     if not str(path) or path.name in ("", ".", ".."):
         raise ClipDiffusionError(f"{shown}: is not a file name")
     try:
-        st = os.stat(path)  # follows symbolic links
+        st = os.lstat(path)  # the link itself, never what it points to
     except FileNotFoundError:
         st = None
     except NotADirectoryError:
@@ -56,13 +58,12 @@ def check_output(path, field: str = "output") -> Path:
         for test, kind in _KINDS:
             if test(st.st_mode):
                 raise ClipDiffusionError(f"{shown}: is {kind}, not a regular file")
-    target = Path(os.path.realpath(path)) if path.is_symlink() else path
-    parent = target.parent
+    parent = path.parent
     if not parent.is_dir():
         raise ClipDiffusionError(f"{shown}: folder {str(parent)!r} does not exist")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ClipDiffusionError(f"{shown}: folder {str(parent)!r} is not writable")
-    return target
+    return path
 
 
 def _umask() -> int:
@@ -79,41 +80,50 @@ def _umask() -> int:
 
 
 def _new_file_mode(target: Path) -> int:
-    """The permissions the file will have: the replaced file's, or what ``open()`` would have given a new one
-    (mkstemp's files are private, 0600, which would hide a PNG from the user's other programs)."""
+    """The permissions the file will have: the replaced regular file's, or what ``open()`` would have given a new
+    one (mkstemp's files are private, 0600, which would hide a PNG from the user's other programs)."""
     try:
-        return stat.S_IMODE(os.stat(target).st_mode)
+        st = os.lstat(target)
+        if stat.S_ISREG(st.st_mode):
+            return stat.S_IMODE(st.st_mode)
+        return 0o666 & ~_umask()
     except OSError:
         return 0o666 & ~_umask()
 
 
-def atomic_write(path, write: Callable, *, field: str = "output") -> Path:
-    """Write `path` with ``write(binary_file)``: into a private temporary file beside the target, flushed and
-    synced, then renamed onto it. Returns the path written (a link's target). On any failure the temporary file
-    is removed and an existing file at `path` is left as it was; an `OSError` becomes a `ClipDiffusionError`
-    naming `field`, `path` and the reason. Exceptions that are not `OSError` (a bug, Ctrl-C) propagate after the
-    clean-up."""
-    target = check_output(path, field)
-    shown = _shown(field, path)
-    existed = target.exists()
-    kept = "; the existing file is unchanged" if existed else ""
-    mode = _new_file_mode(target)
+def atomic_write(path, write: Callable, *, field: str = "output", error: Callable | None = None) -> Path:
+    """Write `path` with ``write(binary_file)``: into a private temporary file beside it (random name, ``O_EXCL``),
+    flushed and synced, then renamed onto it. On any failure the temporary file is removed and an existing file at
+    `path` is left as it was; an `OSError` becomes ``error(path, reason)`` (default: a `ClipDiffusionError` naming
+    `field`, `path` and the reason). Exceptions that are not `OSError` (a bug, Ctrl-C) propagate after the
+    clean-up. The one writer of every file the project produces (images, weights, configs, conditioning)."""
+    if error is None:
+        def error(p, reason):
+            return ClipDiffusionError(f"{_shown(field, p)}: {reason}")
+
+    path = Path(path)
     try:
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        check_output(path, field)
+    except ClipDiffusionError as exc:
+        raise error(path, str(exc).removeprefix(_shown(field, path) + ": ")) from None
+    existed = os.path.lexists(path)
+    kept = "; the existing file is unchanged" if existed else ""
+    mode = _new_file_mode(path)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:200]}.", suffix=".tmp")
     except OSError as exc:
-        raise ClipDiffusionError(f"{shown}: cannot create a file in {str(target.parent)!r} "
-                                 f"({_reason(exc)}){kept}") from None
+        raise error(path, f"cannot create a file in {str(path.parent)!r} ({_reason(exc)}){kept}") from None
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, mode)
-        os.replace(tmp, target)
+        os.replace(tmp, path)
     except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         if isinstance(exc, OSError):
-            raise ClipDiffusionError(f"{shown}: cannot write ({_reason(exc)}){kept}") from None
+            raise error(path, f"cannot write ({_reason(exc)}){kept}") from None
         raise
-    return target
+    return path

@@ -14,11 +14,9 @@ a refusal there is reported, never retried with the unsafe unpickler (the attack
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import secrets
 import struct
 import sys
 from dataclasses import dataclass, field
@@ -376,48 +374,13 @@ def save_file(tensors: dict, path, metadata: dict | None = None) -> None:
     atomic_write(path, write)
 
 
-# O_EXCL: fail rather than open anything already there, a symbolic link included.
-_EXCL_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
-
-
 def atomic_write(path, write) -> None:
-    """Call ``write(binary file)`` on a new temporary file beside ``path``, then rename it onto ``path``.
+    """``fileio.atomic_write`` with failures as ``CheckpointError(path, reason)``: a random ``O_EXCL`` temporary
+    file beside ``path`` (nothing planted under a predictable name such as the old ``OUT.tmp`` is opened or
+    followed), renamed onto it; a failure keeps an existing ``path`` as it was. A symbolic link *at* ``path`` is
+    replaced by the new file, its target left alone."""
+    from ..fileio import atomic_write as write_atomically
 
-    The temporary name is random and created with ``O_EXCL`` (as ``tempfile.mkstemp`` does, but with the usual
-    0o666-minus-umask permissions, so the result has the same mode an ordinary write would give): a file or symbolic
-    link planted under a predictable name (the old ``OUT.tmp``) is never opened or followed. Any failure (full
-    disk, quota, interrupt) removes the temporary file and leaves an existing ``path`` byte for byte as it was;
-    ``OSError`` becomes a ``CheckpointError`` naming ``path``. A symbolic link *at* ``path`` is replaced by the new
-    file (``os.replace`` renames over the link itself, never writing through it to its target): safe, the link's
-    target is left alone.
-    """
-    path = Path(path)
-    if path.is_dir():
-        raise CheckpointError(path, "is a folder; cannot write a file there")
-    stem = path.name[:200]  # room for the random part within the 255-byte name limit
-    fd, tmp = None, None
-    try:
-        for _ in range(100):
-            candidate = path.with_name(f".{stem}.{secrets.token_hex(8)}.tmp")
-            try:
-                fd = os.open(candidate, _EXCL_FLAGS, 0o666)
-            except FileExistsError:
-                continue
-            tmp = candidate
-            break
-        if tmp is None:
-            raise CheckpointError(path, "cannot create a temporary file beside it (all names taken)")
-        with os.fdopen(fd, "wb") as f:
-            fd = None  # the file object owns it now
-            write(f)
-        os.replace(tmp, path)
-        tmp = None
-    except OSError as exc:
-        raise CheckpointError(path, f"cannot write: {exc.strerror or exc}") from None
-    finally:
-        if fd is not None:
-            os.close(fd)
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+    write_atomically(path, write, error=CheckpointError)
+
 

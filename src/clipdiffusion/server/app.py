@@ -111,7 +111,7 @@ class ServerState:
         try:
             return await asyncio.wrap_future(future)
         except NonFiniteError as exc:  # the model is broken, not the request: 500, not 422
-            raise JobFailed(exc) from exc
+            raise JobFailed(exc.for_model(model)) from exc
         except (ClipDiffusionError, QueueFull, WorkerStopped):
             raise
         except asyncio.CancelledError:
