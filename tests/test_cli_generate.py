@@ -132,10 +132,10 @@ def fake_model(monkeypatch):
     import clipdiffusion.cli_generate as cg
     from clipdiffusion.infotext import GenerationParameters, format_infotext
 
-    def generate(prompt, negative_prompt="", *, seed=-1, batch_size=1, callback=None, **kwargs):
-        seeds = [max(seed, 0) + i for i in range(batch_size)]
-        infotexts = [format_infotext(GenerationParameters(prompt=prompt, seed=s, steps=1, width=32, height=32))
-                     for s in seeds]
+    def generate(request, *, callback=None, should_stop=None):
+        seeds = [max(request.seed, 0) + i for i in range(request.batch_size)]
+        infotexts = [format_infotext(GenerationParameters(prompt=request.prompt, seed=s, steps=1, width=32,
+                                                          height=32)) for s in seeds]
         images = [Image.new("RGB", (32, 32), (s % 256, 0, 0)) for s in seeds]
         return types.SimpleNamespace(images=images, seeds=seeds, infotexts=infotexts)
 

@@ -12,9 +12,8 @@ from hypothesis import strategies as st
 
 from clipdiffusion import infotext
 from clipdiffusion.errors import ClipDiffusionError
-from clipdiffusion.request import (
-    GENERATE_ARGS, LIMITS, UNIMPLEMENTED, GenerationRequest, Limits, RequestError, from_infotext, to_infotext,
-)
+from clipdiffusion.infotext import from_infotext, to_infotext
+from clipdiffusion.request import GENERATE_ARGS, LIMITS, UNIMPLEMENTED, GenerationRequest, Limits, RequestError
 
 
 class FakeImage:

@@ -1,4 +1,5 @@
-"""``clipdiffusion generate "PROMPT" -o out.png``: a thin client of ``Pipeline.generate``.
+"""``clipdiffusion generate "PROMPT" -o out.png``: a thin client of ``Pipeline.generate``. The arguments become a
+``GenerationRequest`` (its defaults are argparse's), checked before the model loads.
 
 Progress goes to stderr; each image is a PNG whose "parameters" text chunk holds the A1111 infotext, so A1111's
 "PNG Info" tab, our server and ``infotext.parse_infotext`` read the settings back. ``--seed -1`` (the default)
@@ -16,32 +17,45 @@ from .errors import ClipDiffusionError, NonFiniteError
 
 def add_arguments(parser):
     from .diffusion.samplers import SAMPLERS, SCHEDULES
-    from .text.chunking import LONG_PROMPT_STRATEGIES
-    from .text.conditioning import WEIGHTINGS
+    from .request import DEFAULTS, LONG_PROMPTS, WEIGHTINGS
 
+    d = DEFAULTS  # one set of defaults: GenerationRequest's
     parser.add_argument("prompt", help="the prompt (A1111 emphasis syntax, BREAK)")
     parser.add_argument("--model", metavar="FILE|FOLDER",
                         help="a .safetensors checkpoint or a diffusers folder (default: the embedded tiny model)")
-    parser.add_argument("--negative", default="", metavar="TEXT", help="negative prompt")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--seed", type=int, default=-1, help="-1 picks a random seed (recorded in the PNG)")
-    parser.add_argument("--sampler", choices=list(SAMPLERS), default="euler")
-    parser.add_argument("--schedule", choices=list(SCHEDULES), default="normal")
-    parser.add_argument("--guidance", type=float, default=7.0, help="classifier-free guidance scale (CFG)")
-    parser.add_argument("--width", type=int, help="default: the model's native size")
-    parser.add_argument("--height", type=int, help="default: the model's native size")
-    parser.add_argument("--clip-skip", type=int, default=None,
+    parser.add_argument("--negative", default=d["negative_prompt"], metavar="TEXT", help="negative prompt")
+    parser.add_argument("--steps", type=int, default=d["steps"])
+    parser.add_argument("--seed", type=int, default=d["seed"], help="-1 picks a random seed (recorded in the PNG)")
+    parser.add_argument("--sampler", choices=list(SAMPLERS), default=d["sampler"])
+    parser.add_argument("--schedule", choices=list(SCHEDULES), default=d["schedule"])
+    parser.add_argument("--guidance", type=float, default=d["guidance"], help="classifier-free guidance scale (CFG)")
+    parser.add_argument("--width", type=int, default=d["width"], help="default: the model's native size")
+    parser.add_argument("--height", type=int, default=d["height"], help="default: the model's native size")
+    parser.add_argument("--clip-skip", type=int, default=d["clip_skip"],
                         help="A1111 counting: 1 = last layer, 2 = penultimate (default: the model's own, SD1 1, "
                              "SD2/SDXL 2)")
-    parser.add_argument("--long-prompt", choices=list(LONG_PROMPT_STRATEGIES), default="chunk")
-    parser.add_argument("--weighting", choices=list(WEIGHTINGS), default="a1111")
-    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--long-prompt", choices=list(LONG_PROMPTS), default=d["long_prompt"])
+    parser.add_argument("--weighting", choices=list(WEIGHTINGS), default=d["weighting"])
+    parser.add_argument("--batch-size", type=int, default=d["batch_size"])
     parser.add_argument("--prediction", choices=("eps", "v"),
                         help="override the detected prediction type (SD2 768-v models are v)")
     parser.add_argument("--init-image", metavar="PNG", help="img2img: start from this image")
-    parser.add_argument("--strength", type=float, default=0.75, help="img2img denoising strength in (0, 1]")
+    parser.add_argument("--strength", type=float, default=d["strength"],
+                        help="img2img denoising strength in (0, 1]")
     parser.add_argument("-o", "--output", default="out.png",
                         help="PNG path; with --batch-size N > 1, NAME-0.png ... NAME-(N-1).png")
+
+
+def build_request(args, init_image=None):
+    """The GenerationRequest of the command line: every value checked here, before any model loads."""
+    from .request import GenerationRequest
+
+    return GenerationRequest(
+        prompt=args.prompt, negative_prompt=args.negative, steps=args.steps, guidance=args.guidance, seed=args.seed,
+        sampler=args.sampler, schedule=args.schedule, width=args.width, height=args.height,
+        clip_skip=args.clip_skip, long_prompt=args.long_prompt, weighting=args.weighting,
+        batch_size=args.batch_size, init_image=init_image, strength=args.strength,
+    )  # fmt: skip
 
 
 def load_pipeline(model, prediction=None):
@@ -121,7 +135,7 @@ def read_init_image(path: str):
 
     from PIL import Image, UnidentifiedImageError
 
-    from .pipeline import MAX_PIXELS, MAX_SIDE
+    from .request import LIMITS
 
     shown = f"init-image={path!r}"
     limit = Image.MAX_IMAGE_PIXELS
@@ -137,10 +151,11 @@ def read_init_image(path: str):
     finally:
         Image.MAX_IMAGE_PIXELS = limit
     width, height = image.size
-    if width < 1 or height < 1 or width > MAX_SIDE or height > MAX_SIDE or width * height > MAX_PIXELS:
+    side, pixels = min(LIMITS.max_width, LIMITS.max_height), LIMITS.max_pixels
+    if width < 1 or height < 1 or width > side or height > side or width * height > pixels:
         image.close()
-        raise ClipDiffusionError(f"{shown}: the image is {width}x{height}; at most {MAX_SIDE} pixels a side and "
-                                 f"{MAX_PIXELS} pixels in all")
+        raise ClipDiffusionError(f"{shown}: the image is {width}x{height}; at most {side} pixels a side and "
+                                 f"{pixels} pixels in all")
     try:
         image.load()
     except (OSError, ValueError, SyntaxError, MemoryError, Image.DecompressionBombError) as exc:
@@ -152,15 +167,11 @@ def run(args) -> int:
     paths = output_paths(args.output, args.batch_size if isinstance(args.batch_size, int) else 1)
     check_outputs(paths)
     init_image = read_init_image(args.init_image) if args.init_image else None
+    request = build_request(args, init_image)
     pipe = load_pipeline(args.model, args.prediction)
     progress = ProgressBar()
     try:
-        result = pipe.generate(
-            args.prompt, args.negative, steps=args.steps, guidance=args.guidance, seed=args.seed,
-            sampler=args.sampler, schedule=args.schedule, width=args.width, height=args.height,
-            clip_skip=args.clip_skip, long_prompt=args.long_prompt, weighting=args.weighting,
-            batch_size=args.batch_size, init_image=init_image, strength=args.strength, callback=progress,
-        )  # fmt: skip
+        result = pipe.generate(request, callback=progress)
     except NonFiniteError as exc:
         raise exc.for_model(args.model or "the embedded tiny model") from None
     finally:

@@ -6,7 +6,9 @@
 
 The last line is a comma-separated list of ``Key: value`` pairs; a value that contains a comma, colon or newline is
 written as a JSON string (A1111 ``generation_parameters_copypaste.quote``). Keys we do not know are kept in
-``extra`` so a parsed text can be written back unchanged. Torch-free.
+``extra`` so a parsed text can be written back unchanged. ``format_infotext``/``parse_infotext`` work on
+``GenerationParameters`` (what a text says); ``to_infotext``/``from_infotext`` translate a
+``request.GenerationRequest`` to and from the text. Torch-free.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import re
 from dataclasses import dataclass, field, fields
 
 from .errors import ClipDiffusionError
+from .request import DEFAULTS, LIMITS, GenerationRequest, Limits, RequestError
 
 # our sampler / schedule names (diffusion.samplers.SAMPLERS / SCHEDULES) -> A1111 display names
 SAMPLER_NAMES = {"euler": "Euler", "euler_a": "Euler a", "heun": "Heun", "dpmpp_2m": "DPM++ 2M", "ddim": "DDIM"}
@@ -79,15 +82,9 @@ def _unquote(text: str) -> str:
 
 
 def generate_kwargs(p: GenerationParameters) -> dict:
-    """Keyword arguments for ``Pipeline.generate`` that reproduce ``p`` (fields the text did not give are left to
-    generate's defaults; an img2img text still needs its init image)."""
-    kwargs = {"prompt": p.prompt, "negative_prompt": p.negative_prompt, "long_prompt": p.long_prompt,
-              "weighting": p.weighting}
-    for name in ("steps", "sampler", "schedule", "guidance", "seed", "width", "height", "clip_skip", "strength"):
-        value = getattr(p, name)
-        if value is not None:
-            kwargs[name] = value
-    return kwargs
+    """Keyword arguments for ``Pipeline.generate`` that reproduce ``p``: ``from_parameters(p)``'s (fields the text
+    did not give keep the request's defaults; an img2img text still needs its init image)."""
+    return from_parameters(p).to_generate_kwargs(allow_unhonoured=True)
 
 
 def format_infotext(p: GenerationParameters) -> str:
@@ -195,3 +192,90 @@ def parse_infotext(text: str) -> GenerationParameters:
     known = {f.name for f in fields(GenerationParameters)}
     assert set(values) <= known
     return GenerationParameters(**values, extra=extra)
+
+
+# -- requests ---------------------------------------------------------------------------------------------
+
+# hires field -> (A1111 infotext key, our name -> A1111 name, text -> value); A1111 processing.py,
+# StableDiffusionProcessingTxt2Img.init. "Hires resize" (WxH) holds hr_resize_x and hr_resize_y.
+_HIRES = {"hr_scale": ("Hires upscale", {}, float), "hr_second_pass_steps": ("Hires steps", {}, int),
+          "hr_upscaler": ("Hires upscaler", {}, str), "hr_sampler": ("Hires sampler", SAMPLER_NAMES, str),
+          "hr_schedule": ("Hires schedule type", SCHEDULE_NAMES, str), "hr_prompt": ("Hires prompt", {}, str),
+          "hr_negative_prompt": ("Hires negative prompt", {}, str)}
+
+
+def to_infotext(request: GenerationRequest, *, seed: int | None = None, model: str | None = None,
+                width: int | None = None, height: int | None = None, default_clip_skip: int | None = None) -> str:
+    """The A1111 infotext of one image of ``request``: ``seed`` is that image's (default ``request.seed``),
+    ``width``/``height`` the size used (default the request's), ``default_clip_skip`` the model family's (a clip
+    skip equal to it is left out, as A1111 and Pipeline.generate do).
+
+    Not recorded: init_image and mask (images), n_iter and attention_maps (they change no image), the mask options,
+    resize_mode, styles and loras; "Denoising strength" is ``strength`` unless hires fix is on (then
+    ``hr_strength``, as in A1111), written for txt2img only when not the default. A one-sided size (width or
+    height None) is recorded only when ``width`` and ``height`` are given. "Batch size" is written when above 1.
+    """
+    r = request
+    extra: dict = {}
+    if r.batch_size > 1:
+        extra["Batch size"] = r.batch_size
+    strength = r.strength if r.init_image is not None or r.strength != DEFAULTS["strength"] else None
+    if r.enable_hr:
+        strength = r.hr_strength
+        for name, (key, names, _) in _HIRES.items():
+            value = getattr(r, name)
+            if value not in (None, "") and (value != 0 or name == "hr_scale"):  # as A1111: unset ones left out
+                extra[key] = names.get(value, value)
+        if r.hr_resize_x or r.hr_resize_y:
+            extra["Hires resize"] = f"{r.hr_resize_x}x{r.hr_resize_y}"
+    return format_infotext(GenerationParameters(
+        prompt=r.prompt, negative_prompt=r.negative_prompt, steps=r.steps, sampler=r.sampler, schedule=r.schedule,
+        guidance=r.guidance, seed=r.seed if seed is None else seed, width=r.width if width is None else width,
+        height=r.height if height is None else height, model=model, strength=strength,
+        clip_skip=None if r.clip_skip == default_clip_skip else r.clip_skip, long_prompt=r.long_prompt,
+        weighting=r.weighting, extra=extra))
+
+
+def _from_text(name, key, text, convert):
+    try:
+        return convert(text)
+    except ValueError:
+        raise RequestError(name, text, f"infotext {key!r} is not a valid value") from None
+
+
+def from_infotext(text: str, *, limits: Limits = LIMITS) -> GenerationRequest:
+    """The request an infotext (ours or A1111's) describes; keys it does not give keep their defaults. Keys
+    without a request field (Model, Model hash, Version, ...) are ignored: ``parse_infotext`` gives them.
+
+    ``from_infotext(to_infotext(r)) == r`` for a request with no images, n_iter 1, no attention maps, default
+    mask/resize/style/LoRA fields and, with hires fix on, the default strength, whose prompts the format can
+    hold: lines (split on "\\n") without leading or trailing whitespace, none starting with "Negative prompt:",
+    a prompt whose first line is empty only when it is all empty; hires prompts and upscaler that hold a comma,
+    colon or newline or have no leading or trailing whitespace."""
+    return from_parameters(parse_infotext(text), limits=limits)
+
+
+def from_parameters(p: GenerationParameters, *, limits: Limits = LIMITS) -> GenerationRequest:
+    """The request a parsed infotext describes (see ``from_infotext``)."""
+    values = {"prompt": p.prompt, "negative_prompt": p.negative_prompt, "long_prompt": p.long_prompt,
+              "weighting": p.weighting}
+    for name in ("steps", "sampler", "schedule", "guidance", "seed", "width", "height", "clip_skip"):
+        if getattr(p, name) is not None:
+            values[name] = getattr(p, name)
+    if "Batch size" in p.extra:
+        values["batch_size"] = _from_text("batch_size", "Batch size", p.extra["Batch size"], int)
+    hires = {}
+    for name, (key, names, convert) in _HIRES.items():
+        if key in p.extra:
+            value = _from_text(name, key, p.extra[key], convert)
+            hires[name] = {display: ours for ours, display in names.items()}.get(value, value)
+    if "Hires resize" in p.extra:
+        size = _SIZE.match(p.extra["Hires resize"].strip())
+        if size is None:
+            raise RequestError("hr_resize_x", p.extra["Hires resize"], "infotext 'Hires resize' is not WxH")
+        hires["hr_resize_x"], hires["hr_resize_y"] = int(size[1]), int(size[2])
+    if hires:
+        values.update(hires, enable_hr=True)
+    if p.strength is not None:
+        values["hr_strength" if hires else "strength"] = p.strength
+    return GenerationRequest.create(limits, **values)

@@ -18,21 +18,23 @@ reduction over a stage's output (one per model call while sampling), and the che
 
 from __future__ import annotations
 
+import dataclasses
 import math
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from .errors import ClipDiffusionError, NonFiniteError
-from .infotext import GenerationParameters, format_infotext
+from .infotext import to_infotext
+from .request import DEFAULTS, LIMITS, GenerationRequest, RequestError, as_request
 
-MAX_SIDE = 8192
-MAX_PIXELS = 4096 * 4096
-MAX_STEPS = 1000
-MAX_BATCH = 64
-SEED_LIMIT = 2**64  # torch.Generator.manual_seed accepts [0, 2**64)
+# The engine's limits, stated once in request.LIMITS (a request is checked against them when it is built).
+MAX_SIDE = LIMITS.max_width
+MAX_PIXELS = LIMITS.max_pixels
+MAX_STEPS = LIMITS.max_steps
+MAX_BATCH = LIMITS.max_batch_size
+SEED_LIMIT = LIMITS.seed_limit  # torch.Generator.manual_seed accepts [0, 2**64)
 # Native resolution per family; the embedded tiny model states its own.
 DEFAULT_SIZES = {"sd1": 512, "sd2": 512, "sdxl": 1024, "tiny": 64}
 TINY_DATA = Path(__file__).parent / "tiny" / "data"
@@ -61,28 +63,6 @@ class GenerationResult:
     @property
     def image(self):
         return self.images[0]
-
-
-def _check_int(name, value, low, high):
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ClipDiffusionError(f"{name}={value!r}: must be an integer in [{low}, {high}]")
-    return value
-
-
-def _check_float(name, value, low, high=math.inf, *, low_open=False):
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value > low if low_open else value >= low) and value <= high
-    if not ok:
-        bracket = "(" if low_open else "["
-        raise ClipDiffusionError(f"{name}={value!r}: must be a finite number in {bracket}{low}, {high}]")
-    return float(value)
-
-
-def resolve_seed(seed) -> int:
-    """-1 picks a random seed (recorded in the result); anything else must be in [0, 2**64)."""
-    if seed == -1 and not isinstance(seed, bool):
-        return random.randrange(2**32)
-    return _check_int("seed", seed, 0, SEED_LIMIT - 1)
 
 
 class Pipeline:
@@ -156,18 +136,20 @@ class Pipeline:
 
         return torch.device("cpu")
 
-    def _check_size(self, width, height):
+    def _size(self, request: GenerationRequest) -> GenerationRequest:
+        """``request`` with its size filled in (the model's native size, or an init image's size rounded down to
+        the latent factor) and checked against what this model needs: a multiple of its latent factor."""
+        width, height = request.width, request.height
+        f = self.latent_factor
+        if request.init_image is not None and width is None and height is None:
+            width, height = (max(f, s // f * f) for s in request.init_image.size)
         width = self.default_size if width is None else width
         height = self.default_size if height is None else height
-        f, vae_f = self.latent_factor, self.vae.config.downsample_factor
         for name, value in (("width", width), ("height", height)):
-            _check_int(name, value, f, MAX_SIDE)
             if value % f:
-                raise ClipDiffusionError(f"{name}={value}: must be a multiple of {f} for this model (its VAE "
-                                         f"works on {vae_f}x{vae_f}-pixel latents)")
-        if width * height > MAX_PIXELS:
-            raise ClipDiffusionError(f"size={width}x{height}: more than {MAX_PIXELS} pixels")
-        return width, height
+                raise RequestError(name, value, f"must be a multiple of {f} for this model (its VAE works on "
+                                                f"{f}x{f}-pixel latents)")
+        return request.replace(width=width, height=height)
 
     def _sdxl_vectors(self, cond, width, height, batch):
         import torch
@@ -214,8 +196,6 @@ class Pipeline:
         """PIL image -> [1,3,H,W] in [-1,1], resized to width x height (diffusers' VaeImageProcessor)."""
         import torch
 
-        if not hasattr(init_image, "convert"):
-            raise ClipDiffusionError(f"init_image: expected a PIL image, got {type(init_image).__name__}")
         image = init_image.convert("RGB")
         if image.size != (width, height):
             image = image.resize((width, height), resample=3)  # 3 = PIL.Image.BICUBIC
@@ -243,7 +223,11 @@ class Pipeline:
                  schedule="normal", width=None, height=None, clip_skip=None, long_prompt="chunk", weighting="a1111",
                  batch_size=1, init_image=None, strength=0.75, attention_maps=False, callback=None,
                  should_stop=None) -> GenerationResult:
-        """Generate ``batch_size`` images; see DEVELOPING.md for the contract.
+        """Run a ``GenerationRequest``: ``generate(request)``, or ``generate(prompt, ...)`` with the request's
+        fields as keywords (they build one; see DEVELOPING.md for the contract). Bad values raise ``RequestError``
+        naming the field, before any model work; fields the engine does not honour yet (``request.UNIMPLEMENTED``:
+        hires fix, inpainting, styles, LoRAs) are refused the same way. A request with ``n_iter`` > 1 runs that
+        many batches, seeds continuing across them; ``should_stop`` also ends the batches still to come.
 
         ``clip_skip`` counts like A1111 (1 = last layer, 2 = penultimate); None is the family's default (SD1 1,
         SD2/SDXL 2), and only a value other than that default is written to the infotext.
@@ -258,37 +242,46 @@ class Pipeline:
         samples from there: the last ``int(steps * strength)`` steps run. Both draws come from the image's seed in
         diffusers' order, so StableDiffusionImg2ImgPipeline with the same seed starts from the same latents.
         """
+        request = as_request(prompt, negative_prompt, steps=steps, guidance=guidance, seed=seed, sampler=sampler,
+                             schedule=schedule, width=width, height=height, clip_skip=clip_skip,
+                             long_prompt=long_prompt, weighting=weighting, batch_size=batch_size,
+                             init_image=init_image, strength=strength, attention_maps=attention_maps)
+        request = request.require_honoured()
+        for name, fn in (("callback", callback), ("should_stop", should_stop)):
+            if fn is not None and not callable(fn):
+                raise ClipDiffusionError(f"{name}: expected a callable, got {type(fn).__name__}")
+        request = self._size(request).resolve_seed()
+        results = []
+        for iteration in range(request.n_iter):
+            if results and (results[-1].interrupted or (should_stop is not None and should_stop())):
+                break
+            results.append(self._generate(request.for_iteration(iteration), callback, should_stop))
+        if len(results) == 1:
+            return results[0]
+        return GenerationResult([im for r in results for im in r.images], [s for r in results for s in r.seeds],
+                                [t for r in results for t in r.infotexts], results[0].attention,
+                                np.concatenate([r.pixels for r in results]), any(r.interrupted for r in results))
+
+    def _generate(self, request: GenerationRequest, callback, should_stop) -> GenerationResult:
+        """One batch of a sized request with a resolved seed."""
         import torch
 
         from .diffusion.denoiser import CFGDenoiser, Denoiser
         from .diffusion.samplers import get_sampler, get_schedule
 
-        _check_int("steps", steps, 1, MAX_STEPS)
-        guidance = _check_float("guidance", guidance, 0.0)
-        sample = get_sampler(sampler)
-        make_sigmas = get_schedule(schedule)
-        _check_int("batch_size", batch_size, 1, MAX_BATCH)
-        if init_image is not None:
-            strength = _check_float("strength", strength, 0.0, 1.0, low_open=True)
-            if width is None and height is None and hasattr(init_image, "size"):
-                f = self.latent_factor
-                width, height = (max(f, s // f * f) for s in init_image.size)
-        width, height = self._check_size(width, height)
-        init_pixels = None if init_image is None else self._image_pixels(init_image, width, height)
-        for name, fn in (("callback", callback), ("should_stop", should_stop)):
-            if fn is not None and not callable(fn):
-                raise ClipDiffusionError(f"{name}: expected a callable, got {type(fn).__name__}")
-        base_seed = resolve_seed(seed)
-        if base_seed + batch_size > SEED_LIMIT:
-            raise ClipDiffusionError(f"seed={base_seed}: seed + batch_size must stay below 2**64")
-        seeds = [base_seed + i for i in range(batch_size)]
+        r = request
+        sample = get_sampler(r.sampler)
+        make_sigmas = get_schedule(r.schedule)
+        width, height = r.width, r.height
+        init_pixels = None if r.init_image is None else self._image_pixels(r.init_image, width, height)
+        seeds = [r.seed + i for i in range(r.batch_size)]
 
-        cond = self.text_encoder.encode(prompt, negative_prompt, clip_skip=clip_skip, long_prompt=long_prompt,
-                                        weighting=weighting, equalize=False)
+        cond = self.text_encoder.encode(r.prompt, r.negative_prompt, clip_skip=r.clip_skip,
+                                        long_prompt=r.long_prompt, weighting=r.weighting, equalize=False)
         _check_finite("text encoder", cond.context, cond.negative_context, getattr(cond, "pooled", None),
                       getattr(cond, "negative_pooled", None))
         device = self._device()
-        B = batch_size
+        B = r.batch_size
         context = cond.context.to(device).float().expand(B, -1, -1)  # [B,T,D]
         negative_context = cond.negative_context.to(device).float().expand(B, -1, -1)
         y, negative_y = self._sdxl_vectors(cond, width, height, B)
@@ -296,15 +289,15 @@ class Pipeline:
             y, negative_y = y.to(device), negative_y.to(device)
 
         denoiser = Denoiser(self.unet, self.alphas_cumprod, self.prediction)
-        cfg = CFGDenoiser(denoiser, context, negative_context, guidance, y=y, negative_y=negative_y)
-        sigmas = make_sigmas(denoiser.sigmas, steps)
+        cfg = CFGDenoiser(denoiser, context, negative_context, r.guidance, y=y, negative_y=negative_y)
+        sigmas = make_sigmas(denoiser.sigmas, r.steps)
 
         generators = [torch.Generator().manual_seed(s) for s in seeds]
-        x, sigmas = self._initial_latents(generators, sigmas, width, height, init_pixels, strength, device)
+        x, sigmas = self._initial_latents(generators, sigmas, width, height, init_pixels, r.strength, device)
 
         recorder = None
-        if attention_maps:
-            rows, labels = self._token_rows(prompt, long_prompt, weighting)
+        if r.attention_maps:
+            rows, labels = self._token_rows(r.prompt, r.long_prompt, r.weighting)
             recorder = _AttentionAccumulator(rows, x.shape[-2:])
             if rows:  # an empty prompt ("", "BREAK", ...) has no token rows: empty maps, nothing recorded
                 cfg.attention_recorder = recorder
@@ -326,18 +319,18 @@ class Pipeline:
         pixels = (pixels / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()  # [B,H,W,3]
         images = [_to_pil(p) for p in pixels]
 
-        default_skip = getattr(self.text_encoder, "default_clip_skip", 1)
-        recorded_skip = None if clip_skip in (None, default_skip) else clip_skip
-        infotexts = [
-            format_infotext(GenerationParameters(
-                prompt=prompt, negative_prompt=negative_prompt, steps=steps, sampler=sampler, schedule=schedule,
-                guidance=guidance, seed=s, width=width, height=height, model=self.name, clip_skip=recorded_skip,
-                strength=strength if init_image is not None else None, long_prompt=long_prompt,
-                weighting=weighting))
-            for s in seeds
-        ]
         attention = recorder.result(labels) if recorder is not None else None
-        return GenerationResult(images, seeds, infotexts, attention, pixels, interrupted=bool(stopped))
+        return GenerationResult(images, seeds, self._infotexts(r, seeds), attention, pixels,
+                                interrupted=bool(stopped))
+
+    def _infotexts(self, request: GenerationRequest, seeds) -> list[str]:
+        """Each image's A1111 infotext: its own seed, the batch size left out (each image is reproduced by its
+        seed alone), and for txt2img no strength (unused)."""
+        one = dataclasses.replace(request, batch_size=1)
+        if one.init_image is None:
+            one = dataclasses.replace(one, strength=DEFAULTS["strength"])
+        default_skip = getattr(self.text_encoder, "default_clip_skip", 1)
+        return [to_infotext(one, seed=s, model=self.name, default_clip_skip=default_skip) for s in seeds]
 
 
 def _nonfinite_detail(t) -> str:

@@ -9,6 +9,10 @@ tightened ``Limits``. Bad values raise ``RequestError`` naming the field and the
 ``UNIMPLEMENTED`` (hires fix, inpainting, styles, LoRAs) are accepted with neutral defaults so that adapters can
 carry what clients send; ``unhonoured()`` names those set to values the engine does not honour yet.
 
+``Pipeline.generate`` takes a request (or the keywords of one: ``as_request``); ``to_generate_kwargs`` and
+``for_iteration`` split an ``n_iter`` request into its engine calls. The infotext writer and reader
+(``infotext.to_infotext`` / ``from_infotext``) translate to and from it.
+
 Torch-free and PIL-free: the images (``init_image``, ``mask``) are opaque objects, compared by identity.
 """
 
@@ -22,7 +26,6 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .errors import ClipDiffusionError
-from .infotext import SAMPLER_NAMES, SCHEDULE_NAMES, GenerationParameters, format_infotext, parse_infotext
 from .text.chunking import LONG_PROMPT_STRATEGIES
 from .text.prompt import MAX_PROMPT_CHARS
 
@@ -195,6 +198,24 @@ class GenerationRequest:
                 names.append(f.name)
         return names
 
+    def require_honoured(self) -> GenerationRequest:
+        """``self`` when the engine honours every field; else a RequestError naming the first unhonoured one (and
+        listing them all)."""
+        names = self.unhonoured()
+        if names:
+            raise RequestError(names[0], getattr(self, names[0]), f"not implemented yet ({', '.join(names)})")
+        return self
+
+    def for_iteration(self, iteration: int) -> GenerationRequest:
+        """The request of engine call ``iteration`` (of n_iter): one batch, its seed continuing the previous call's
+        batch when the seed is fixed (a random seed stays -1: resolve it first to keep the calls consecutive)."""
+        if isinstance(iteration, bool) or not isinstance(iteration, int) or not 0 <= iteration < self.n_iter:
+            raise RequestError("iteration", iteration, f"must be an integer in [0, {self.n_iter - 1}]")
+        if self.n_iter == 1:
+            return self
+        seed = self.seed if self.seed == -1 else self.seed + iteration * self.batch_size
+        return dataclasses.replace(self, seed=seed, n_iter=1)
+
     def check_engine_names(self, samplers=None, schedules=None) -> GenerationRequest:
         """Check sampler/schedule names against the given tables, by default the engine's (imports torch)."""
         if samplers is None or schedules is None:
@@ -210,18 +231,13 @@ class GenerationRequest:
         return self
 
     def to_generate_kwargs(self, *, iteration: int = 0, allow_unhonoured: bool = False) -> dict:
-        """Keyword arguments of ``Pipeline.generate`` for engine call ``iteration`` (of n_iter; its seed continues
-        the previous call's batch when the seed is fixed). Unhonoured fields are a RequestError unless
-        ``allow_unhonoured`` (a caller that reports them, as the A1111 routes' ``ignored_fields`` do)."""
-        names = self.unhonoured()
-        if names and not allow_unhonoured:
-            raise RequestError(names[0], getattr(self, names[0]), f"not implemented yet ({', '.join(names)})")
-        if isinstance(iteration, bool) or not isinstance(iteration, int) or not 0 <= iteration < self.n_iter:
-            raise RequestError("iteration", iteration, f"must be an integer in [0, {self.n_iter - 1}]")
-        kwargs = {name: getattr(self, name) for name in GENERATE_ARGS}
-        if self.seed != -1:
-            kwargs["seed"] = self.seed + iteration * self.batch_size
-        return kwargs
+        """Keyword arguments of ``Pipeline.generate`` for engine call ``iteration`` (see ``for_iteration``).
+        Unhonoured fields are a RequestError unless ``allow_unhonoured`` (a caller that reports them, as the A1111
+        routes' ``ignored_fields`` do)."""
+        if not allow_unhonoured:
+            self.require_honoured()
+        one = self.for_iteration(iteration)
+        return {name: getattr(one, name) for name in GENERATE_ARGS}
 
 
 _DEFAULTS = {f.name: f.default for f in fields(GenerationRequest)}
@@ -310,7 +326,8 @@ def _checked(v: dict, lim: Limits) -> dict:
     _int("width", v["width"], m, lim.max_width, multiple=m, optional=True)
     _int("height", v["height"], m, lim.max_height, multiple=m, optional=True)
     if v["width"] is not None and v["height"] is not None and v["width"] * v["height"] > lim.max_pixels:
-        raise RequestError("width", f"{v['width']}x{v['height']}", f"more than {lim.max_pixels} pixels")
+        raise RequestError("width", v["width"], f"size={v['width']}x{v['height']} is more than {lim.max_pixels} "
+                                                f"pixels")
     _int("clip_skip", v["clip_skip"], 1, lim.max_clip_skip, optional=True)
     for name, choices in (("long_prompt", LONG_PROMPTS), ("weighting", WEIGHTINGS)):
         if not isinstance(v[name], str) or v[name] not in choices:
@@ -342,85 +359,20 @@ def _checked(v: dict, lim: Limits) -> dict:
     return out
 
 
-# -- infotext ------------------------------------------------------------------------------------------------
-
-_SIZE = re.compile(r"(\d+)x(\d+)\Z")
-# hires field -> (A1111 infotext key, our name -> A1111 name, text -> value); A1111 processing.py,
-# StableDiffusionProcessingTxt2Img.init. "Hires resize" (WxH) holds hr_resize_x and hr_resize_y.
-_HIRES = {"hr_scale": ("Hires upscale", {}, float), "hr_second_pass_steps": ("Hires steps", {}, int),
-          "hr_upscaler": ("Hires upscaler", {}, str), "hr_sampler": ("Hires sampler", SAMPLER_NAMES, str),
-          "hr_schedule": ("Hires schedule type", SCHEDULE_NAMES, str), "hr_prompt": ("Hires prompt", {}, str),
-          "hr_negative_prompt": ("Hires negative prompt", {}, str)}
+DEFAULTS = dict(_DEFAULTS)  # every field's default, by name (the CLI's argparse defaults come from here)
 
 
-def to_infotext(request: GenerationRequest, *, seed: int | None = None, model: str | None = None,
-                width: int | None = None, height: int | None = None, default_clip_skip: int | None = None) -> str:
-    """The A1111 infotext of one image of ``request``: ``seed`` is that image's (default ``request.seed``),
-    ``width``/``height`` the size used (default the request's), ``default_clip_skip`` the model family's (a clip
-    skip equal to it is left out, as A1111 and Pipeline.generate do).
-
-    Not recorded: init_image and mask (images), n_iter and attention_maps (they change no image), the mask options,
-    resize_mode, styles and loras; "Denoising strength" is ``strength`` unless hires fix is on (then
-    ``hr_strength``, as in A1111), written for txt2img only when not the default. A one-sided size (width or
-    height None) is recorded only when ``width`` and ``height`` are given. "Batch size" is written when above 1.
-    """
-    r = request
-    extra: dict = {}
-    if r.batch_size > 1:
-        extra["Batch size"] = r.batch_size
-    strength = r.strength if r.init_image is not None or r.strength != _DEFAULTS["strength"] else None
-    if r.enable_hr:
-        strength = r.hr_strength
-        for name, (key, names, _) in _HIRES.items():
-            value = getattr(r, name)
-            if value not in (None, "") and (value != 0 or name == "hr_scale"):  # as A1111: unset ones left out
-                extra[key] = names.get(value, value)
-        if r.hr_resize_x or r.hr_resize_y:
-            extra["Hires resize"] = f"{r.hr_resize_x}x{r.hr_resize_y}"
-    return format_infotext(GenerationParameters(
-        prompt=r.prompt, negative_prompt=r.negative_prompt, steps=r.steps, sampler=r.sampler, schedule=r.schedule,
-        guidance=r.guidance, seed=r.seed if seed is None else seed, width=r.width if width is None else width,
-        height=r.height if height is None else height, model=model, strength=strength,
-        clip_skip=None if r.clip_skip == default_clip_skip else r.clip_skip, long_prompt=r.long_prompt,
-        weighting=r.weighting, extra=extra))
-
-
-def _from_text(name, key, text, convert):
-    try:
-        return convert(text)
-    except ValueError:
-        raise RequestError(name, text, f"infotext {key!r} is not a valid value") from None
-
-
-def from_infotext(text: str, *, limits: Limits = LIMITS) -> GenerationRequest:
-    """The request an infotext (ours or A1111's) describes; keys it does not give keep their defaults. Keys
-    without a request field (Model, Model hash, Version, ...) are ignored: ``parse_infotext`` gives them.
-
-    ``from_infotext(to_infotext(r)) == r`` for a request with no images, n_iter 1, no attention maps, default
-    mask/resize/style/LoRA fields and, with hires fix on, the default strength, whose prompts the format can
-    hold: lines (split on "\\n") without leading or trailing whitespace, none starting with "Negative prompt:",
-    a prompt whose first line is empty only when it is all empty; hires prompts and upscaler that hold a comma,
-    colon or newline or have no leading or trailing whitespace."""
-    p = parse_infotext(text)
-    values = {"prompt": p.prompt, "negative_prompt": p.negative_prompt, "long_prompt": p.long_prompt,
-              "weighting": p.weighting}
-    for name in ("steps", "sampler", "schedule", "guidance", "seed", "width", "height", "clip_skip"):
-        if getattr(p, name) is not None:
-            values[name] = getattr(p, name)
-    if "Batch size" in p.extra:
-        values["batch_size"] = _from_text("batch_size", "Batch size", p.extra["Batch size"], int)
-    hires = {}
-    for name, (key, names, convert) in _HIRES.items():
-        if key in p.extra:
-            value = _from_text(name, key, p.extra[key], convert)
-            hires[name] = {display: ours for ours, display in names.items()}.get(value, value)
-    if "Hires resize" in p.extra:
-        size = _SIZE.match(p.extra["Hires resize"].strip())
-        if size is None:
-            raise RequestError("hr_resize_x", p.extra["Hires resize"], "infotext 'Hires resize' is not WxH")
-        hires["hr_resize_x"], hires["hr_resize_y"] = int(size[1]), int(size[2])
-    if hires:
-        values.update(hires, enable_hr=True)
-    if p.strength is not None:
-        values["hr_strength" if hires else "strength"] = p.strength
-    return GenerationRequest.create(limits, **values)
+def as_request(prompt: str | GenerationRequest = "", negative_prompt: str = "", **fields) -> GenerationRequest:
+    """``prompt`` itself when it is a request (then every other field must be left at its default), else the
+    request of these fields: how ``Pipeline.generate`` takes either a request or today's keywords."""
+    if not isinstance(prompt, GenerationRequest):
+        return GenerationRequest.create(prompt=prompt, negative_prompt=negative_prompt, **fields)
+    given = {"negative_prompt": negative_prompt, **fields}
+    unknown = [name for name in given if name not in _DEFAULTS]
+    if unknown:
+        raise RequestError(unknown[0], given[unknown[0]], "unknown field")
+    extra = [name for name, value in given.items()
+             if ((value is not None) if name in _OPAQUE else value != _DEFAULTS[name])]
+    if extra:
+        raise RequestError(extra[0], given[extra[0]], "give a GenerationRequest or its fields as keywords, not both")
+    return prompt
