@@ -7,11 +7,11 @@ import os
 import pytest
 import torch
 
+from clipdiffusion.checkpoints.text_encoders import load_text_encoder
 from clipdiffusion.cli import main
 from clipdiffusion.text import cli_encode
 from clipdiffusion.text.clip import CLIPTextConfig, CLIPTextModel
 from clipdiffusion.text.conditioning import WEIGHTINGS
-from clipdiffusion.text.loading import load_text_encoder
 
 torch.set_num_threads(1)
 
@@ -80,7 +80,7 @@ def test_weighting_choices_match_library():
 
 
 def test_bad_output_is_refused_before_the_encoder_loads(encoder_file, tmp_path, capsys, monkeypatch):
-    import clipdiffusion.text.loading as loading
+    import clipdiffusion.checkpoints.text_encoders as loading
 
     def refuse(*a, **k):
         raise AssertionError("the text encoder was loaded before the bad output was refused")

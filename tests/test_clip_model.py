@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from clipdiffusion.checkpoints.text_layouts import OPENCLIP, to_ours
 from clipdiffusion.errors import ClipDiffusionError
 from clipdiffusion.text.clip import (
     SD1_CLIP_L,
@@ -18,7 +19,6 @@ from clipdiffusion.text.clip import (
     CLIPTextModel,
     stretch_position_embedding,
 )
-from clipdiffusion.text.loading import from_open_clip_state_dict
 
 TOL = 1e-4  # max abs difference accepted for parity in fp32
 BOS, EOS = 49406, 49407
@@ -137,7 +137,8 @@ def test_openclip_layout_matches_open_clip_text_transformer():
         act_layer=nn.GELU, output_tokens=True,
     ).eval()
     _perturb(ref, 8)
-    sd = from_open_clip_state_dict(ref.state_dict())
+    sd, _, unexpected, bad = to_ours(OPENCLIP, ref.state_dict())  # the layout table's OpenCLIP -> ours
+    assert not unexpected and not bad, (unexpected, bad)
     config = CLIPTextConfig(width=WIDTH, layers=LAYERS, heads=HEADS, activation="gelu", projection_dim=48)
     assert CLIPTextConfig.from_weights(sd, activation="gelu").projection_dim == 48
     ours = CLIPTextModel.from_state_dict(sd, config).eval()

@@ -408,7 +408,7 @@ def test_fuzz_every_metadata_config_field(sources, tmp_path):
 
 
 def test_standalone_text_encoder_folder_with_hostile_config_or_dtypes(sources, tmp_path):
-    from clipdiffusion.text.loading import load_text_encoder
+    from clipdiffusion.checkpoints.text_encoders import load_text_encoder
 
     folder = folder_copy(sources[1], tmp_path / "f") / "text_encoder"
     (folder / "config.json").unlink()

@@ -12,16 +12,23 @@ from clipdiffusion.checkpoints.safetensors_io import save_file
 from clipdiffusion.errors import CheckpointError
 from clipdiffusion.text.clip import CLIPTextConfig, CLIPTextModel
 from clipdiffusion.text.conditioning import EncoderSpec, TextEncoder
-from clipdiffusion.text.loading import (
-    EOS_ID,
-    from_open_clip_state_dict,
-    load_text_encoder,
-    text_encoder_to_ldm,
-    text_encoders_from_state_dict,
-    to_open_clip_state_dict,
-)
+from clipdiffusion.checkpoints.text_encoders import load_text_encoder, text_encoders_from_state_dict
+from clipdiffusion.checkpoints.text_layouts import LAYOUTS, OPENCLIP, from_ours, text_encoder_to_ldm, to_ours
+from clipdiffusion.families import EOS_ID
 
 TOL = 1e-4
+
+
+def to_open_clip_state_dict(tensors):
+    """Our tower's tensors named as a bare OpenCLIP text tower (the layout table's save direction)."""
+    return from_ours(LAYOUTS["openclip"], tensors)
+
+
+def from_open_clip_state_dict(tensors):
+    """A bare OpenCLIP text tower's tensors named as ours (the layout table's load direction), all of them."""
+    ours, _, unexpected, bad = to_ours(OPENCLIP, tensors)
+    assert not unexpected and not bad, (unexpected, bad)
+    return ours
 WIDTH, LAYERS = 128, 3  # width 128 -> two 64-wide heads, as from_weights infers (width // 64)
 BOS = 49406
 

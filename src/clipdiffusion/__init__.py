@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "CLIPTokenizer": "clipdiffusion.text.tokenizer",
     "parse_prompt": "clipdiffusion.text.prompt",
-    "load_text_encoder": "clipdiffusion.text.loading",
+    "load_text_encoder": "clipdiffusion.checkpoints.text_encoders",
     "TextEncoder": "clipdiffusion.text.conditioning",
     "Conditioning": "clipdiffusion.text.conditioning",
     "Pipeline": "clipdiffusion.pipeline",

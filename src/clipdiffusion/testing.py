@@ -6,8 +6,12 @@ per image on a CPU; the images are noise-like because the weights are random.
 
 from __future__ import annotations
 
-FAMILIES = ("sd1", "sd2", "sdxl", "tiny")
 TINY_SIZE = 32  # pixels: 16x16 latents through the tiny VAE (x2) and 8x8 at the UNet's second level
+# Tiny stand-ins per family (data): each text tower's (width, layers, heads, projection_dim; the activation is its
+# tower's) and the UNet preset. SDXL: context = CLIP-L 16 + bigG 16 = 32; pooled 16 + 6 size embeddings of 8 = adm 64.
+_TOWERS = {"sd1": ((32, 2, 2, None),), "tiny": ((32, 2, 2, None),), "sd2": ((32, 3, 2, 32),),
+           "sdxl": ((16, 2, 2, None), (16, 3, 2, 16))}  # fmt: skip
+_UNETS = {"sd1": "tiny", "tiny": "tiny", "sd2": "tiny_sd2", "sdxl": "tiny_sdxl"}
 
 
 def _clip(width, layers, heads, activation="quick_gelu", projection_dim=None):
@@ -19,17 +23,14 @@ def _clip(width, layers, heads, activation="quick_gelu", projection_dim=None):
 
 
 def _text_encoder(family):
+    """Random tiny towers that follow the family's recipes (pad id, final norm, default clip skip)."""
+    from .checkpoints.text_layouts import TOWER_ACTIVATION
     from .text.conditioning import EncoderSpec, TextEncoder
 
-    if family in ("sd1", "tiny"):
-        specs = [EncoderSpec("clip_l", _clip(32, 2, 2), pad_id=49407, final_norm=True)]
-    elif family == "sd2":
-        specs = [EncoderSpec("openclip_h", _clip(32, 3, 2, "gelu", 32), pad_id=0, final_norm=True,
-                             default_clip_skip=2)]
-    else:  # sdxl: context = CLIP-L 16 + bigG 16 = 32; pooled 16 + 6 size embeddings of 8 = adm 64
-        specs = [EncoderSpec("clip_l", _clip(16, 2, 2), pad_id=49407, final_norm=False, default_clip_skip=2),
-                 EncoderSpec("openclip_bigg", _clip(16, 3, 2, "gelu", 16), pad_id=0, final_norm=False,
-                             default_clip_skip=2)]
+    specs = [EncoderSpec(recipe.name, _clip(width, layers, heads, TOWER_ACTIVATION[recipe.name], projection),
+                         pad_id=recipe.pad_id, final_norm=recipe.final_norm,
+                         default_clip_skip=recipe.default_clip_skip)
+             for recipe, (width, layers, heads, projection) in zip(family.towers, _TOWERS[family.name])]  # fmt: skip
     return TextEncoder(family, specs)
 
 
@@ -44,21 +45,19 @@ def tiny_pipeline(seed: int = 0, family: str = "sd1", prediction: str = "eps"):
 
     from .diffusion import unet as unet_mod
     from .diffusion import vae as vae_mod
-    from .errors import ClipDiffusionError
+    from .families import get_family
     from .pipeline import Pipeline
 
-    if family not in FAMILIES:
-        raise ClipDiffusionError(f"family={family!r}: choose from {', '.join(FAMILIES)}")
-    unet_config = {"sd1": unet_mod.TINY, "tiny": unet_mod.TINY, "sd2": unet_mod.TINY_SD2,
-                   "sdxl": unet_mod.TINY_SDXL}[family]
+    record = get_family(family)  # a ClipDiffusionError naming the value for an unknown family
+    unet_config = unet_mod.PRESETS[_UNETS[record.name]]
     state = torch.random.get_rng_state()
     try:
         # module initialisers draw from the global RNG; restore it so tests do not perturb each other
         torch.manual_seed(seed)
-        text_encoder = _text_encoder(family)
+        text_encoder = _text_encoder(record)
         unet = unet_mod.UNetModel(unet_config).eval()
         vae = vae_mod.AutoencoderKL(vae_mod.TINY).eval()
     finally:
         torch.random.set_rng_state(state)
-    return Pipeline(text_encoder, unet, vae, family, prediction, name=f"tiny-random-{family}",
+    return Pipeline(text_encoder, unet, vae, record.name, prediction, name=f"tiny-random-{record.name}",
                     default_size=TINY_SIZE)

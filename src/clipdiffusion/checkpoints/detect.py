@@ -17,22 +17,19 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from .. import families
 from ..errors import CheckpointError
+from .text_layouts import tower_layouts
 
-FAMILIES = ("sd1", "sd2", "sdxl", "tiny")
-PREDICTIONS = ("eps", "v")
-DEFAULT_PREDICTION = {"sd1": "eps", "sd2": "v", "sdxl": "eps", "tiny": "eps"}
-NATIVE_RESOLUTION = {"sd1": 512, "sd2": 768, "sdxl": 1024, "tiny": 64}
+# What a family is (native size, default prediction, text prefixes, recipes) lives in clipdiffusion.families.
+FAMILIES = families.NAMES
+PREDICTIONS = families.PREDICTIONS
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
-# Text-encoder prefixes of each family's single file (checkpoints.md §2.1, §3.2, §4.1); SD2 may be in SGM form.
-TEXT_PREFIXES = {
-    "sd1": ("cond_stage_model.transformer.",),
-    "tiny": ("cond_stage_model.transformer.",),
-    "sd2": ("cond_stage_model.model.", "conditioner.embedders.0.model."),
-    "sdxl": ("conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."),
-}
+# The public families by (in_channels, context_dim, adm_in_channels) of their UNet (checkpoints.md §6.2); the
+# others (tiny) match no public sizes and are known only from our metadata.
+_BY_SHAPES = {(4, 768, None): "sd1", (4, 1024, None): "sd2", (4, 2048, 2816): "sdxl"}
 
 # Metadata keys we write (save.py) and read.
 META_FAMILY = "clipdiffusion.family"
@@ -42,12 +39,18 @@ META_VAE = "clipdiffusion.vae_config"
 META_TEXT = "clipdiffusion.text_configs"
 DIFFUSERS_FAMILY_KEY = "_clipdiffusion_family"  # in model_index.json of folders we write
 _MODELSPEC_PREDICTION = {"epsilon": "eps", "eps": "eps", "v": "v", "v_prediction": "v"}
-_MODELSPEC_ARCH = {
+_MODELSPEC_ARCH = {  # ModelSpec architecture -> (family, prediction or None for any); read and written
     "stable-diffusion-v1": ("sd1", None),
     "stable-diffusion-v2-512": ("sd2", "eps"),
     "stable-diffusion-v2-768-v": ("sd2", "v"),
     "stable-diffusion-xl-v1-base": ("sdxl", None),
 }
+
+
+def modelspec_architecture(family: str, prediction: str) -> str | None:
+    """The ModelSpec ``modelspec.architecture`` of a family and prediction type (None: there is none)."""
+    return next((arch for arch, (name, pred) in _MODELSPEC_ARCH.items()
+                 if name == family and pred in (None, prediction)), None)  # fmt: skip
 
 # Keys that are not network weights (checkpoints.md §1.3): listed as ignored, never loaded, never an error.
 _IGNORED_EXACT = {
@@ -75,6 +78,11 @@ class Family:
     adm_in_channels: int | None
     ignored_keys: tuple[str, ...]  # present in the file, deliberately not loaded
     notes: tuple[str, ...] = ()
+
+    @property
+    def record(self) -> families.ModelFamily:
+        """The family's record in the family table."""
+        return families.get_family(self.name)
 
 
 def is_ignored_key(key: str) -> bool:
@@ -134,28 +142,20 @@ def _family_from_shapes(path, shapes):
     adm = label[1] if label is not None and len(label) == 2 else None
     _refuse_unsupported(path, shapes, in_ch, context, adm, mc)
     measured = dict(in_channels=in_ch, model_channels=mc, context_dim=context, adm_in_channels=adm)
-    if in_ch == 4 and context == 768 and adm is None:
-        name = "sd1"
-    elif in_ch == 4 and context == 1024 and adm is None:
-        name = "sd2"
-    elif in_ch == 4 and context == 2048 and adm == 2816:
-        name = "sdxl"
-    else:
+    name = _BY_SHAPES.get((in_ch, context, adm))
+    if name is None:
         raise CheckpointError(path, f"unknown model family ({_found(shapes, path, **measured)})")
     return name, measured
 
 
-def _check_components(path, shapes, name):
+def _check_components(path, shapes, family):
     if not any(k.startswith(VAE_PREFIX) for k in shapes):
-        raise CheckpointError(path, f"{name}: no VAE under {VAE_PREFIX!r} ({_found(shapes, path)})")
-    prefixes = TEXT_PREFIXES[name]
-    if name == "sd2":  # either prefix, not both
-        ok = any(k.startswith(prefixes) for k in shapes)
-    else:
-        ok = all(any(k.startswith(p) for k in shapes) for p in prefixes)
-    if not ok:
-        want = " or ".join(prefixes) if name == "sd2" else " and ".join(prefixes)
-        raise CheckpointError(path, f"{name}: no text encoder under {want} ({_found(shapes, path)})")
+        raise CheckpointError(path, f"{family.name}: no VAE under {VAE_PREFIX!r} ({_found(shapes, path)})")
+    # every tower under one of its layouts' prefixes (SD2: LDM or SGM form)
+    towers = tower_layouts(family)
+    if not all(any(k.startswith(layout.prefix) for layout in layouts for k in shapes) for layouts in towers):
+        want = " and ".join(" or ".join(layout.prefix for layout in layouts) for layouts in towers)
+        raise CheckpointError(path, f"{family.name}: no text encoder under {want} ({_found(shapes, path)})")
 
 
 def _prediction(path, name, shapes, metadata, override):
@@ -176,7 +176,7 @@ def _prediction(path, name, shapes, metadata, override):
         return arch[1], "metadata modelspec.architecture"
     if "v_pred" in shapes:
         return "v", "marker key v_pred"
-    return DEFAULT_PREDICTION[name], f"{name} default"
+    return families.get_family(name).default_prediction, f"{name} default"
 
 
 def detect_family(shapes: dict, metadata: dict | None = None, *, prediction: str | None = None, path="<state dict>"):
@@ -186,7 +186,7 @@ def detect_family(shapes: dict, metadata: dict | None = None, *, prediction: str
     declared = metadata.get(META_FAMILY)
     if declared is not None and declared not in FAMILIES:
         raise CheckpointError(path, f"metadata {META_FAMILY}={declared!r} is not one of {FAMILIES}")
-    if declared == "tiny" or (declared is not None and META_UNET in metadata):
+    if declared is not None and (declared not in _BY_SHAPES.values() or META_UNET in metadata):
         # Files we wrote carry their configs; their sizes (the embedded tiny model, tiny test variants of each
         # layout) match no public family, so the metadata is the authority and strict loading checks the rest.
         first = shapes.get(f"{UNET_PREFIX}input_blocks.0.0.weight")
@@ -203,11 +203,14 @@ def detect_family(shapes: dict, metadata: dict | None = None, *, prediction: str
         name, measured = _family_from_shapes(path, shapes)
         if declared is not None and declared != name:
             raise CheckpointError(path, f"metadata says {META_FAMILY}={declared!r} but the weights are {name}")
-    _check_components(path, shapes, name)
+    record = families.get_family(name)
+    _check_components(path, shapes, record)
     pred, source = _prediction(path, name, shapes, metadata, prediction)
     notes = []
-    if name == "sd2" and source == "sd2 default":
-        notes.append("SD2 prediction type is not recorded in the file: assuming v (768-v); use eps for 512-base")
+    if source == f"{name} default" and record.eps_native_size is not None:
+        # a family with both eps and v models (told apart by their native size, never by the tensors)
+        notes.append(f"{name.upper()} prediction type is not recorded in the file: assuming {pred} "
+                     f"({record.native_size_for(pred)}-{pred}); use eps for {record.eps_native_size}-base")
     if "ztsnr" in shapes:
         notes.append("ztsnr marker found: the file was trained for a zero-terminal-SNR schedule")
     ema = sum(k.startswith("model_ema.") for k in shapes)

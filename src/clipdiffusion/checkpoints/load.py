@@ -18,10 +18,14 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError, ClipDiffusionError
+from ..families import get_family
+from ..text.conditioning import TextEncoder
 from . import config_values as V
 from . import detect
 from .config_values import ConfigValueError, show
 from .safetensors_io import load_file, read_shapes
+from .text_encoders import text_encoders_from_diffusers, text_encoders_from_state_dict, text_weight_keys
+from .text_layouts import DIFFUSERS_TEXT_FOLDERS
 
 
 @dataclass(frozen=True)
@@ -97,11 +101,10 @@ def _unet_config(family, shapes, metadata, source):
 
     if detect.META_UNET in metadata:
         return config_from_json(unet.UNetConfig, metadata[detect.META_UNET], source=source, what=detect.META_UNET)
-    # from_weights' default head split (conv projections: 8 heads; linear: 64-wide heads) is SD1/SD2/SDXL's.
-    extra = {}
-    if family == "tiny":
-        preset = unet.PRESETS["tiny"]
-        extra = dict(num_heads=preset.num_heads, head_channels=preset.head_channels)
+    # The weights cannot reveal the head split: the family's preset has it (SD1 8 heads, SD2/SDXL 64-wide heads,
+    # which is also from_weights' default for conv and linear projections; the tiny model its own).
+    preset = unet.PRESETS[family]
+    extra = dict(num_heads=preset.num_heads, head_channels=preset.head_channels)
     try:
         return unet.UNetConfig.from_weights(_meta_shapes(shapes, detect.UNET_PREFIX), **extra)
     except _SHAPE_ERRORS as exc:
@@ -184,44 +187,11 @@ def build_module(cls, config, tensors: dict, *, dtype, device, model=None):
     return model.eval().requires_grad_(False)
 
 
-def _text_encoder(family, text_sd, configs, *, source, dtype, device, diffusers_sd2=False,
-                  configs_from=f"metadata {detect.META_TEXT}"):
-    """Text towers through text/loading.py (layout and conditioning semantics live there); the configs (our
-    metadata's, or a diffusers folder's config.json) then fix what weights cannot reveal (heads, activation)."""
-    from ..text.clip import CLIPTextModel
-    from ..text.conditioning import TextEncoder
-    from ..text.loading import text_encoders_from_state_dict
-
-    result = text_encoders_from_state_dict(text_sd, source=source, dtype=dtype, device=device)
-    encoders = list(result.encoders)
-    if configs is not None:
-        if len(configs) != len(encoders):
-            raise CheckpointError(source, f"{configs_from} lists {len(configs)} text encoders, "
-                                          f"the weights hold {len(encoders)}")  # fmt: skip
-        for i, (spec, config) in enumerate(zip(encoders, configs)):
-            if spec.model.config != config:
-                try:
-                    model = CLIPTextModel.from_state_dict(spec.model.state_dict(), config, dtype=dtype, device=device)
-                except RuntimeError as exc:  # the config's shapes disagree with the tensors
-                    reason = " ".join(str(exc).split())[:300]
-                    raise CheckpointError(source, f"{configs_from} does not fit the weights: {reason}")
-                encoders[i] = dataclasses.replace(spec, model=model.eval().requires_grad_(False))
-    if diffusers_sd2 and result.family != "sd2":
-        # text/loading.py recognises an HF-layout OpenCLIP-H by its width (1024); a narrower tower in an SD2
-        # folder (tests, distilled models) follows the same recipe: pad 0, and diffusers' SD2 tower lacks the
-        # last of OpenCLIP-H's layers, so the family's penultimate layer is its last.
-        encoders = [dataclasses.replace(e, name="clip_h", pad_id=0, final_norm=True, default_clip_skip=2,
-                                        removed_layers=1) for e in encoders]  # fmt: skip
-    for spec in encoders:
-        spec.model.eval().requires_grad_(False)
-    return TextEncoder(family, encoders), tuple(result.ignored)
-
-
 def check_sdxl_vector(family, unet_config, text_encoder, source, what):
     """SDXL's UNet takes y = [pooled bigG text | 6 size embeddings] (unet.sdxl_vector): its ``adm_in_channels``
     must equal that width, or every generation would fail. The weights fix adm_in_channels and the pooled width;
     ``size_embed_dim`` comes from a config (``what``), so a wrong one is named here, at load time."""
-    if family != "sdxl" or unet_config.adm_in_channels is None:
+    if not get_family(family).pooled or unet_config.adm_in_channels is None:
         return
     tower = text_encoder.encoders[-1].model.config
     pooled = tower.projection_dim or tower.width
@@ -277,24 +247,19 @@ def load_checkpoint(path, *, dtype=torch.float32, device="cpu", prediction=None)
     problems += _problems("VAE", _expected(vae_meta, detect.VAE_PREFIX), {k: shapes[k] for k in vae_keys})
     if stray:
         problems.append(f"unexpected keys outside any component ({len(stray)}): {', '.join(stray)}")
-    # SD2 saved by SGM-era tools keeps OpenCLIP-H at conditioner.embedders.0.model.: same tensors, LDM prefix.
-    sgm = "conditioner.embedders.0.model."
-    text_names = {k: ("cond_stage_model.model." + k[len(sgm):] if fam.name == "sd2" and k.startswith(sgm) else k)
-                  for k in text_keys}  # fmt: skip
-    if not problems:
-        from ..text.loading import text_weight_keys
-
-        text_weights = set(text_weight_keys({text_names[k]: shapes[k] for k in text_keys}, source=source))
-        weight_keys = unet_keys + vae_keys + [k for k in text_keys if text_names[k] in text_weights]
+    if not problems:  # the text towers where the family table says (SD2 also in SGM form), by their file names
+        text_weights = set(text_weight_keys({k: shapes[k] for k in text_keys}, family=fam.record, source=source))
+        weight_keys = unet_keys + vae_keys + [k for k in text_keys if k in text_weights]
         problems = _integer_weights(dtypes, weight_keys)
     if problems:
         raise CheckpointError(path, f"{fam.name} checkpoint does not match: " + "; ".join(problems))
 
     # cast and place while copying out of the file mapping: peak memory is the loaded model, not twice it
     tensors = load_file(path, keys=unet_keys + vae_keys + text_keys, dtype=dtype, device=device)
-    text_sd = {text_names[k]: tensors[k] for k in text_keys}
-    text_encoder, text_ignored = _text_encoder(fam.name, text_sd, text_configs, source=source, dtype=dtype,
-                                               device=device)  # fmt: skip
+    text = text_encoders_from_state_dict({k: tensors[k] for k in text_keys}, family=fam.record,
+                                         configs=text_configs, configs_from=f"metadata {detect.META_TEXT}",
+                                         source=source, dtype=dtype, device=device)  # fmt: skip
+    text_encoder, text_ignored = TextEncoder(text.family, text.encoders), text.ignored
     check_sdxl_vector(fam.name, unet_config, text_encoder, source, f"metadata {detect.META_UNET}"
                       if detect.META_UNET in metadata else "UNet")  # fmt: skip
     n_unet, n_vae = len(detect.UNET_PREFIX), len(detect.VAE_PREFIX)
@@ -397,41 +362,23 @@ def diffusers_prediction(folder, family, override):
             raise CheckpointError(scheduler, f"prediction_type={show(kind)} is not supported (epsilon, v_prediction)")
         return ("v" if kind == "v_prediction" else "eps"), ()
     note = f"no scheduler/scheduler_config.json: using the {family} default prediction"
-    return detect.DEFAULT_PREDICTION[family], (note,)
+    return get_family(family).default_prediction, (note,)
 
 
-def _text_sd_from_diffusers(family, folder, variant):
-    """diffusers text_encoder(_2) folders -> one state dict in the family's single-file layout, so text/loading.py
-    applies the same conditioning semantics to both sources."""
-    from ..text.loading import to_open_clip_state_dict
-
-    def hf(sub):
-        sd = load_component_files(component_weights(folder / sub, "model", variant))
-        return {("text_model." + k if not k.startswith(("text_model.", "text_projection")) else k): v
-                for k, v in sd.items()}  # fmt: skip
-
-    te = hf("text_encoder")
-    if family != "sdxl":
-        if family == "sd2":
-            return te  # 23-layer HF tower (diffusers dropped the last one); loading.py knows it standalone
-        return {"cond_stage_model.transformer." + k: v for k, v in te.items()}
-    te2 = hf("text_encoder_2")
-    ours2 = {k.removeprefix("text_model."): v for k, v in te2.items() if not k.endswith("position_ids")}
-    out = {"conditioner.embedders.0.transformer." + k: v for k, v in te.items()}
-    try:
-        bigg = to_open_clip_state_dict(ours2)
-    except (ClipDiffusionError, KeyError, RuntimeError) as exc:  # a stray key, a q without k/v, mismatched shapes
-        text = f"missing {exc}" if isinstance(exc, KeyError) else " ".join(str(exc).split())
-        raise CheckpointError(folder / "text_encoder_2", f"text encoder weights do not fit: {text[:300]}") from None
-    out.update({"conditioner.embedders.1.model." + k: v for k, v in bigg.items()})
-    return out
+def _diffusers_text_encoder(folder, family, configs, variant, *, dtype, device):
+    """The text_encoder*/ folders, each read in its own (transformers) layout with its config.json, then the
+    family's recipes: no conversion to a single-file layout and back."""
+    folders = [(sub, load_component_files(component_weights(folder / sub, "model", variant)))
+               for sub in DIFFUSERS_TEXT_FOLDERS[:len(configs)]]  # fmt: skip
+    text = text_encoders_from_diffusers(family, folders, configs, source=str(folder), dtype=dtype, device=device)
+    return TextEncoder(text.family, text.encoders), tuple(text.ignored)
 
 
 def _text_configs_from_diffusers(folder, family):
     from ..text.clip import ACTIVATIONS, CLIPTextConfig
 
     configs = []
-    for sub in ("text_encoder", "text_encoder_2") if family == "sdxl" else ("text_encoder",):
+    for sub in DIFFUSERS_TEXT_FOLDERS[:len(get_family(family).towers)]:
         path = folder / sub / "config.json"
         c = read_json(path)
         try:
@@ -499,11 +446,8 @@ def load_diffusers(folder, *, dtype=torch.float32, device="cpu", prediction=None
         parts[name] = ldm
     if problems:
         raise CheckpointError(folder, f"{family} diffusers folder does not match: " + "; ".join(problems))
-    text_sd = _text_sd_from_diffusers(family, folder, variant)
-    text_encoder, text_ignored = _text_encoder(
-        family, text_sd, text_configs, source=str(folder), dtype=dtype,
-        device=device, diffusers_sd2=family == "sd2", configs_from="text_encoder config.json",
-    )
+    text_encoder, text_ignored = _diffusers_text_encoder(folder, family, text_configs, variant, dtype=dtype,
+                                                         device=device)  # fmt: skip
     check_sdxl_vector(family, unet_config, text_encoder, folder / "unet" / "config.json", "addition_time_embed_dim")
     unet = build_module(UNetModel, unet_config, parts["unet"], dtype=dtype, device=device, model=metas["unet"])
     vae = build_module(AutoencoderKL, vae_config, parts["vae"], dtype=dtype, device=device, model=metas["vae"])

@@ -1,7 +1,7 @@
 """Writing components back out: the LDM single-file layout, or a diffusers folder.
 
 Single files use the prefixes every SD tool reads (UNet ``model.diffusion_model.``, VAE ``first_stage_model.``,
-text encoders in the family's own layout via ``text/loading.text_encoder_to_ldm``) and carry our metadata: the
+text encoders in the family's own layout via ``text_layouts.text_encoder_to_ldm``) and carry our metadata: the
 family, the prediction type and every config as JSON, so that a file we wrote loads back with exactly the
 hyperparameters it was made with, plus ModelSpec keys for other tools.
 
@@ -16,28 +16,28 @@ import json
 from pathlib import Path
 
 from ..errors import CheckpointError, ClipDiffusionError
+from ..families import EOS_ID, FAMILIES
 from . import detect
 from .load import config_to_json
 from .safetensors_io import atomic_write, save_file
 
-_MODELSPEC_ARCH = {"sd1": "stable-diffusion-v1", "sdxl": "stable-diffusion-xl-v1-base"}
 _SCHEDULER = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
               "num_train_timesteps": 1000, "steps_offset": 1, "timestep_spacing": "leading",
               "set_alpha_to_one": False, "clip_sample": False}  # fmt: skip (checkpoints.md §7.4)
 
 
 def _parts(model):
-    """(family, prediction, text encoder specs, unet, vae) from a LoadedModel, a Pipeline or anything alike."""
+    """(family record, prediction, text encoder specs, unet, vae) from a LoadedModel, a Pipeline or alike."""
     try:
         family, prediction = model.family, model.prediction
         unet, vae, text = model.unet, model.vae, model.text_encoder
     except AttributeError as exc:
         raise ClipDiffusionError(f"model: needs family, prediction, unet, vae and text_encoder ({exc})") from None
-    if family not in detect.FAMILIES:
+    if not isinstance(family, str) or family not in FAMILIES:
         raise ClipDiffusionError(f"model.family must be one of {detect.FAMILIES}, got {family!r}")
     if prediction not in detect.PREDICTIONS:
         raise ClipDiffusionError(f"model.prediction must be one of {detect.PREDICTIONS}, got {prediction!r}")
-    return family, prediction, list(text.encoders), unet, vae
+    return FAMILIES[family], prediction, list(text.encoders), unet, vae
 
 
 def _cast(tensors: dict, dtype) -> dict:
@@ -46,23 +46,22 @@ def _cast(tensors: dict, dtype) -> dict:
     return {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
 
 
-def _written_text_config(family, spec):
+def _written_text_config(spec):
     """The config of the tower as ``text_encoder_to_ldm`` writes it: a diffusers-style SD2 tower (its last layer
     removed) gets an identity block appended, so that LDM readers' "penultimate" is its last layer."""
-    config = spec.model.config
-    if family == "sd2" and getattr(spec, "removed_layers", 0):
-        config = dataclasses.replace(config, layers=config.layers + spec.removed_layers)
-    return config
+    from .text_layouts import written_layers
+
+    return dataclasses.replace(spec.model.config, layers=written_layers(spec))
 
 
 def checkpoint_metadata(model, extra: dict | None = None) -> dict:
     family, prediction, encoders, unet, vae = _parts(model)
     meta = {
-        detect.META_FAMILY: family,
+        detect.META_FAMILY: family.name,
         detect.META_PREDICTION: prediction,
         detect.META_UNET: config_to_json(unet.config),
         detect.META_VAE: config_to_json(vae.config),
-        detect.META_TEXT: json.dumps([dataclasses.asdict(_written_text_config(family, e)) for e in encoders],
+        detect.META_TEXT: json.dumps([dataclasses.asdict(_written_text_config(e)) for e in encoders],
                                      separators=(",", ":")),  # fmt: skip
         "modelspec.prediction_type": "v" if prediction == "v" else "epsilon",
         "format": "pt",
@@ -70,9 +69,7 @@ def checkpoint_metadata(model, extra: dict | None = None) -> dict:
     size = getattr(model, "default_size", None)
     if isinstance(size, int) and size > 0:
         meta["modelspec.resolution"] = f"{size}x{size}"
-    arch = _MODELSPEC_ARCH.get(family)
-    if family == "sd2":
-        arch = "stable-diffusion-v2-768-v" if prediction == "v" else "stable-diffusion-v2-512"
+    arch = detect.modelspec_architecture(family.name, prediction)
     if arch:
         meta["modelspec.architecture"] = arch
     for k, v in (extra or {}).items():
@@ -84,7 +81,7 @@ def checkpoint_metadata(model, extra: dict | None = None) -> dict:
 
 def checkpoint_state_dict(model) -> dict:
     """All tensors of a single-file LDM checkpoint, by their file names."""
-    from ..text.loading import text_encoder_to_ldm
+    from .text_layouts import text_encoder_to_ldm
 
     family, _, encoders, unet, vae = _parts(model)
     out = {detect.UNET_PREFIX + k: v for k, v in unet.state_dict().items()}
@@ -139,25 +136,6 @@ def _hf_text_config(config, *, with_projection: bool) -> dict:
     }  # fmt: skip
 
 
-def _hf_text_tensors(model, *, with_projection: bool, drop_last_layer: bool) -> tuple[dict, object]:
-    config = model.config
-    sd = dict(model.state_dict())
-    if drop_last_layer:
-        last = f"encoder.layers.{config.layers - 1}."
-        sd = {k: v for k, v in sd.items() if not k.startswith(last)}
-        config = dataclasses.replace(config, layers=config.layers - 1)
-    out = {}
-    for k, v in sd.items():
-        if k.startswith("text_projection"):
-            if with_projection:
-                out[k] = v
-            continue
-        out["text_model." + k] = v
-    if not with_projection:
-        config = dataclasses.replace(config, projection_dim=None)
-    return out, config
-
-
 def _byte_symbols() -> list[str]:
     """GPT-2/CLIP's byte -> character table in vocabulary order (printable Latin-1 bytes stand for themselves,
     the other 68 bytes take U+0100 on), as in openai/CLIP's ``bytes_to_unicode``."""
@@ -201,6 +179,7 @@ def save_diffusers(model, folder, *, dtype=None, tokenizer: bool = True, weights
     read a single file offline."""
     from .diffusers_unet import unet_config_to_diffusers, unet_ldm_to_diffusers
     from .diffusers_vae import vae_config_to_diffusers, vae_ldm_to_diffusers
+    from .text_layouts import DIFFUSERS_TEXT_FOLDERS, text_encoder_to_diffusers
 
     family, prediction, encoders, unet, vae = _parts(model)
     folder = Path(folder)
@@ -212,12 +191,12 @@ def save_diffusers(model, folder, *, dtype=None, tokenizer: bool = True, weights
                 raise CheckpointError(folder, "output folder exists and is not empty")
         except OSError as exc:
             raise CheckpointError(folder, f"cannot read the output folder: {exc.strerror or exc}") from None
-    native = detect.NATIVE_RESOLUTION[family]
-    xl = family == "sdxl"
+    native = family.native_size_for(prediction)
+    xl = len(family.towers) == 2  # CLIP-L and bigG: diffusers' XL pipeline
     index = {
         "_class_name": "StableDiffusionXLPipeline" if xl else "StableDiffusionPipeline",
         "_diffusers_version": "0.42.1",
-        detect.DIFFUSERS_FAMILY_KEY: family,
+        detect.DIFFUSERS_FAMILY_KEY: family.name,
         "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
         "text_encoder": ["transformers", "CLIPTextModel"],
         "tokenizer": ["transformers", "CLIPTokenizer"] if tokenizer else [None, None],
@@ -226,7 +205,7 @@ def save_diffusers(model, folder, *, dtype=None, tokenizer: bool = True, weights
     if xl:
         index.update(text_encoder_2=["transformers", "CLIPTextModelWithProjection"],
                      tokenizer_2=["transformers", "CLIPTokenizer"] if tokenizer else [None, None],
-                     force_zeros_for_empty_prompt=True)  # fmt: skip
+                     force_zeros_for_empty_prompt=family.zero_empty_negative)  # fmt: skip
     else:
         index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
 
@@ -239,19 +218,17 @@ def save_diffusers(model, folder, *, dtype=None, tokenizer: bool = True, weights
         vae_sd = vae_ldm_to_diffusers(dict(vae.state_dict()), vae.config)
         save_file(_cast(vae_sd, dtype), vae_dir / "diffusion_pytorch_model.safetensors")
 
-    towers = [("text_encoder", encoders[0], False)] + ([("text_encoder_2", encoders[1], True)] if xl else [])
-    for sub, spec, with_projection in towers:
-        # SD2 conditions on the penultimate layer; diffusers' convention drops the last one instead (unless the
-        # tower came from such a folder and lacks it already).
-        drop = family == "sd2" and getattr(spec, "removed_layers", 0) == 0
-        tensors, config = _hf_text_tensors(spec.model, with_projection=with_projection, drop_last_layer=drop)
+    # SD2 conditions on the penultimate layer; diffusers' convention drops the last one instead (unless the tower
+    # came from such a folder and lacks it already): text_encoder_to_diffusers follows it.
+    for sub, tensors, config in text_encoder_to_diffusers(family, encoders):
+        with_projection = sub != DIFFUSERS_TEXT_FOLDERS[0]
         _write_json(folder / sub / "config.json", _hf_text_config(config, with_projection=with_projection))
         if weights:
             save_file(_cast(tensors, dtype), folder / sub / "model.safetensors")
     if tokenizer:
-        write_tokenizer(folder / "tokenizer", "<|endoftext|>" if family != "sd2" else "!")
-        if xl:
-            write_tokenizer(folder / "tokenizer_2", "!")
+        # each tokenizer pads as its tower's recipe says: EOS (CLIP-L) or id 0, which is "!" (OpenCLIP)
+        for sub, recipe in zip(("tokenizer", "tokenizer_2"), family.towers):
+            write_tokenizer(folder / sub, "<|endoftext|>" if recipe.pad_id == EOS_ID else "!")
     scheduler = dict(_SCHEDULER, _class_name="EulerDiscreteScheduler",
                      prediction_type="v_prediction" if prediction == "v" else "epsilon")  # fmt: skip
     _write_json(folder / "scheduler" / "scheduler_config.json", scheduler)

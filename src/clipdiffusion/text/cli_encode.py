@@ -43,8 +43,8 @@ def _describe(name, report) -> list:
 
 def run(args) -> int:
     from ..checkpoints.safetensors_io import save_file
+    from ..checkpoints.text_encoders import load_text_encoder
     from ..fileio import check_output
-    from .loading import load_text_encoder
 
     # Before the encoder loads: a folder, a device or a missing folder as --output fails now, not after the work.
     # save_file writes through a temporary file renamed onto the target, so a failed write keeps an old file.

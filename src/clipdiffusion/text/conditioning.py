@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import ClipDiffusionError
+from ..families import get_family
 from .chunking import (
     EMPTY_WINDOW,
     STRETCH_POSITIONS,
@@ -21,7 +22,6 @@ from .chunking import (
     plan_prompt,
 )
 
-FAMILIES = ("sd1", "sd2", "sdxl", "tiny")  # tiny behaves like sd1
 DEFAULT_WINDOW_STRIDE = 60  # 15 tokens of overlap: the first tokens of a window see a phrase of context
 DEFAULT_CHUNK_BACKTRACK = 20  # A1111's default "Prompt word wrap length limit"
 # A1111 rescale guard: below this |new mean| / mean|z*w| the rescale factor would explode (see _weight_a1111).
@@ -150,12 +150,13 @@ class TextEncoder:
     """The text side of a Stable Diffusion family: one (SD1, SD2, tiny) or two (SDXL: CLIP-L, then bigG) towers."""
 
     def __init__(self, family, encoders, tokenizer=None, *, parse=None):
-        _check_choice("family", family, FAMILIES)
+        record = get_family(family)  # a name or a families.ModelFamily; what the family does is read from it
         encoders = tuple(encoders)
-        expected = 2 if family == "sdxl" else 1
+        expected = len(record.towers)
         if len(encoders) != expected or not all(isinstance(e, EncoderSpec) for e in encoders):
-            raise ClipDiffusionError(f"family {family!r} needs {expected} EncoderSpec(s), got {len(encoders)}")
-        self.family = family
+            raise ClipDiffusionError(f"family {record.name!r} needs {expected} EncoderSpec(s), got {len(encoders)}")
+        self.family = record.name
+        self.record = record
         self.encoders = encoders
         self._tokenizer = tokenizer
         self._parse = parse
@@ -258,7 +259,7 @@ class TextEncoder:
         options = {"chunk_backtrack": chunk_backtrack, "window_stride": window_stride}
         pos = self.plan(prompt, long_prompt, weighting, **options)
         neg = self.plan(negative_prompt, long_prompt, weighting, field_name="negative_prompt", **options)
-        zero_negative = self.family == "sdxl" and negative_prompt == ""
+        zero_negative = self.record.zero_empty_negative and negative_prompt == ""
         plans = [pos] if zero_negative else [pos, neg]
         lengths = (len(pos.rows), len(neg.rows))
         need_empty = (
@@ -293,7 +294,7 @@ class TextEncoder:
         firsts = [sum(len(p.windows) for p in plans[:k]) for k in range(len(plans))]
         per_tower, empties, pooled = [], [], None
         for index, (spec, skip) in enumerate(zip(self.encoders, skips)):
-            want_pooled = self.family == "sdxl" and index == len(self.encoders) - 1  # bigG
+            want_pooled = self.record.pooled and index == len(self.encoders) - 1  # SDXL: bigG
             out = self._run(spec, skip, windows, positions, want_pooled)
             empty = out.hidden[-1] if need_empty else None  # (P, D)
             tower = []
