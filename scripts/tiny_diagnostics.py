@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from clipdiffusion.pipeline import Pipeline
 from clipdiffusion.tiny.captions import caption
 from clipdiffusion.tiny.eval import clip_scores, load_heads
-from clipdiffusion.tiny.train import to_pixels
+from clipdiffusion.tiny.models import to_pixels
 from clipdiffusion.tiny.world import COLORS, SHAPES, realize, render, sample_spec
 
 

@@ -265,7 +265,7 @@ def clip_scores(heads, text_encoder, images, prompts) -> list:
     import torch
     import torch.nn.functional as F
 
-    from .train import to_pixels
+    from .models import to_pixels
 
     canvas = heads.image.config.canvas
     pixels = to_pixels([im.convert("RGB").resize((canvas, canvas)) for im in images])

@@ -117,3 +117,11 @@ class ImageTower(nn.Module):
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         features = self.convs(pixels)  # [B, C, h, w]
         return self.proj(features.flatten(1))  # [B, C*h*w] -> [B, P]
+
+
+def to_pixels(images) -> torch.Tensor:
+    """PIL images -> [B, 3, H, W] in [-1, 1]."""
+    import numpy as np
+
+    array = np.stack([np.asarray(im, dtype=np.float32) for im in images])  # [B, H, W, 3]
+    return torch.from_numpy(array).permute(0, 3, 1, 2) / 127.5 - 1.0  # [B, 3, H, W]

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from ..errors import ClipDiffusionError
 from .captions import caption
-from .models import PRESETS, ContrastiveHeads, TinyModelConfig
+from .models import PRESETS, ContrastiveHeads, TinyModelConfig, to_pixels
 from .world import BACKGROUNDS, Scene, SceneObject, SceneSpec, realize, render, sample_spec
 
 PHASES = ("clip", "vae", "pool", "unet")
@@ -174,12 +174,6 @@ def shipped_run():
 
 # ---------------------------------------------------------------------------------------------------------------
 # Data
-
-
-def to_pixels(images) -> torch.Tensor:
-    """PIL images -> [B, 3, H, W] in [-1, 1]."""
-    array = np.stack([np.asarray(im, dtype=np.float32) for im in images])  # [B, H, W, 3]
-    return torch.from_numpy(array).permute(0, 3, 1, 2) / 127.5 - 1.0  # [B, 3, H, W]
 
 
 def caption_variants(spec: SceneSpec) -> list:
