@@ -18,7 +18,7 @@ from pathlib import Path
 from ..errors import CheckpointError, ClipDiffusionError
 from ..families import EOS_ID, FAMILIES
 from . import detect
-from .load import config_to_json
+from .build import config_to_json
 from .safetensors_io import atomic_write, save_file
 
 _SCHEDULER = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
