@@ -138,6 +138,19 @@ def test_native_size_round_trips_through_modelspec(tmp_path):
     assert load_checkpoint(path).default_size == 48
 
 
+@pytest.mark.parametrize("prediction,native", [("v", 768), ("eps", 512)])
+def test_diffusers_sample_size_is_the_family_native_size_for_the_prediction(tmp_path, prediction, native):
+    # one value from the family table: SD2 768-v models are 768 px, 512-base (eps) models 512 px
+    model = tiny_model("sd2")
+    model.prediction = prediction
+    folder = save_diffusers(model, tmp_path / "d", tokenizer=False, weights=False)
+    assert json.loads((folder / "vae" / "config.json").read_text())["sample_size"] == native
+    assert json.loads((folder / "unet" / "config.json").read_text())["sample_size"] == native // 8
+    meta = save_checkpoint(model, tmp_path / "m.safetensors")
+    assert read_header(meta).metadata["modelspec.architecture"] == {"v": "stable-diffusion-v2-768-v",
+                                                                    "eps": "stable-diffusion-v2-512"}[prediction]
+
+
 def test_dtype_and_prediction_override(tmp_path):
     model = tiny_model("tiny")
     path = save_checkpoint(model, tmp_path / "m.safetensors", dtype=torch.float16)

@@ -316,3 +316,67 @@ def test_diffusers_style_sd2_tower_keeps_its_layer_when_written_as_ldm(open_h):
         got = loaded.model(_ids(0), clip_skip=2, pooled=True)
         want = open_h(_ids(0), clip_skip=1, pooled=True)
     assert (got.hidden - want.hidden).abs().max() < TOL and (got.pooled - want.pooled).abs().max() < TOL
+
+
+# -- the layout table, the family table, and the loaders that read them (issue 15) --------------------------------
+
+
+def test_layout_table_agrees_with_the_family_table():
+    from clipdiffusion.checkpoints.text_layouts import HF, TOWER_ACTIVATION, tower_layouts
+    from clipdiffusion.families import FAMILIES
+
+    for family in FAMILIES.values():
+        towers = tower_layouts(family)
+        assert len(towers) == len(family.towers)
+        assert [p for layouts in towers for p in (layout.prefix for layout in layouts)] == list(family.text_prefixes)
+        for recipe, layouts in zip(family.towers, towers):
+            for layout in layouts:  # OpenAI CLIP-L in transformers naming (hidden states only), OpenCLIP H/bigG fused
+                assert (layout.naming == HF) == (recipe.name == "clip_l") == (not layout.projection)
+            assert TOWER_ACTIVATION[recipe.name] == ("quick_gelu" if recipe.name == "clip_l" else "gelu")
+    assert [len(t) for t in tower_layouts(FAMILIES["sd2"])] == [2]  # LDM or SGM form
+
+
+def test_a_known_family_reads_its_towers_where_the_table_says(clip_l, open_h):
+    sgm = _open_clip_tensors(open_h, "conditioner.embedders.0.model.")
+    with pytest.raises(CheckpointError, match="unsupported SDXL"):
+        text_encoders_from_state_dict(sgm)  # alone, bigG-first is the refiner's layout
+    family, (spec,), ignored = text_encoders_from_state_dict(sgm, family="sd2")  # detect.py decided: SD2
+    assert family == "sd2" and (spec.name, spec.pad_id, spec.final_norm, spec.default_clip_skip) == ("clip_h", 0, True, 2)
+    assert ignored == ["conditioner.embedders.0.model.logit_scale"]  # by its name in the file
+    _same(spec.model, open_h, pad=0)
+    tiny = text_encoders_from_state_dict(_hf_keys(clip_l, "cond_stage_model.transformer.text_model."), family="tiny")
+    assert tiny.family == "tiny" and tiny.encoders[0].pad_id == EOS_ID
+    mixed = {**_hf_keys(clip_l, "cond_stage_model.transformer.text_model."), **sgm}
+    with pytest.raises(CheckpointError, match="several layouts"):
+        text_encoders_from_state_dict(mixed, family="sd1")
+    with pytest.raises(CheckpointError, match="no text encoder under conditioner.embedders.0.transformer."):
+        text_encoders_from_state_dict(_hf_keys(clip_l, "cond_stage_model.transformer."), family="sdxl")
+
+
+def test_diffusers_text_folders_load_in_their_own_layout(tmp_path):
+    from test_checkpoint_load import tiny_model
+
+    from clipdiffusion.checkpoints.load import load_diffusers
+    from clipdiffusion.checkpoints.safetensors_io import load_file
+    from clipdiffusion.checkpoints.save import save_diffusers
+
+    model = tiny_model("sdxl")
+    folder = save_diffusers(model, tmp_path / "xl", tokenizer=False)
+    weights = folder / "text_encoder_2" / "model.safetensors"
+    tensors = load_file(weights)
+    assert "text_model.encoder.layers.0.self_attn.q_proj.weight" in tensors  # transformers' names, q/k/v apart
+    tensors["text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    save_file(tensors, weights)
+    loaded = load_diffusers(folder)
+    assert "text_encoder_2/text_model.embeddings.position_ids" in loaded.ignored_keys
+    for spec, back in zip(model.text_encoder.encoders, loaded.text_encoder.encoders, strict=True):
+        assert (back.name, back.pad_id, back.final_norm, back.removed_layers) == (spec.name, spec.pad_id, False, 0)
+        assert all(torch.equal(v, back.model.state_dict()[k]) for k, v in spec.model.state_dict().items())
+    del tensors["text_model.encoder.layers.1.self_attn.k_proj.weight"]  # no fused tensor to fail on: a named key
+    tensors["text_model.encoder.layers.0.self_attn.bogus.weight"] = torch.zeros(2)
+    save_file(tensors, weights)
+    with pytest.raises(CheckpointError) as err:
+        load_diffusers(folder)
+    message = str(err.value)
+    assert "text_encoder_2/text_model.encoder.layers.1.self_attn.k_proj.weight" in message and "missing (1)" in message
+    assert "text_encoder_2/text_model.encoder.layers.0.self_attn.bogus.weight" in message

@@ -217,7 +217,7 @@ def from_ours(layout: TextLayout, tensors: dict) -> dict:
 # --- writing --------------------------------------------------------------------------------------------------
 
 
-def identity_layers(model, count: int) -> dict:
+def _identity_layers(model, count: int) -> dict:
     """``count`` extra last layers (our names) that return their input: zero attention output and zero MLP output,
     so both residual branches add 0.
 
@@ -264,7 +264,7 @@ def text_encoder_to_ldm(family, encoders) -> dict:
     for spec, layouts in zip(encoders, tower_layouts(record)):
         model = getattr(spec, "model", spec)
         tensors = dict(model.state_dict())
-        tensors.update(identity_layers(model, getattr(spec, "removed_layers", 0)))
+        tensors.update(_identity_layers(model, getattr(spec, "removed_layers", 0)))
         out.update(from_ours(layouts[0], tensors))
     return out
 

@@ -2,7 +2,7 @@
 
 Parameter names equal transformers' ``CLIPTextModel`` minus its ``text_model.`` prefix (plus ``text_projection``
 as in ``CLIPTextModelWithProjection``), so an HF or SD1 single-file state dict loads by a plain copy; OpenCLIP
-files go through the rename table in ``loading.py``.
+files go through the layout table in ``checkpoints/text_layouts.py``.
 
 Architecture: token + learned position embedding, pre-LN transformer blocks with a causal mask only (SD never
 masks padding, so padded positions are attended to and their values matter), a final LayerNorm, and for the
@@ -114,7 +114,7 @@ class CLIPTextConfig:
 
         Heads are width // 64: every CLIP text tower in SD (L, H, bigG) uses 64-wide heads, and the weights
         cannot reveal the head count. The activation cannot be read either, so the caller passes it
-        (``loading.py`` decides by layout and width). Missing keys fall back to defaults so that a strict
+        (``checkpoints/text_encoders.py`` decides by tower). Missing keys fall back to defaults so that a strict
         key comparison can report them all afterwards; only an unknowable width raises.
         """
         shape = {k: tuple(v.shape) for k, v in state_dict.items()}
@@ -261,7 +261,8 @@ class CLIPTextModel(nn.Module):
     def from_state_dict(cls, state_dict, config: CLIPTextConfig, *, dtype=None, device=None) -> "CLIPTextModel":
         """Build without allocating random weights first (meta device), then adopt the given tensors.
 
-        The caller has already checked the key set and shapes (``loading.py``); ``dtype`` casts floating tensors.
+        The caller has already checked the key set and shapes (``checkpoints/text_encoders.py``); ``dtype`` casts
+        floating tensors.
         """
         model = cls(config, device="meta")
         tensors = {}
