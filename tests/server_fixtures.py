@@ -1,10 +1,12 @@
-"""Shared helpers for the server tests: a fake pipeline that honours the `Pipeline.generate` contract, and a
+"""Shared helpers for the server tests: a fake pipeline that honours the real `Pipeline.generate` contract, and a
 uvicorn server running in a thread on a free loopback port.
 
-The fake draws a flat colour from (prompt, seed), so a test can tell which request produced which image; it
-calls `callback(step, total, x)` after each step and polls `should_stop` before each, like the real samplers;
-a prompt containing "FAIL" raises inside the engine; `gate` (a threading.Semaphore) lets one step through per
-release, so a test decides exactly how far a job gets.
+`FakePipeline` is a `Pipeline` whose engine is faked: `generate` itself is the real one (a `GenerationRequest` or
+its keywords, validation, seed resolution, n_iter), and it returns the real `GenerationResult` with the real
+`AttentionMaps`. The fake engine draws a flat colour from (prompt, seed), so a test can tell which request produced
+which image; it calls `callback(step, total, x)` after each step and polls `should_stop` before each, like the
+real samplers; a prompt containing "FAIL" raises inside the engine; `gate` (a threading.Semaphore) lets one step
+through per release, so a test decides exactly how far a job gets.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from clipdiffusion.infotext import GenerationParameters, format_infotext
+from clipdiffusion.pipeline import AttentionMaps, GenerationResult, Pipeline
+from clipdiffusion.request import GENERATE_ARGS, GenerationRequest
 from clipdiffusion.server.cli import graceful_server
 
 FAKE_SAMPLERS = ("euler", "euler_a", "heun", "dpmpp_2m", "ddim")
@@ -30,44 +33,35 @@ def prompt_colour(prompt: str, seed: int) -> tuple[int, int, int]:
     return digest[0], digest[1], digest[2]
 
 
-@dataclass
-class FakeResult:
-    images: list
-    seeds: list
-    infotexts: list
-    attention: object = None
+@dataclass(eq=False)
+class FakePipeline(Pipeline):
+    """`Pipeline.generate` over a fake engine (`_size` and `_generate` are the parts it replaces)."""
 
-    @property
-    def image(self):
-        return self.images[0]
-
-
-@dataclass
-class FakePipeline:
     step_delay: float = 0.0
     gate: threading.Semaphore | None = None
     native_size: int = 64
     calls: list = field(default_factory=list)
-    model_name: str = "fake"
+    name: str = "fake"
+    family: str = "tiny"
+    text_encoder: object = None
 
-    def generate(self, prompt, negative_prompt="", *, steps=20, guidance=7.0, seed=-1, sampler="euler",
-                 schedule="normal", width=None, height=None, clip_skip=1, long_prompt="chunk", weighting="a1111",
-                 batch_size=1, init_image=None, strength=0.75, attention_maps=False, callback=None,
-                 should_stop=None):
-        call = dict(prompt=prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance, seed=seed,
-                    sampler=sampler, schedule=schedule, width=width, height=height, clip_skip=clip_skip,
-                    long_prompt=long_prompt, weighting=weighting, batch_size=batch_size, init_image=init_image,
-                    strength=strength, attention_maps=attention_maps, steps_done=0)
+    def _size(self, request: GenerationRequest) -> GenerationRequest:
+        return request.replace(width=request.width or self.native_size, height=request.height or self.native_size)
+
+    def _generate(self, request: GenerationRequest, callback, should_stop) -> GenerationResult:
+        call = {name: getattr(request, name) for name in GENERATE_ARGS}
+        call["steps_done"] = 0
         self.calls.append(call)
-        if "FAIL" in prompt:
+        if "FAIL" in request.prompt:
             raise RuntimeError("fake engine failure")
-        if sampler not in FAKE_SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r}")
-        width, height = width or self.native_size, height or self.native_size
-        seed = seed if seed >= 0 else 12345
-        total = steps if init_image is None else max(1, int(steps * strength))
+        if request.sampler not in FAKE_SAMPLERS:
+            raise ValueError(f"unknown sampler {request.sampler!r}")
+        width, height = request.width, request.height
+        total = request.steps if request.init_image is None else max(1, int(request.steps * request.strength))
+        interrupted = False
         for step in range(1, total + 1):
             if should_stop is not None and should_stop():
+                interrupted = True
                 break
             if self.gate is not None and not self.gate.acquire(timeout=10):
                 raise RuntimeError("fake pipeline: gate never opened")
@@ -76,41 +70,43 @@ class FakePipeline:
             call["steps_done"] = step
             if callback is not None:
                 callback(step, total, None)
-        seeds = [seed + i for i in range(batch_size)]
-        images = [Image.new("RGB", (width, height), prompt_colour(prompt, s)) for s in seeds]
-        infotexts = [format_infotext(GenerationParameters(
-            prompt=prompt, negative_prompt=negative_prompt, steps=steps, sampler=sampler, schedule=schedule,
-            guidance=guidance, seed=s, width=width, height=height, model=self.model_name, clip_skip=clip_skip))
-            for s in seeds]
+        seeds = [request.seed + i for i in range(request.batch_size)]
+        images = [Image.new("RGB", (width, height), prompt_colour(request.prompt, s)) for s in seeds]
+        pixels = np.stack([np.asarray(im, dtype=np.float32) / 255 for im in images])
         attention = None
-        if attention_maps:
-            # (T, h, w): token t lights up column t, so a test can check which map belongs to which token
-            attention = np.zeros((77, height // 8, width // 8), dtype=np.float32)
-            for t in range(77):
-                attention[t, :, t % (width // 8)] = 1.0
-        return FakeResult(images, seeds, infotexts, attention)
+        if request.attention_maps:
+            # one map per prompt "token" (its words here): token t lights up column t, so a test can check which
+            # map belongs to which token
+            tokens = request.prompt.split()[:75]
+            maps = np.zeros((len(tokens), height // 8, width // 8), dtype=np.float32)
+            for t in range(len(tokens)):
+                maps[t, :, t % (width // 8)] = 1.0
+            attention = AttentionMaps(tokens, maps)
+        return GenerationResult(images, seeds, self._infotexts(request, seeds), attention, pixels, interrupted)
+
+
+@dataclass(frozen=True)
+class FakeReport:
+    chunks: int
+
+    def to_dict(self) -> dict:
+        return {"chunks": self.chunks}
 
 
 class FakeTextEncoder:
     family = "tiny"
+    default_clip_skip = 1
 
-    def encode(self, prompt, negative_prompt="", clip_skip=1, long_prompt="chunk", weighting="a1111"):
+    def encode(self, prompt, negative_prompt="", clip_skip=None, long_prompt="chunk", weighting="a1111"):
         import torch
+
+        from clipdiffusion.text.conditioning import Conditioning
 
         chunks = 1 + len(prompt) // 200
         g = torch.Generator().manual_seed(len(prompt))
         context = torch.randn(1, 77 * chunks, 32, generator=g)
         negative = torch.zeros(1, 77 * chunks, 32)
-
-        @dataclass
-        class Cond:
-            context: object
-            negative_context: object
-            pooled: object = None
-            negative_pooled: object = None
-            report: object = None
-
-        return Cond(context, negative, report={"chunks": chunks})
+        return Conditioning(context, negative, report=FakeReport(chunks))
 
 
 def fake_factory(pipe: FakePipeline | None = None, loaded: list | None = None):

@@ -20,7 +20,7 @@ import pytest
 from PIL import Image, ImageFile, PngImagePlugin
 
 from clipdiffusion.errors import ClipDiffusionError
-from clipdiffusion.server import a1111
+from clipdiffusion.server import images
 from clipdiffusion.server.app import create_app
 from clipdiffusion.server.settings import ModelEntry, ServerSettings
 from server_fixtures import FAKE_SAMPLERS, FAKE_SCHEDULES, FakePipeline, ServerThread, fake_factory
@@ -204,7 +204,7 @@ def test_png_text_memory_is_bounded():
     raw = png_declaring(65535, 65535, before=text_chunk("parameters", "x"), idat=os.urandom(100_000))
     tracemalloc.start()
     try:
-        assert a1111.read_png_text(b64(raw), 10) == ("x", {})
+        assert images.read_png_text(b64(raw), 10) == ("x", {})
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -215,7 +215,7 @@ def test_png_text_memory_is_bounded():
 def test_decompression_bomb_text_is_422(client, bomb, no_pixel_decoding):
     raw = png_declaring(16, 16, before=bomb())
     msg = field_error(client.post("/sdapi/v1/png-info", json={"image": b64(raw)}), "image")
-    assert "parameters" in msg and str(a1111.MAX_PNG_TEXT_BYTES) in msg
+    assert "parameters" in msg and str(images.MAX_PNG_TEXT_BYTES) in msg
     # many small chunks add up to the same budget
     many = b"".join(bomb(f"k{i}", 200_000) for i in range(8))
     field_error(client.post("/sdapi/v1/png-info", json={"image": b64(png_declaring(16, 16, before=many))}),
@@ -231,11 +231,11 @@ def test_png_text_matches_what_pil_reads():
     buf = io.BytesIO()
     Image.new("RGB", (4, 4)).save(buf, format="PNG", pnginfo=info)
     expected = {k: v for k, v in Image.open(io.BytesIO(buf.getvalue())).info.items() if isinstance(v, str)}
-    assert a1111.png_text(buf.getvalue()) == expected
-    assert a1111.read_png_text(b64(buf.getvalue()))[0] == "caf\xe9 prompt\nSteps: 2"
+    assert images.png_text(buf.getvalue()) == expected
+    assert images.read_png_text(b64(buf.getvalue()))[0] == "caf\xe9 prompt\nSteps: 2"
     bad_crc = bytearray(png_declaring(4, 4, before=text_chunk("parameters", "x")))
     bad_crc[33 + 8 + 12] ^= 1  # the last byte of the tEXt chunk's data
-    assert a1111.png_text(bytes(bad_crc)) == {}
+    assert images.png_text(bytes(bad_crc)) == {}
 
 
 def test_png_info_other_formats_and_junk(client, request):
@@ -303,14 +303,14 @@ def test_init_image_text_chunks_are_not_inflated(client, served):
 
 
 def test_declared_size_reader():
-    assert a1111.declared_size(png_declaring(123, 45)) == (123, 45)
-    assert a1111.declared_size(webp_declaring(300, 200)) == (300, 200)
+    assert images.declared_size(png_declaring(123, 45)) == (123, 45)
+    assert images.declared_size(webp_declaring(300, 200)) == (300, 200)
     for mode in ("RGB", "RGBA"):
         for lossless in (False, True):
             buf = io.BytesIO()
             Image.new(mode, (37, 21)).save(buf, format="WEBP", lossless=lossless)
-            assert a1111.declared_size(buf.getvalue()) == (37, 21), (mode, lossless)
-    assert a1111.declared_size(b"GIF89a") is None
+            assert images.declared_size(buf.getvalue()) == (37, 21), (mode, lossless)
+    assert images.declared_size(b"GIF89a") is None
 
 
 # -- output files ---------------------------------------------------------------------------------------------

@@ -38,13 +38,21 @@ _ENGINE_NAME = re.compile(r"[a-z0-9][a-z0-9_]{0,63}\Z")
 
 
 class RequestError(ClipDiffusionError):
-    """A request field with a bad value (the server answers 422). ``field`` is our field name."""
+    """A request field with a bad value (the server answers 422). ``field`` is our field name, or the client's
+    (an adapter renames it: ``renamed``); a dotted name is a path (``override_settings.CLIP_stop_at_last_layers``)."""
 
     def __init__(self, field_name: str, value: Any, reason: str):
         self.field = field_name
         self.value = value
+        self.reason = reason
         shown = value if not isinstance(value, str) or len(value) <= 80 else value[:77] + "..."
         super().__init__(f"{field_name}={shown!r}: {reason}")
+
+    def renamed(self, names: dict[str, str]) -> RequestError:
+        """The same error under a client's name for the field (``names``: ours -> theirs), or ``self``."""
+        if self.field not in names:
+            return self
+        return RequestError(names[self.field], self.value, self.reason)
 
 
 @dataclass(frozen=True)

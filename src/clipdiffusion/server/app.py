@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 import threading
@@ -31,10 +32,11 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
 from ..errors import ClipDiffusionError, NonFiniteError
-from . import a1111
-from .a1111 import Img2ImgRequest, PNGInfoRequest, RequestError, Txt2ImgRequest
+from ..request import GenerationRequest, RequestError
+from . import a1111, images, sampler_names
 from .middleware import BasicAuth, BodyLimit
 from .own import EncodeRequest, GenerateRequest, TokenizeRequest, encode_stats, generate_plan, heatmaps
+from .schemas import Img2ImgRequest, PNGInfoRequest, Txt2ImgRequest, json_safe
 from .settings import ServerSettings
 from .worker import Job, JobControl, QueueFull, Worker, WorkerStopped
 
@@ -97,7 +99,7 @@ class ServerState:
                                        + ", ".join(m.name for m in self.settings.models))
                 staged[key] = entry.name
             elif key == "CLIP_stop_at_last_layers":
-                staged[key] = a1111.check_int(key, value, 1, 12)
+                staged[key] = a1111.clip_skip_option(value, key, self.settings.limits)
             else:
                 ignored.append(key)
                 continue
@@ -122,27 +124,26 @@ class ServerState:
 
 
 def _generate_work(plan: a1111.GenerationPlan, pipe, control: JobControl):
-    """Runs in the worker: n_iter calls of generate, seeds consecutive across the whole batch as in A1111."""
-    images, seeds, infotexts, attention = [], [], [], None
-    batch = plan.kwargs["batch_size"]
-    kwargs = dict(plan.kwargs)
-    if plan.a1111_clip_skip and getattr(pipe, "family", "sd1") in ("sd2", "sdxl"):
-        kwargs["clip_skip"] = None  # as A1111: its clip skip setting does not move SD2/SDXL text encoders
+    """Runs in the worker: the request's n_iter engine calls, seeds consecutive across the whole batch as in A1111
+    (the plan's seed is already resolved)."""
+    from ..families import get_family
+
+    request = plan.request
+    if plan.a1111_clip_skip and not get_family(pipe.family).a1111_clip_skip:
+        request = dataclasses.replace(request, clip_skip=None)  # as A1111: the setting does not move this family
         plan.ignored.append("override_settings.CLIP_stop_at_last_layers")
-    for iteration in range(plan.n_iter):
+    images, seeds, infotexts, attention = [], [], [], None
+    for iteration in range(request.n_iter):
         if control.should_stop():
             break
         control.begin_iteration(iteration)
-        extra = {}
-        if plan.init_image is not None:
-            extra = {"init_image": plan.init_image, "strength": plan.strength}
-        result = pipe.generate(**kwargs, **extra, seed=plan.seed + iteration * batch,
-                               callback=control.on_step, should_stop=control.should_stop)
-        images += list(result.images)
-        seeds += [int(s) for s in result.seeds]
-        infotexts += list(result.infotexts)
-        if attention is None:
-            attention = getattr(result, "attention", None)
+        result = pipe.generate(request.for_iteration(iteration), callback=control.on_step,
+                               should_stop=control.should_stop)
+        images += result.images
+        seeds += result.seeds
+        infotexts += result.infotexts
+        if iteration == 0:
+            attention = result.attention
     return images, seeds, infotexts, attention
 
 
@@ -166,7 +167,7 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def _invalid(request: Request, exc: RequestValidationError):
         # FastAPI's own handler echoes the offending input, and a NaN/Infinity literal there cannot be encoded
         # (a 500 instead of the 422): report the same errors with non-finite numbers as strings.
-        return JSONResponse({"detail": a1111.json_safe(jsonable_encoder(exc.errors(), sqlalchemy_safe=False))},
+        return JSONResponse({"detail": json_safe(jsonable_encoder(exc.errors(), sqlalchemy_safe=False))},
                             status_code=422)  # fmt: skip
 
     @app.exception_handler(QueueFull)
@@ -238,16 +239,15 @@ def _a1111_routes(app: FastAPI, state: ServerState) -> None:
         samplers, schedules = state.tables()
         plan = await run_in_threadpool(a1111.plan_a1111, req, settings, state.options_snapshot(), samplers,
                                        schedules)
-        steps = plan.kwargs["steps"]
-        if plan.strength is not None:
-            steps = max(1, int(steps * plan.strength))
-        control = JobControl(steps=steps, iterations=plan.n_iter)
-        images, seeds, infotexts, _ = await state.run(kind, plan.model, partial(_generate_work, plan), control)
+        request = plan.request
+        steps = request.steps if request.init_image is None else max(1, int(request.steps * request.strength))
+        control = JobControl(steps=steps, iterations=request.n_iter)
+        pictures, seeds, infotexts, _ = await state.run(kind, plan.model, partial(_generate_work, plan), control)
         encoded = []
         if req.send_images:
             encoded = await run_in_threadpool(
-                lambda: [a1111.encode_png(im, infotexts[i] if i < len(infotexts) else None)
-                         for i, im in enumerate(images)])
+                lambda: [images.encode_png(im, infotexts[i] if i < len(infotexts) else None)
+                         for i, im in enumerate(pictures)])
         return {"images": encoded, "parameters": a1111.response_parameters(req),
                 "info": a1111.info_json(req, plan, seeds, infotexts, control.interrupted)}
 
@@ -274,11 +274,11 @@ def _a1111_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.get("/sdapi/v1/samplers", tags=["a1111"])
     async def samplers() -> list[dict]:
-        return a1111.sampler_items(state.tables()[0])
+        return sampler_names.sampler_items(state.tables()[0])
 
     @app.get("/sdapi/v1/schedulers", tags=["a1111"])
     async def schedulers() -> list[dict]:
-        return a1111.scheduler_items(state.tables()[1])
+        return sampler_names.scheduler_items(state.tables()[1])
 
     @app.get("/sdapi/v1/scripts", tags=["a1111"])
     async def scripts() -> dict:
@@ -310,7 +310,7 @@ def _a1111_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/sdapi/v1/png-info", tags=["a1111"])
     async def png_info(req: PNGInfoRequest) -> dict:
         max_pixels = settings.max_width * settings.max_height * 4
-        text, items = await run_in_threadpool(a1111.read_png_text, req.image, max_pixels)
+        text, items = await run_in_threadpool(images.read_png_text, req.image, max_pixels)
         return {"info": text, "items": items, "parameters": a1111.parse_parameters(text)}
 
 
@@ -327,41 +327,40 @@ def _own_routes(app: FastAPI, state: ServerState) -> None:
         samplers, schedules = await run_in_threadpool(state.tables)
         from ..text.chunking import LONG_PROMPT_STRATEGIES
 
+        limits = settings.limits
         return {"models": [m.name for m in settings.models], "options": state.options_snapshot(),
                 "samplers": list(samplers), "schedules": list(schedules),
                 "long_prompt": list(LONG_PROMPT_STRATEGIES), "weighting": await run_in_threadpool(weightings),
-                "limits": {"max_width": settings.max_width, "max_height": settings.max_height,
-                           "max_steps": settings.max_steps, "max_batch_size": settings.max_batch_size,
-                           "max_prompt_chars": settings.max_prompt_chars}}
+                "limits": {"max_width": limits.max_width, "max_height": limits.max_height,
+                           "max_steps": limits.max_steps, "max_batch_size": limits.max_batch_size,
+                           "max_prompt_chars": limits.max_prompt_chars}}
 
     @app.post("/api/tokenize", tags=["clipdiffusion"])
     async def tokenize(req: TokenizeRequest) -> dict:
-        a1111.check_prompt("prompt", req.prompt, settings)
+        GenerationRequest.create(settings.limits, prompt=req.prompt, long_prompt=req.long_prompt)
         from .tokens import token_report
 
         return await run_in_threadpool(lambda: token_report(req.prompt, req.long_prompt, state.tokenizer()))
 
     @app.post("/api/encode", tags=["clipdiffusion"])
     async def encode(req: EncodeRequest) -> dict:
-        for name in ("prompt", "negative_prompt"):
-            a1111.check_prompt(name, getattr(req, name), settings)
+        request = GenerationRequest.create(settings.limits, prompt=req.prompt, negative_prompt=req.negative_prompt,
+                                           clip_skip=req.clip_skip, long_prompt=req.long_prompt,
+                                           weighting=req.weighting)
         model = _model(state, req.model)
-        return await state.run("encode", model, partial(encode_stats, req), JobControl())
+        return await state.run("encode", model, partial(encode_stats, request), JobControl())
 
     @app.post("/api/generate", tags=["clipdiffusion"])
     async def generate(req: GenerateRequest) -> dict:
         samplers, schedules = state.tables()
         plan = generate_plan(req, settings, _model(state, req.model), samplers, schedules)
-        control = JobControl(steps=req.steps, iterations=1)
-        images, seeds, infotexts, attention = await state.run("generate", plan.model,
-                                                              partial(_generate_work, plan), control)
+        control = JobControl(steps=plan.request.steps, iterations=1)
+        pictures, seeds, infotexts, attention = await state.run("generate", plan.model,
+                                                                partial(_generate_work, plan), control)
 
-        def encode_all():
-            from .tokens import token_labels
-
-            labels = token_labels(req.prompt, req.long_prompt, state.tokenizer()) if req.attention_maps else []
-            return ([a1111.encode_png(im, infotexts[i] if i < len(infotexts) else None)
-                     for i, im in enumerate(images)], heatmaps(attention, labels) if req.attention_maps else None)
+        def encode_all():  # the labels are the result's own: the conditioning's token plan, tokenized once
+            return ([images.encode_png(im, infotexts[i] if i < len(infotexts) else None)
+                     for i, im in enumerate(pictures)], heatmaps(attention))
 
         encoded, maps = await run_in_threadpool(encode_all)
         return {"images": encoded, "seeds": seeds, "infotexts": infotexts, "attention": maps,

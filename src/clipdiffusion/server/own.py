@@ -6,16 +6,14 @@ from __future__ import annotations
 
 import base64
 import io
-import math
-from typing import Any
 
 from pydantic import ConfigDict, Field
 
-from . import a1111
-from .a1111 import GenerationPlan, Int, JSONRequest, Number, RequestError, Text
+from ..request import GenerationRequest
+from .a1111 import GenerationPlan
+from .sampler_names import resolve_sampler, resolve_schedule
+from .schemas import Int, JSONRequest, Number, Text
 from .settings import ServerSettings
-
-LONG_PROMPT = ("truncate", "chunk", "window", "stretch")
 
 
 class TokenizeRequest(JSONRequest):
@@ -53,36 +51,16 @@ class GenerateRequest(JSONRequest):
     model: Text | None = None
 
 
-def _check_choice(name: str, value: str, choices) -> str:
-    if value not in choices:
-        raise RequestError(name, value, f"must be one of {', '.join(choices)}")
-    return value
-
-
 def generate_plan(req: GenerateRequest, settings: ServerSettings, model: str, samplers, schedules) -> GenerationPlan:
-    a1111.check_prompt("prompt", req.prompt, settings)
-    a1111.check_prompt("negative_prompt", req.negative_prompt, settings)
-    a1111.check_int("steps", req.steps, 1, settings.max_steps)
-    a1111.check_int("batch_size", req.batch_size, 1, settings.max_batch_size)
-    if req.clip_skip is not None:
-        a1111.check_int("clip_skip", req.clip_skip, 1, 48)
-    if req.width is not None:
-        a1111.check_size("width", req.width, settings.max_width)
-    if req.height is not None:
-        a1111.check_size("height", req.height, settings.max_height)
-    if not math.isfinite(req.guidance) or not 0.0 <= req.guidance <= 100.0:
-        raise RequestError("guidance", req.guidance, "must be a finite number in [0, 100]")
-    _check_choice("long_prompt", req.long_prompt, LONG_PROMPT)
-    sampler, implied = a1111.resolve_sampler(req.sampler, samplers, "sampler")
-    schedule = a1111.resolve_schedule(req.schedule, schedules, implied, "schedule")
-    seed = a1111.resolve_seed(req.seed)
-    kwargs = dict(prompt=req.prompt, negative_prompt=req.negative_prompt, steps=req.steps, guidance=req.guidance,
-                  sampler=sampler, schedule=schedule, width=req.width, height=req.height, clip_skip=req.clip_skip,
-                  long_prompt=req.long_prompt, weighting=req.weighting, batch_size=req.batch_size)
-    if req.attention_maps:
-        kwargs["attention_maps"] = True
-    return GenerationPlan(model=model, kwargs=kwargs, seed=seed, n_iter=1, sampler_label=sampler,
-                          schedule=schedule)
+    """Our body, in our names, as a request checked against the server's limits (A1111 sampler names accepted)."""
+    sampler, implied = resolve_sampler(req.sampler, samplers, "sampler")
+    schedule = resolve_schedule(req.schedule, schedules, implied, "schedule")
+    request = GenerationRequest.create(
+        settings.limits, prompt=req.prompt, negative_prompt=req.negative_prompt, steps=req.steps,
+        guidance=req.guidance, seed=req.seed, sampler=sampler, schedule=schedule, width=req.width, height=req.height,
+        clip_skip=req.clip_skip, long_prompt=req.long_prompt, weighting=req.weighting, batch_size=req.batch_size,
+        attention_maps=req.attention_maps)
+    return GenerationPlan(model=model, request=request.resolve_seed(), sampler_label=sampler)
 
 
 # -- /api/encode ---------------------------------------------------------------------------------------------
@@ -103,71 +81,24 @@ def _tensor_stats(t) -> dict | None:
     return stats
 
 
-def _report_dict(report) -> Any:
-    if report is None or isinstance(report, (bool, int, float, str)):
-        return report
-    if hasattr(report, "to_dict"):
-        return report.to_dict()
-    if isinstance(report, dict):
-        return {k: _report_dict(v) for k, v in report.items()}
-    if isinstance(report, (list, tuple)):
-        return [_report_dict(r) for r in report]
-    return str(report)
-
-
-def encode_stats(req: EncodeRequest, pipe, control) -> dict:
+def encode_stats(request: GenerationRequest, pipe, control) -> dict:
     """Runs in the worker: encode with the loaded model's text encoder and summarise the tensors."""
-    _check_choice("long_prompt", req.long_prompt, LONG_PROMPT)
-    if req.clip_skip is not None:
-        a1111.check_int("clip_skip", req.clip_skip, 1, 48)
-    cond = pipe.text_encoder.encode(req.prompt, req.negative_prompt, clip_skip=req.clip_skip,
-                                    long_prompt=req.long_prompt, weighting=req.weighting)
+    cond = pipe.text_encoder.encode(request.prompt, request.negative_prompt, clip_skip=request.clip_skip,
+                                    long_prompt=request.long_prompt, weighting=request.weighting)
     return {"context": _tensor_stats(cond.context), "negative_context": _tensor_stats(cond.negative_context),
-            "pooled": _tensor_stats(getattr(cond, "pooled", None)),
-            "negative_pooled": _tensor_stats(getattr(cond, "negative_pooled", None)),
-            "report": _report_dict(getattr(cond, "report", None)),
-            "family": getattr(pipe.text_encoder, "family", None), "clip_skip": req.clip_skip,
-            "long_prompt": req.long_prompt, "weighting": req.weighting}
+            "pooled": _tensor_stats(cond.pooled), "negative_pooled": _tensor_stats(cond.negative_pooled),
+            "report": cond.report.to_dict() if cond.report is not None else None,
+            "family": pipe.text_encoder.family, "clip_skip": request.clip_skip,
+            "long_prompt": request.long_prompt, "weighting": request.weighting}
 
 
 # -- attention heatmaps --------------------------------------------------------------------------------------
-
-
-def _as_array(x):
-    import numpy as np
-
-    if hasattr(x, "detach"):
-        x = x.detach().float().cpu().numpy()
-    return np.asarray(x, dtype="float32")
-
-
-def _maps_and_tokens(attention):
-    """Accepts the shapes a pipeline may report: an object or dict with `maps` (and `tokens`), a mapping
-    token -> map, or an array [T, h, w] / [B, T, h, w] (first image)."""
-    tokens = None
-    if hasattr(attention, "maps"):
-        tokens, attention = getattr(attention, "tokens", None), attention.maps
-    elif isinstance(attention, dict) and "maps" in attention:
-        tokens, attention = attention.get("tokens"), attention["maps"]
-    elif isinstance(attention, dict):
-        tokens, attention = [str(k) for k in attention], list(attention.values())
-    if isinstance(attention, (list, tuple)):
-        maps = [_as_array(m) for m in attention]
-    else:
-        arr = _as_array(attention)
-        if arr.ndim == 4:
-            arr = arr[0]  # (B, T, h, w) -> first image
-        if arr.ndim != 3:
-            raise ValueError(f"attention maps of shape {arr.shape} are not [T, h, w]")
-        maps = list(arr)
-    return maps, (list(tokens) if tokens is not None else None)
 
 
 def heatmap_png(m) -> str:
     from PIL import Image
     import numpy as np
 
-    m = np.squeeze(m)
     lo, hi = float(m.min()), float(m.max())
     scaled = (m - lo) / (hi - lo) if hi > lo else np.zeros_like(m)
     image = Image.fromarray((scaled * 255).round().astype("uint8"), mode="L")
@@ -176,12 +107,13 @@ def heatmap_png(m) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def heatmaps(attention, labels: list[str]) -> dict | None:
-    """One normalised grayscale PNG per token position: {"tokens": [...], "maps": [base64 PNG, ...]}. Positions
-    past the prompt's tokens (EOS padding) are left out when the labels say where the prompt ends."""
+def heatmaps(attention) -> dict | None:
+    """A result's `pipeline.AttentionMaps` (one [h, w] map per prompt token, labelled from the conditioning's token
+    plan) as {"tokens": [...], "maps": [base64 grayscale PNG, ...]}, each map normalised to 0..255."""
+    from ..pipeline import AttentionMaps
+
     if attention is None:
         return None
-    maps, tokens = _maps_and_tokens(attention)
-    tokens = tokens or labels or [f"#{i}" for i in range(len(maps))]
-    count = min(len(maps), len(tokens))
-    return {"tokens": tokens[:count], "maps": [heatmap_png(m) for m in maps[:count]]}
+    if not isinstance(attention, AttentionMaps):
+        raise TypeError(f"attention: expected pipeline.AttentionMaps, got {type(attention).__name__}")
+    return {"tokens": list(attention.tokens), "maps": [heatmap_png(m) for m in attention.maps]}

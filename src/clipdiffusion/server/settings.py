@@ -7,10 +7,12 @@ selected model, the default clip skip) lives in `server.app.ServerState`, never 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from dataclasses import dataclass
 
 from ..errors import ClipDiffusionError
+from ..request import LIMITS, Limits
 
 # The name the embedded model is listed under when no --model is given.
 EMBEDDED_MODEL = "clipdiffusion-tiny"
@@ -36,7 +38,8 @@ class ServerSettings:
     models: tuple[ModelEntry, ...] = (ModelEntry(EMBEDDED_MODEL),)
     # "user:password" pairs for HTTP basic auth; empty means open (which is why the default bind is loopback).
     api_auth: tuple[tuple[str, str], ...] = ()
-    # Limits: A1111 itself caps the UI at 2048 px and 150 steps; prompt and body caps bound memory per request.
+    # Limits (see `limits`): A1111 itself caps the UI at 2048 px and 150 steps; prompt and body caps bound memory
+    # per request.
     max_width: int = 2048
     max_height: int = 2048
     max_steps: int = 150
@@ -67,6 +70,16 @@ class ServerSettings:
         names = [m.name for m in self.models]
         if len(set(names)) != len(names):
             raise ClipDiffusionError(f"models must have distinct names, got {names!r}")
+        self.limits  # a limit looser than the engine's is an error here, not in the first request
+
+    @functools.cached_property
+    def limits(self) -> Limits:
+        """The engine's request limits (`request.LIMITS`) tightened to this server's; sizes are multiples of 8 (the
+        SD VAEs' factor, what A1111's sliders step by). Every request is checked against these, by name."""
+        return LIMITS.tightened(
+            max_steps=self.max_steps, max_width=self.max_width, max_height=self.max_height,
+            max_pixels=min(LIMITS.max_pixels, self.max_width * self.max_height), size_multiple=8,
+            max_batch_size=self.max_batch_size, max_n_iter=self.max_n_iter, max_prompt_chars=self.max_prompt_chars)
 
     def replace(self, **changes) -> "ServerSettings":
         return dataclasses.replace(self, **changes)

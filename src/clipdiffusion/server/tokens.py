@@ -8,8 +8,6 @@ that carries it.
 
 from __future__ import annotations
 
-from ..errors import PromptError
-
 
 def _chunking():
     from ..text import chunking
@@ -64,13 +62,3 @@ def _token_view(stream, plan, tokenizer, chunking) -> list[dict]:
         view.append({"id": token_id, "text": tokenizer.decode([token_id]), "weight": weight, "chunk": chunk,
                      "break": False})
     return view
-
-
-def token_labels(prompt: str, strategy: str, tokenizer, parse=default_parse) -> list[str]:
-    """Text of every position of the first window (BOS, tokens, EOS), to label attention heatmaps."""
-    try:
-        report = token_report(prompt, strategy, tokenizer, parse)
-    except (PromptError, ValueError, ImportError):
-        return []
-    words = [t["text"] for t in report["tokens"] if t["chunk"] == 0]
-    return ["<|startoftext|>", *words, "<|endoftext|>"]

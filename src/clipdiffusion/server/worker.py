@@ -52,14 +52,10 @@ class JobControl:
     def interrupted(self) -> bool:
         return self._stop.is_set()
 
-    def on_step(self, *args, **kwargs) -> None:
+    def on_step(self, step: int, total: int, latents=None) -> None:
+        """The samplers' `callback(step, total, x)`: step `step` (from 1) of `total` is done."""
         with self._lock:
-            if len(args) >= 2 and all(isinstance(a, int) and not isinstance(a, bool) for a in args[:2]):
-                self.step, self.steps = args[0], args[1]  # the samplers' callback(step, total, x), step from 1
-            elif args and isinstance(args[0], dict) and isinstance(args[0].get("i"), int):
-                self.step = args[0]["i"] + 1  # k-diffusion's callback({"i": ..., ...}), i from 0
-            else:
-                self.step += 1
+            self.step, self.steps = step, total
             if self.steps:
                 self.step = min(self.step, self.steps)
 
