@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from clipdiffusion.errors import ClipDiffusionError
-from clipdiffusion.tiny.train import PHASES, Trainer, TrainSettings
+from clipdiffusion.tiny.settings import PHASES, TrainSettings
+from clipdiffusion.tiny.train import Trainer
 
 
 def main(argv=None) -> int:

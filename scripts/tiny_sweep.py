@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from clipdiffusion.tiny import models
-from clipdiffusion.tiny.train import PHASES, Trainer, TrainSettings
+from clipdiffusion.tiny.settings import PHASES, TrainSettings
+from clipdiffusion.tiny.train import Trainer
 
 
 NEG = {"clip_hard_negatives": True, "lr_floor": 0.05, "pool_size": 24000}

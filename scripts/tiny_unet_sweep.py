@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from clipdiffusion.tiny import models
-from clipdiffusion.tiny.train import PHASES, Trainer, TrainSettings
+from clipdiffusion.tiny.settings import PHASES, TrainSettings
+from clipdiffusion.tiny.train import Trainer
 
 SHIPPED_UNET_SECONDS = 2175  # eval/training.md, the shipped run's UNet phase on 2 cores
 from tiny_sweep import unet  # noqa: E402  (scripts/ is on sys.path when run as a script)

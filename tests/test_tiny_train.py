@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from clipdiffusion.errors import ClipDiffusionError
-from clipdiffusion.tiny.train import ContextBuilder, Trainer, TrainSettings, caption_variants, loose_caption
+from clipdiffusion.tiny.batches import ContextBuilder, caption_variants, loose_caption
+from clipdiffusion.tiny.train import Trainer, TrainSettings
 from clipdiffusion.tiny.world import ObjectSpec, SceneSpec
 
 MICRO = dict(model="micro", minutes=60.0, max_steps=2, clip_batch=8, vae_batch=2, unet_batch=4, pool_size=6,
@@ -250,7 +251,7 @@ def _attributes(spec):
 
 def test_hard_negative_twin_misstates_exactly_one_attribute():
     from clipdiffusion.tiny.captions import parse_caption
-    from clipdiffusion.tiny.train import caption_pair
+    from clipdiffusion.tiny.batches import caption_pair
     from clipdiffusion.tiny.world import sample_spec
 
     rng = np.random.default_rng(3)
@@ -308,7 +309,7 @@ def test_phase_step_caps_and_cosine_decay(tmp_path):
 
 def test_size_named_sets_how_often_captions_state_sizes():
     from clipdiffusion.tiny.captions import parse_caption
-    from clipdiffusion.tiny.train import loosen
+    from clipdiffusion.tiny.batches import loosen
 
     with pytest.raises(ClipDiffusionError, match=r"size_named: -0\.1"):
         TrainSettings(size_named=-0.1)
@@ -322,7 +323,7 @@ def test_size_named_sets_how_often_captions_state_sizes():
 
 
 def test_unused_phase_time_passes_to_the_next_phase():
-    from clipdiffusion.tiny.train import phase_seconds
+    from clipdiffusion.tiny.settings import phase_seconds
 
     settings = TrainSettings(minutes=1, shares=(1, 1, 1, 1))  # 15 s each
     assert phase_seconds(settings) == {"clip": 15, "vae": 15, "pool": 15, "unet": 15}
@@ -345,7 +346,7 @@ def test_train_cli_turns_hard_negatives_on(tmp_path):
 
 
 def test_cell_targets_name_what_the_caption_states_per_cell():
-    from clipdiffusion.tiny.train import cell_targets
+    from clipdiffusion.tiny.batches import cell_targets
     from clipdiffusion.tiny.world import ObjectSpec, SceneSpec
 
     spec = SceneSpec((ObjectSpec("red", "circle", 0, "large"), ObjectSpec("orange", "triangle", 8, None)), None)
@@ -369,7 +370,7 @@ def test_readout_loss_trains_the_text_tower(tmp_path):
 def test_a_run_slower_than_the_shipped_one_is_told_so(trained):
     """The phases run on the clock: a slower CPU gets fewer steps than the shipped run and a weaker model, so the
     run says which phases fell behind the shipped run's pace (steps per budgeted minute)."""
-    from clipdiffusion.tiny.train import pace_notes, shipped_run
+    from clipdiffusion.tiny.settings import pace_notes, shipped_run
 
     ref_settings, ref_steps = shipped_run()  # what export wrote into the shipped file's metadata
     assert ref_settings["model"] == "tiny-sd" and ref_steps["unet"] > 1000 and ref_settings["phase_steps"] is None
@@ -422,7 +423,7 @@ def test_extending_a_finished_runs_unet_equals_a_longer_run(tmp_path):
 
 
 def test_train_cli_ends_with_a_note_when_slower_than_the_shipped_run(tmp_path, monkeypatch, capsys):
-    import clipdiffusion.tiny.train as train
+    import clipdiffusion.tiny.settings as train
     from clipdiffusion.cli import main
 
     reference = ({"model": "micro", "minutes": 0.05, "phase_steps": None},

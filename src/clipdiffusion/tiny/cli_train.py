@@ -45,7 +45,8 @@ def run(args) -> int:
         raise ClipDiffusionError(f"pool-size: {args.pool_size} must be positive")
     import torch
 
-    from .train import Trainer, TrainSettings, pace_notes, shipped_run
+    from .settings import TrainSettings, pace_notes, shipped_run
+    from .train import Trainer
 
     torch.set_num_threads(args.threads)
     phase_steps = None
