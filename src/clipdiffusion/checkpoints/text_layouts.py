@@ -276,6 +276,9 @@ def text_encoder_to_diffusers(family, encoders) -> list:
     from ..families import get_family
 
     record = get_family(family)
+    if len(encoders) != len(record.towers):
+        raise ClipDiffusionError(f"encoders: family {record.name!r} has {len(record.towers)} text encoder(s), "
+                                 f"got {len(encoders)}")  # fmt: skip
     out = []
     for index, (spec, recipe) in enumerate(zip(encoders, record.towers)):
         model, config = spec.model, spec.model.config
