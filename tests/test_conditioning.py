@@ -98,7 +98,7 @@ def test_a1111_weighting_restores_mean(sd1):
 
 
 def test_grammar_and_break_end_to_end(sd1, tok):
-    cond = sd1.encode("a (red:1.3) cat BREAK [dog]", "BREAK blurry", weighting="none")
+    cond = sd1.encode("a (red:1.3) cat BREAK [dog]", "BREAK blurry", weighting="ignore")
     assert cond.report.prompt.summary() == "3/75 | 1/75"
     assert cond.report.negative_prompt.summary() == "0/75 | 1/75"  # leading BREAK: an all-padding chunk (A1111)
     assert cond.context.shape == cond.negative_context.shape == (1, 154, 32)
@@ -146,10 +146,28 @@ def test_comfy_without_weights_is_plain(sd1):
         assert torch.equal(plain.context, comfy.context) and torch.equal(plain.negative_context, comfy.negative_context)
 
 
-def test_none_weighting_ignores_weights(sd1):
-    a = sd1.encode("(cat:1.5) dog", weighting="none").context
+def test_ignore_weighting_drops_weights(sd1):
+    a = sd1.encode("(cat:1.5) dog", weighting="ignore").context
     b = sd1.encode("cat dog", weighting="a1111").context
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("long_prompt", ["truncate", "chunk", "window", "stretch"])
+def test_none_weighting_is_literal_text_as_tokens_no_weights(sd1, tok, long_prompt):
+    """weighting="none" (A1111's emphasis "None") and `clipdiffusion tokens --no-weights` lay out the same tokens:
+    brackets, (x:1.2) and BREAK are text, every weight 1."""
+    from clipdiffusion.text.cli_tokens import tokens_report
+
+    prompt = "a (red:1.3) cat BREAK [dog] " + ", ".join(["(tag:0.5)"] * 20)
+    plan = sd1.plan(prompt, long_prompt, "none")
+    report = tokens_report(prompt, long_prompt=long_prompt, weights=False, tokenizer=tok)
+    assert [list(w.tokens) for w in plan.windows] == [c["ids"] for c in report["chunks"]]
+    assert {w for window in plan.windows for w in window.weights} == {1.0}
+    literal_ids = tok.encode("a (red:1.3) cat break [dog]")  # window tokens: content only, no BOS
+    assert list(plan.windows[0].tokens[:len(literal_ids)]) == literal_ids
+    literal = sd1.encode(prompt, weighting="none").context
+    escaped = prompt.translate({ord(c): "\\" + c for c in "()[]"}).replace("BREAK", "break")
+    assert torch.equal(literal, sd1.encode(escaped, weighting="a1111").context)
 
 
 def test_negative_and_positive_equal_length(sd1):
@@ -251,7 +269,7 @@ def test_bad_input(sd1, tok):
         sd1.encode("cat " * 10_001)
     with pytest.raises(ClipDiffusionError, match="family"):
         TextEncoder("sd3", sd1.encoders, tok)
-    assert list(WEIGHTINGS) == ["a1111", "comfy", "none"]
+    assert list(WEIGHTINGS) == ["a1111", "comfy", "none", "ignore"]  # A1111's emphasis None / Ignore
 
 
 @pytest.mark.slow  # importing transformers takes ~5 s on 2 shared cores
@@ -358,7 +376,7 @@ def test_sdxl_parity_with_diffusers_logic(tok, parse):
 
 
 @pytest.mark.parametrize("long_prompt", ["truncate", "chunk", "window", "stretch"])
-@pytest.mark.parametrize("weighting", ["a1111", "comfy", "none"])
+@pytest.mark.parametrize("weighting", ["a1111", "comfy", "ignore"])  # "none" reads BREAK as text: other rows
 def test_every_strategy_and_weighting_gives_equal_finite_contexts(sd1, sdxl, long_prompt, weighting):
     prompt = "(red:1.3) cat, " + " ".join(["dog"] * 90) + " BREAK [sky]"
     for enc in (sd1, sdxl):

@@ -1,7 +1,9 @@
 """Text to image: one ``generate()`` that the CLI, the server and the Python API all call.
 
-prompt -> TextEncoder.encode -> Conditioning -> CFGDenoiser(Denoiser(unet)) -> sampler over a schedule ->
-VAE decode -> PIL images, each with its A1111 infotext.
+GenerationRequest -> TextEncoder.encode -> Conditioning -> CFGDenoiser(Denoiser(unet)) -> sampler over a schedule
+-> VAE decode -> PIL images, each with its A1111 infotext. Attention maps, when asked for, come from
+``attention_maps.AttentionCapture`` wrapped around the model denoiser and given the rows of the prompt's tokens from
+the plan the conditioning carries (the prompt is tokenized once).
 
 Seeds follow diffusers: image i of a batch draws its initial noise [1, C, h, w] on the CPU from
 ``torch.Generator().manual_seed(seed + i)`` (``randn_tensor`` with a list of generators), so seed s gives the same
@@ -19,12 +21,12 @@ reduction over a stage's output (one per model call while sampling), and the che
 from __future__ import annotations
 
 import dataclasses
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from .attention_maps import AttentionCapture, AttentionMaps
 from .errors import ClipDiffusionError, NonFiniteError
 from .infotext import to_infotext
 from .request import DEFAULTS, LIMITS, GenerationRequest, RequestError, as_request
@@ -38,17 +40,6 @@ SEED_LIMIT = LIMITS.seed_limit  # torch.Generator.manual_seed accepts [0, 2**64)
 # Native resolution per family; the embedded tiny model states its own.
 DEFAULT_SIZES = {"sd1": 512, "sd2": 512, "sdxl": 1024, "tiny": 64}
 TINY_DATA = Path(__file__).parent / "tiny" / "data"
-
-
-@dataclass
-class AttentionMaps:
-    """Cross-attention of each prompt token, averaged over sampling steps, layers and heads, at latent size.
-
-    ``tokens[i]`` is the decoded text of the token whose map is ``maps[i]``; BOS, EOS and padding are left out.
-    """
-
-    tokens: list
-    maps: np.ndarray  # [T, h, w] float32
 
 
 @dataclass
@@ -202,21 +193,6 @@ class Pipeline:
         pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0 * 2.0 - 1.0)  # [H,W,3]
         return pixels.permute(2, 0, 1)[None]  # [1,3,H,W]
 
-    def _token_rows(self, prompt, long_prompt, weighting):
-        """Context rows that carry prompt tokens, and their text, for attention maps."""
-        from .text.chunking import EMPTY_WINDOW
-
-        plan = self.text_encoder.plan(prompt, long_prompt, weighting)
-        rows, labels = [], []
-        for r, (w, p) in enumerate(plan.rows):
-            if w == EMPTY_WINDOW:
-                continue
-            tokens = plan.windows[w].tokens
-            if 1 <= p <= len(tokens):
-                rows.append(r)
-                labels.append(self.text_encoder.tokenizer.decode([tokens[p - 1]]).strip())
-        return rows, labels
-
     # ---- generation --------------------------------------------------------------------------------------------
 
     def generate(self, prompt, negative_prompt="", *, steps=20, guidance=7.0, seed=-1, sampler="euler",
@@ -288,19 +264,21 @@ class Pipeline:
         if y is not None:
             y, negative_y = y.to(device), negative_y.to(device)
 
-        denoiser = Denoiser(self.unet, self.alphas_cumprod, self.prediction)
-        cfg = CFGDenoiser(denoiser, context, negative_context, r.guidance, y=y, negative_y=negative_y)
+        denoiser = model = Denoiser(self.unet, self.alphas_cumprod, self.prediction)
+        capture, labels = None, []
+        if r.attention_maps:
+            # rows and labels from the plan the prompt was encoded with: the prompt is tokenized once
+            token_rows = cond.token_rows()
+            labels = [self.text_encoder.tokenizer.decode([token]).strip() for _, token in token_rows]
+            f = self.vae.config.downsample_factor
+            capture = AttentionCapture(denoiser, context, [row for row, _ in token_rows], (height // f, width // f))
+            if token_rows:  # an empty prompt ("", "BREAK", ...) has no token rows: empty maps, nothing recorded
+                model = capture
+        cfg = CFGDenoiser(model, context, negative_context, r.guidance, y=y, negative_y=negative_y)
         sigmas = make_sigmas(denoiser.sigmas, r.steps)
 
         generators = [torch.Generator().manual_seed(s) for s in seeds]
         x, sigmas = self._initial_latents(generators, sigmas, width, height, init_pixels, r.strength, device)
-
-        recorder = None
-        if r.attention_maps:
-            rows, labels = self._token_rows(r.prompt, r.long_prompt, r.weighting)
-            recorder = _AttentionAccumulator(rows, x.shape[-2:])
-            if rows:  # an empty prompt ("", "BREAK", ...) has no token rows: empty maps, nothing recorded
-                cfg.attention_recorder = recorder
 
         stopped = []
 
@@ -319,7 +297,7 @@ class Pipeline:
         pixels = (pixels / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()  # [B,H,W,3]
         images = [_to_pil(p) for p in pixels]
 
-        attention = recorder.result(labels) if recorder is not None else None
+        attention = capture.result(labels) if capture is not None else None
         return GenerationResult(images, seeds, self._infotexts(r, seeds), attention, pixels,
                                 interrupted=bool(stopped))
 
@@ -382,40 +360,3 @@ def _to_pil(pixels: np.ndarray):
     from PIL import Image
 
     return Image.fromarray((pixels * 255).round().astype(np.uint8))  # diffusers' numpy_to_pil
-
-
-@dataclass
-class _AttentionAccumulator:
-    """Sums cross-attention probabilities of the prompt-token rows, resized to latent size, per image."""
-
-    rows: list
-    size: tuple  # latent (h, w)
-    total: object = None
-    count: int = 0
-    _index: object = field(default=None, repr=False)
-
-    def __call__(self, layer_name, probs):
-        import torch
-        import torch.nn.functional as F
-
-        if not self.rows:
-            return
-        h, w = self.size
-        B, _, HW, _ = probs.shape  # [B,heads,HW,T]
-        if self._index is None:
-            self._index = torch.tensor(self.rows, dtype=torch.long, device=probs.device)
-        scale = math.isqrt(h * w // HW)  # this layer works at latent size / scale
-        lh, lw = h // scale, w // scale
-        maps = probs.float().mean(dim=1).index_select(-1, self._index)  # [B,HW,Ttok]
-        maps = maps.transpose(1, 2).reshape(B, len(self.rows), lh, lw)  # [B,Ttok,lh,lw]
-        if (lh, lw) != (h, w):
-            maps = F.interpolate(maps, size=(h, w), mode="bilinear", align_corners=False)
-        self.total = maps if self.total is None else self.total + maps
-        self.count += 1
-
-    def result(self, labels) -> AttentionMaps:
-        h, w = self.size
-        if self.total is None:
-            return AttentionMaps(list(labels), np.zeros((len(labels), h, w), dtype=np.float32))
-        maps = (self.total[0] / self.count).cpu().numpy().astype(np.float32)  # [Ttok,h,w] of the first image
-        return AttentionMaps(list(labels), maps)

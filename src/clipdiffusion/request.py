@@ -31,7 +31,7 @@ from .text.prompt import MAX_PROMPT_CHARS
 
 LONG_PROMPTS = tuple(LONG_PROMPT_STRATEGIES)
 # text.conditioning.WEIGHTINGS, repeated because that module imports torch; tests/test_request.py keeps them equal
-WEIGHTINGS = ("a1111", "comfy", "none")
+WEIGHTINGS = ("a1111", "comfy", "none", "ignore")
 # Engine sampler/schedule names (diffusion.samplers.SAMPLERS/SCHEDULES import torch, so membership is checked by
 # check_engine_names()). Lowercase identifiers never collide with A1111 display names ("Euler a", "Karras").
 _ENGINE_NAME = re.compile(r"[a-z0-9][a-z0-9_]{0,63}\Z")

@@ -15,6 +15,7 @@ from ..families import get_family
 from .chunking import (
     EMPTY_WINDOW,
     STRETCH_POSITIONS,
+    Plan,
     TokenReport,
     Window,
     check_prompt_text,
@@ -75,7 +76,9 @@ class Conditioning:
     """``context``/``negative_context`` [1, T, D]; ``pooled``/``negative_pooled`` [1, P] (SDXL) or None.
 
     ``context_lengths`` are the rows of (prompt, negative prompt) before equalisation; with ``equalize=True`` both
-    contexts were padded to the longer one with encoded empty-prompt chunks.
+    contexts were padded to the longer one with encoded empty-prompt chunks. ``plan``/``negative_plan`` are the
+    layouts (``chunking.Plan``) the contexts were assembled from: the prompt is planned once, and what needs to
+    know which row holds which token (attention maps) reads it here (``token_rows``).
     """
 
     context: torch.Tensor
@@ -84,6 +87,19 @@ class Conditioning:
     negative_pooled: torch.Tensor | None = None
     report: ConditioningReport | None = None
     context_lengths: tuple = field(default=())
+    plan: Plan | None = None
+    negative_plan: Plan | None = None
+
+    def token_rows(self) -> list:
+        """``(row, token id)`` of every ``context`` row that carries a prompt token, in row order; BOS, EOS,
+        padding and empty-prompt rows are left out (an empty prompt has none)."""
+        if self.plan is None:
+            return []
+        rows = []
+        for r, (w, p) in enumerate(self.plan.rows):
+            if w != EMPTY_WINDOW and 1 <= p <= len(self.plan.windows[w].tokens):
+                rows.append((r, self.plan.windows[w].tokens[p - 1]))
+        return rows
 
     def to_diffusers(self) -> dict:
         """Keyword arguments for a diffusers pipeline call (``pipe(**cond.to_diffusers(), ...)``)."""
@@ -137,7 +153,9 @@ def _weight_none(z, weights, empty):
 
 
 # name -> function(z [N, P, D], weights [N, P], empty [P, D] | None); feeds the CLI choices and the errors.
-WEIGHTINGS = {"a1111": _weight_a1111, "comfy": _weight_comfy, "none": _weight_none}
+# "none" and "ignore" are A1111's emphasis settings of those names (sd_emphasis.py): "None" disables the syntax
+# (brackets, (x:1.2) and BREAK are literal text), "Ignore" parses it and drops the weights (BREAK still splits).
+WEIGHTINGS = {"a1111": _weight_a1111, "comfy": _weight_comfy, "none": _weight_none, "ignore": _weight_none}
 
 
 def _check_choice(field_name, value, table):
@@ -198,9 +216,14 @@ class TextEncoder:
         """Parse and lay out one prompt (no torch work): the :class:`chunking.Plan` that ``encode`` would use."""
         check_prompt_text(field_name, prompt)
         _check_choice("weighting", weighting, WEIGHTINGS)
-        segments = self.parse(prompt)
         if weighting == "none":
-            # brackets are parsed away, their weights ignored; BREAK keeps its marker weight
+            # A1111's emphasis "None": no emphasis syntax at all, the prompt is one segment of weight 1, so brackets,
+            # (x:1.2) and BREAK are literal text (as `clipdiffusion tokens --no-weights` shows them)
+            segments = [(prompt, 1.0)]
+        else:
+            segments = self.parse(prompt)
+        if weighting == "ignore":
+            # A1111's "Ignore": brackets are parsed away, their weights ignored; BREAK keeps its marker weight
             segments = [(t, w if (t == "BREAK" and w == -1.0) else 1.0) for t, w in segments]
         return plan_prompt(segments, self.tokenizer, long_prompt, backtrack=chunk_backtrack, stride=window_stride)
 
@@ -240,7 +263,8 @@ class TextEncoder:
 
         ``long_prompt``: ``truncate | chunk | window | stretch`` (``chunking.py``). ``weighting``: ``a1111`` (z*w,
         mean restored per window and encoder), ``comfy`` (lerp from the empty prompt's encoding), ``none``
-        (brackets parsed away, weights ignored).
+        (A1111's emphasis "None": no emphasis syntax, brackets and BREAK are literal text), ``ignore`` (A1111's
+        "Ignore": the syntax is parsed, the weights dropped, BREAK still splits).
 
         Equal lengths: with ``equalize=True`` the shorter of prompt and negative is padded with whole encoded
         empty-prompt chunks (A1111's "Pad prompt/negative prompt" option). A1111's default instead runs cond and
@@ -283,7 +307,7 @@ class TextEncoder:
             notes.append(note)
         report = ConditioningReport(pos.report, neg.report, tuple(notes))
         return Conditioning(context, negative_context, pooled[0:1] if pooled is not None else None,
-                            negative_pooled, report, lengths)
+                            negative_pooled, report, lengths, plan=pos, negative_plan=neg)
 
     def _encode_plans(self, plans, skips, weighting, need_empty):
         """Every window of every plan (and the empty prompt when needed) through each tower in one batch, weighted
