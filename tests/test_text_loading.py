@@ -341,7 +341,8 @@ def test_a_known_family_reads_its_towers_where_the_table_says(clip_l, open_h):
     with pytest.raises(CheckpointError, match="unsupported SDXL"):
         text_encoders_from_state_dict(sgm)  # alone, bigG-first is the refiner's layout
     family, (spec,), ignored = text_encoders_from_state_dict(sgm, family="sd2")  # detect.py decided: SD2
-    assert family == "sd2" and (spec.name, spec.pad_id, spec.final_norm, spec.default_clip_skip) == ("clip_h", 0, True, 2)
+    assert family == "sd2"
+    assert (spec.name, spec.pad_id, spec.final_norm, spec.default_clip_skip) == ("clip_h", 0, True, 2)
     assert ignored == ["conditioner.embedders.0.model.logit_scale"]  # by its name in the file
     _same(spec.model, open_h, pad=0)
     tiny = text_encoders_from_state_dict(_hf_keys(clip_l, "cond_stage_model.transformer.text_model."), family="tiny")
