@@ -142,7 +142,7 @@ def test_unknown_keys_are_all_listed():
 
 
 @pytest.mark.parametrize("field,value", [("resnet_time_scale_shift", "scale_shift"), ("flip_sin_to_cos", False),
-                                         ("addition_embed_type", "text"), ("layers_per_block", [2, 2, 2, 2])])
+                                         ("addition_embed_type", "text"), ("layers_per_block", [2, 1, 2, 2])])
 def test_unsupported_diffusers_unet_config_names_the_field(field, value):
     published = dict(PUBLISHED_UNET["sd1"][1], **{field: value})
     with pytest.raises(ClipDiffusionError, match=field):

@@ -84,7 +84,7 @@ def describe_file(path, prediction=None) -> dict:
 
 
 def describe_folder(folder, prediction=None, variant=None) -> dict:
-    from .load import diffusers_prediction, read_json
+    from .load import diffusers_family_from_structure, diffusers_prediction, read_json
     from .safetensors_io import read_shapes
 
     folder = Path(folder)
@@ -92,7 +92,7 @@ def describe_folder(folder, prediction=None, variant=None) -> dict:
     unet_json = read_json(folder / "unet" / "config.json")
     family = index.get(detect.DIFFUSERS_FAMILY_KEY)
     if family not in detect.FAMILIES:
-        family = detect.family_from_diffusers(unet_json, (folder / "text_encoder_2").is_dir(), path=str(folder))
+        family = diffusers_family_from_structure(folder, unet_json)
     pred, notes = diffusers_prediction(folder, family, prediction)
     groups = {}
     for sub, files in _folder_files(folder, variant):

@@ -129,3 +129,15 @@ def config_error(source, component: str, exc: ClipDiffusionError) -> ClipDiffusi
     if source is not None:
         return CheckpointError(source, reason)
     return ClipDiffusionError(f"diffusers {component} config {reason}")
+
+
+# A CLIP tokenizer's pad token -> its id: OpenCLIP pads with "!" (id 0), OpenAI CLIP with end-of-text (49407).
+CLIP_PAD_IDS = {"!": 0, "<|endoftext|>": 49407}
+
+
+def clip_pad_token(tokenizer_config: dict):
+    """(pad token, its id or None) from a transformers ``tokenizer_config.json`` / ``special_tokens_map.json``
+    dict; the token may be a string or an AddedToken dict ``{"content": ...}``."""
+    pad = tokenizer_config.get("pad_token")
+    pad = pad.get("content") if isinstance(pad, dict) else pad
+    return (pad, CLIP_PAD_IDS.get(pad)) if isinstance(pad, str) else (None, None)

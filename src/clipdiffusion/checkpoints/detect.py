@@ -221,9 +221,18 @@ def detect_family(shapes: dict, metadata: dict | None = None, *, prediction: str
                   **measured)  # fmt: skip
 
 
-def family_from_diffusers(unet_config: dict, has_text_encoder_2: bool, path="<folder>") -> str:
-    """Family of a diffusers folder from ``unet/config.json`` (cross_attention_dim, addition embeddings)."""
-    from .config_values import show
+def family_from_diffusers(unet_config: dict, has_text_encoder_2: bool, path="<folder>", *,
+                          text_configs: dict | None = None) -> str:
+    """Family of a diffusers folder from its structure, not its widths.
+
+    ``text_configs`` maps the folder's text-tower subfolders (``text_encoder``, ``text_encoder_2``) to their
+    ``config.json`` dicts. With it, any size of the SD architectures is recognised: two towers and
+    ``addition_embed_type == "text_time"`` is SDXL (one tower with text_time is the refiner, refused); one
+    OpenCLIP-style tower (``hidden_act`` "gelu") is SD2, one CLIP-L-style tower (quick_gelu, transformers' default)
+    is SD1; and the UNet's ``cross_attention_dim`` must be the tower's width (the two widths' sum for SDXL).
+    Without it (the UNet config alone) only the public widths are known: 768 SD1, 1024 SD2, 2048 SDXL.
+    """
+    from .config_values import ConfigValueError, get_int, get_str, is_int, show
 
     context = unet_config.get("cross_attention_dim")
     in_ch = unet_config.get("in_channels", 4)
@@ -231,16 +240,46 @@ def family_from_diffusers(unet_config: dict, has_text_encoder_2: bool, path="<fo
     if isinstance(in_ch, bool) or in_ch != 4:
         raise CheckpointError(path, f"unet in_channels={show(in_ch)} (inpainting/depth/pix2pix models are not "
                                     f"supported)")
-    if context == 768 and not has_text_encoder_2:
-        return "sd1"
-    if context == 1024 and unet_config.get("class_embed_type") is None and not has_text_encoder_2:
-        return "sd2"
-    if context == 2048 and embed_type == "text_time" and has_text_encoder_2:
-        return "sdxl"
-    if context == 1280:
-        raise CheckpointError(path, "the SDXL refiner is not supported (cross_attention_dim=1280)")
-    raise CheckpointError(
-        path,
-        f"unknown model family (unet cross_attention_dim={show(context)}, in_channels={show(in_ch)}, "
-        f"addition_embed_type={show(embed_type)}, text_encoder_2={has_text_encoder_2})",
-    )
+    if text_configs is None:
+        if context == 768 and not has_text_encoder_2:
+            return "sd1"
+        if context == 1024 and unet_config.get("class_embed_type") is None and not has_text_encoder_2:
+            return "sd2"
+        if context == 2048 and embed_type == "text_time" and has_text_encoder_2:
+            return "sdxl"
+        if context == 1280:
+            raise CheckpointError(path, "the SDXL refiner is not supported (cross_attention_dim=1280)")
+        raise CheckpointError(
+            path,
+            f"unknown model family (unet cross_attention_dim={show(context)}, in_channels={show(in_ch)}, "
+            f"addition_embed_type={show(embed_type)}, text_encoder_2={has_text_encoder_2})",
+        )
+    towers = [sub for sub in ("text_encoder", "text_encoder_2") if sub in text_configs]
+    found = (f"unet cross_attention_dim={show(context)}, addition_embed_type={show(embed_type)}, "
+             f"class_embed_type={show(unet_config.get('class_embed_type'))}, text encoders: "
+             f"{', '.join(towers) or 'none'}")  # fmt: skip
+    shape = {}
+    for sub in towers:  # typed reads: a hostile value is an error naming the file and the key
+        try:
+            shape[sub] = (get_int(text_configs[sub], "hidden_size"),
+                          get_str(text_configs[sub], "hidden_act", "quick_gelu", choices=("quick_gelu", "gelu")))
+        except ConfigValueError as exc:
+            raise CheckpointError(f"{path}/{sub}/config.json", exc.reason) from None
+    if unet_config.get("class_embed_type") is not None:
+        name = None
+    elif embed_type == "text_time":
+        if towers == ["text_encoder_2"]:  # bigG alone, plus an aesthetic score in y
+            raise CheckpointError(path, f"the SDXL refiner is not supported ({found})")
+        name = "sdxl" if len(towers) == 2 else None
+    elif embed_type is None and towers == ["text_encoder"]:
+        name = "sd2" if shape["text_encoder"][1] == "gelu" else "sd1"  # OpenCLIP towers use exact GELU
+    else:
+        name = None
+    if name is None:
+        raise CheckpointError(path, f"unknown model family ({found})")
+    width = sum(w for w, _ in shape.values())
+    if is_int(context) and context != width:
+        widths = " + ".join(f"{sub} hidden_size {w}" for sub, (w, _) in shape.items())
+        raise CheckpointError(path, f"unet cross_attention_dim={context} does not fit the text encoders "
+                                    f"({widths} = {width}); {name}-style models condition on that width")
+    return name

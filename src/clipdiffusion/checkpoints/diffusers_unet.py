@@ -116,7 +116,8 @@ _FIXED = {"center_input_sample": False, "flip_sin_to_cos": True, "freq_shift": 0
           "time_cond_proj_dim": None, "time_embedding_dim": None, "reverse_transformer_layers_per_block": None,
           "class_embeddings_concat": False, "downsample_padding": 1, "mid_block_scale_factor": 1,
           "resnet_out_scale_factor": 1.0, "resnet_skip_time_act": False, "timestep_post_act": None,
-          "time_embedding_act_fn": None, "cross_attention_norm": None, "norm_eps": 1e-5}
+          "time_embedding_act_fn": None, "cross_attention_norm": None, "norm_eps": 1e-5, "num_class_embeds": None,
+          "encoder_hid_dim_type": None}
 
 
 _DOWN = {"CrossAttnDownBlock2D", "DownBlock2D"}
@@ -151,9 +152,13 @@ def _unet_config(d: dict):
     if [t == "CrossAttnUpBlock2D" for t in reversed(up)] != attn or len(down) != n:
         raise ConfigValueError(f"down_block_types={show(down)} / up_block_types={show(up)}: must mirror each "
                                f"other, one per block_out_channels entry")
-    if isinstance(d.get("layers_per_block"), (list, tuple)):
-        raise ConfigValueError(f"layers_per_block={show(d['layers_per_block'])}: per-level counts unsupported")
-    layers = V.get_int(d, "layers_per_block", 2, maximum=V.MAX_COUNT)
+    # diffusers takes one count or one per level (up blocks: the level's count + 1); LDM's UNet has one count.
+    layers = V.get_int_or_list(d, "layers_per_block", 2, length=n, maximum=V.MAX_COUNT)
+    if isinstance(layers, list):
+        if len(set(layers)) != 1:
+            raise ConfigValueError(f"layers_per_block={show(layers)}: different counts per level cannot be built "
+                                   f"(the LDM UNet has one num_res_blocks)")
+        layers = layers[0]
     raw_tl = d.get("transformer_layers_per_block", 1)
     if isinstance(raw_tl, (list, tuple)) and any(isinstance(x, (list, tuple)) for x in raw_tl):
         raise ConfigValueError(f"transformer_layers_per_block={show(raw_tl)}: per-block lists unsupported")
@@ -208,6 +213,15 @@ def _unet_config(d: dict):
                       transformer_depth_middle=tl[-1], context_dim=context, num_heads=num_heads,
                       head_channels=head_channels, use_linear_in_transformer=linear, adm_in_channels=adm,
                       size_embed_dim=size_dim, norm_groups=groups)
+
+
+def unet_default_size(d: dict, downsample_factor: int) -> int | None:
+    """diffusers' default image size, ``sample_size`` x the VAE's downsampling (pixels), or None when sample_size is
+    absent, a [height, width] pair or out of range: it is never required, so an odd value is not an error."""
+    size = d.get("sample_size") if isinstance(d, dict) else None
+    if not V.is_int(size) or not 1 <= size * downsample_factor <= 16384:
+        return None
+    return size * downsample_factor
 
 
 def unet_config_to_diffusers(config, *, sample_size: int = 64) -> dict:

@@ -108,8 +108,9 @@ def _vae_config(d: dict):
 
     if not isinstance(d, dict):
         raise ConfigValueError(f"must be a JSON object, got {type(d).__name__}")
+    # latents_mean/std: diffusers' SDXL pipeline would de-normalise latents with them before decoding.
     fixed = {"act_fn": "silu", "use_quant_conv": True, "use_post_quant_conv": True, "mid_block_add_attention": True,
-             "shift_factor": None}
+             "shift_factor": None, "latents_mean": None, "latents_std": None}
     for field, expected in fixed.items():
         if d.get(field, expected) != expected:
             raise ConfigValueError(f"{field}={show(d[field])} is not supported (only {expected!r})")

@@ -226,6 +226,31 @@ def load_component_files(files, *, dtype=None, device="cpu") -> dict:
     return tensors
 
 
+def diffusers_family_from_structure(folder, unet_json: dict) -> str:
+    """The family of a diffusers folder that does not name one, from its structure at any size
+    (detect.family_from_diffusers): the UNet config and the configs of the text towers the folder has."""
+    folder = Path(folder)
+    towers = {sub: read_json(folder / sub / "config.json")
+              for sub in ("text_encoder", "text_encoder_2") if (folder / sub).is_dir()}  # fmt: skip
+    return detect.family_from_diffusers(unet_json, "text_encoder_2" in towers, path=str(folder), text_configs=towers)
+
+
+def tokenizer_pad_notes(folder, family, encoders) -> tuple[str, ...]:
+    """We pad prompts as the family's recipe says (CLIP-L towers with EOS, OpenCLIP towers with 0); diffusers pads
+    with the folder's tokenizer's pad token. A note when the two disagree (both known), since images then differ."""
+    notes = []
+    for sub, spec in zip(("tokenizer", "tokenizer_2"), encoders):
+        files = [Path(folder) / sub / n for n in ("tokenizer_config.json", "special_tokens_map.json")]
+        try:  # we never read the tokenizer otherwise: a broken one is not an error here
+            pad, pad_id = V.clip_pad_token(next((read_json(f) for f in files if f.is_file()), {}))
+        except CheckpointError:
+            continue
+        if pad_id is not None and pad_id != spec.pad_id:
+            notes.append(f"{sub} pads with {pad!r} (id {pad_id}) but the {family} recipe pads {spec.name} with id "
+                         f"{spec.pad_id}: diffusers' own pipeline conditions on this folder differently")
+    return tuple(notes)
+
+
 def diffusers_prediction(folder, family, override):
     if override is not None:
         if override not in detect.PREDICTIONS:
@@ -281,7 +306,7 @@ def load_diffusers(folder, *, dtype=torch.float32, device="cpu", prediction=None
     dtype, device = check_placement(dtype, device)
     from ..diffusion.unet import UNetModel
     from ..diffusion.vae import AutoencoderKL
-    from .diffusers_unet import unet_config_from_diffusers, unet_diffusers_to_ldm
+    from .diffusers_unet import unet_config_from_diffusers, unet_default_size, unet_diffusers_to_ldm
     from .diffusers_vae import vae_config_from_diffusers, vae_diffusers_to_ldm
 
     folder = Path(folder)
@@ -300,8 +325,15 @@ def load_diffusers(folder, *, dtype=torch.float32, device="cpu", prediction=None
     if family is not None and (not isinstance(family, str) or family not in detect.FAMILIES):
         raise CheckpointError(index_path, f"{detect.DIFFUSERS_FAMILY_KEY}={show(family)} is unknown "
                                           f"(one of {list(detect.FAMILIES)})")  # fmt: skip
-    if family is None:
-        family = detect.family_from_diffusers(unet_json, (folder / "text_encoder_2").is_dir(), path=str(folder))
+    metadata = {"model_index": json.dumps(index)}
+    if family is None:  # someone else's folder: its structure says the family, its sample_size the native size
+        family = diffusers_family_from_structure(folder, unet_json)
+        size = unet_default_size(unet_json, vae_config.downsample_factor)
+        metadata.update({"modelspec.resolution": f"{size}x{size}"} if size else {})
+    if not unet_config.in_channels == unet_config.out_channels == vae_config.embed_dim:
+        raise CheckpointError(folder, f"unet in_channels={unet_config.in_channels} and out_channels="
+                                      f"{unet_config.out_channels} must equal the vae latent_channels="
+                                      f"{vae_config.embed_dim}")  # fmt: skip
     pred, notes = diffusers_prediction(folder, family, prediction)
     text_configs = _text_configs_from_diffusers(folder, family)
 
@@ -325,10 +357,10 @@ def load_diffusers(folder, *, dtype=torch.float32, device="cpu", prediction=None
     text_encoder, text_ignored = _diffusers_text_encoder(folder, family, text_configs, variant, dtype=dtype,
                                                          device=device)  # fmt: skip
     check_sdxl_vector(family, unet_config, text_encoder, folder / "unet" / "config.json", "addition_time_embed_dim")
+    notes = tuple(notes) + tokenizer_pad_notes(folder, family, text_encoder.encoders)
     unet = build_module(UNetModel, unet_config, parts["unet"], dtype=dtype, device=device, model=metas["unet"])
     vae = build_module(AutoencoderKL, vae_config, parts["vae"], dtype=dtype, device=device, model=metas["vae"])
     return LoadedModel(
         family=family, prediction=pred, text_encoder=text_encoder, unet=unet, vae=vae, unet_config=unet_config,
-        vae_config=vae_config, metadata={"model_index": json.dumps(index)}, ignored_keys=tuple(text_ignored),
-        notes=tuple(notes), source=str(folder),
+        vae_config=vae_config, metadata=metadata, ignored_keys=tuple(text_ignored), notes=notes, source=str(folder),
     )  # fmt: skip
