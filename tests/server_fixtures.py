@@ -95,7 +95,6 @@ class FakeReport:
 
 class FakeTextEncoder:
     family = "tiny"
-    default_clip_skip = 1
 
     def encode(self, prompt, negative_prompt="", clip_skip=None, long_prompt="chunk", weighting="a1111"):
         import torch

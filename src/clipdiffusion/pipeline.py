@@ -28,6 +28,7 @@ import numpy as np
 
 from .attention_maps import AttentionCapture, AttentionMaps
 from .errors import ClipDiffusionError, NonFiniteError
+from .families import ModelFamily, get_family
 from .infotext import to_infotext
 from .request import DEFAULTS, LIMITS, GenerationRequest, RequestError, as_request
 
@@ -37,8 +38,6 @@ MAX_PIXELS = LIMITS.max_pixels
 MAX_STEPS = LIMITS.max_steps
 MAX_BATCH = LIMITS.max_batch_size
 SEED_LIMIT = LIMITS.seed_limit  # torch.Generator.manual_seed accepts [0, 2**64)
-# Native resolution per family; the embedded tiny model states its own.
-DEFAULT_SIZES = {"sd1": 512, "sd2": 512, "sdxl": 1024, "tiny": 64}
 TINY_DATA = Path(__file__).parent / "tiny" / "data"
 
 
@@ -57,7 +56,9 @@ class GenerationResult:
 
 
 class Pipeline:
-    """A loaded model: text encoder, UNet, VAE, family ("sd1" | "sd2" | "sdxl" | "tiny"), prediction ("eps" | "v")."""
+    """A loaded model: text encoder, UNet, VAE, family (a ``families`` name or record; ``family`` keeps the name,
+    ``model_family`` the record), prediction ("eps" | "v"). ``default_size`` (the size when a request gives none)
+    defaults to the family's native size for the prediction type; a checkpoint may state its own."""
 
     def __init__(self, text_encoder, unet, vae, family: str, prediction: str = "eps", *, name: str = "model",
                  default_size: int | None = None, alphas_cumprod=None):
@@ -68,11 +69,11 @@ class Pipeline:
         self.text_encoder = text_encoder
         self.unet = unet
         self.vae = vae
-        self.family = family
+        record = get_family(family)
+        self.family = record.name
         self.prediction = prediction
         self.name = name
-        self.default_size = default_size or (768 if family == "sd2" and prediction == "v"
-                                             else DEFAULT_SIZES.get(family, 512))
+        self.default_size = default_size or record.native_size_for(prediction)
         self.alphas_cumprod = alphas_cumprod
 
     # ---- construction ------------------------------------------------------------------------------------------
@@ -113,6 +114,11 @@ class Pipeline:
         return pipe
 
     # ---- helpers -----------------------------------------------------------------------------------------------
+
+    @property
+    def model_family(self) -> ModelFamily:
+        """The family's record (families.py): native size, clip-skip defaults and rules."""
+        return get_family(self.family)
 
     @property
     def latent_factor(self) -> int:
@@ -307,7 +313,7 @@ class Pipeline:
         one = dataclasses.replace(request, batch_size=1)
         if one.init_image is None:
             one = dataclasses.replace(one, strength=DEFAULTS["strength"])
-        default_skip = getattr(self.text_encoder, "default_clip_skip", 1)
+        default_skip = self.model_family.default_clip_skip
         return [to_infotext(one, seed=s, model=self.name, default_clip_skip=default_skip) for s in seeds]
 
 
