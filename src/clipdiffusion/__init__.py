@@ -17,6 +17,7 @@ _EXPORTS = {
     "Conditioning": "clipdiffusion.text.conditioning",
     "Pipeline": "clipdiffusion.pipeline",
     "GenerationResult": "clipdiffusion.pipeline",
+    "GenerationRequest": "clipdiffusion.request",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
