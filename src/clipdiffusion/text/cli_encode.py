@@ -11,7 +11,7 @@ import json
 from .chunking import LONG_PROMPT_STRATEGIES
 
 # conditioning.WEIGHTINGS' names, repeated so that building the parser does not import torch (a test keeps them equal)
-WEIGHTING_NAMES = ["a1111", "comfy", "none"]
+WEIGHTING_NAMES = ["a1111", "comfy", "none", "ignore"]
 
 
 def add_arguments(parser) -> None:
