@@ -148,6 +148,14 @@ def one_error_line(capsys) -> str:
     return err[0]
 
 
+@pytest.mark.parametrize("args, message", [(["--steps", "0"], "steps=0"), (["--clip-skip", "49"], "clip_skip=49"),
+                                           (["--guidance", "nan"], "guidance=nan"), (["--seed", "-2"], "seed=-2"),
+                                           (["--strength", "0"], "strength=0.0"), (["--width", "9000"], "width=9000")])
+def test_request_errors_come_before_the_model_loads(no_model, tmp_path, capsys, args, message):
+    assert main(["generate", "x", *args, "-o", str(tmp_path / "x.png")]) == 2
+    assert message in one_error_line(capsys)
+
+
 def test_bad_outputs_are_refused_before_the_model_loads(no_model, tmp_path, capsys):
     folder = tmp_path / "dir.png"
     folder.mkdir()

@@ -146,6 +146,16 @@ def test_comfy_without_weights_is_plain(sd1):
         assert torch.equal(plain.context, comfy.context) and torch.equal(plain.negative_context, comfy.negative_context)
 
 
+def test_conditioning_carries_its_plan_and_token_rows(sd1, tok):
+    cond = sd1.encode("a red cat", "ugly", equalize=False)
+    assert cond.plan == sd1.plan("a red cat") and cond.negative_plan == sd1.plan("ugly")
+    assert cond.token_rows() == list(zip([1, 2, 3], tok.encode("a red cat")))
+    long = sd1.encode(" ".join(["cat"] * 80), long_prompt="chunk")
+    rows = long.token_rows()
+    assert len(rows) == 80 and rows[75][0] == 77 + 1  # the second chunk's first token follows its BOS
+    assert sd1.encode("BREAK").token_rows() == [] and sd1.encode("").token_rows() == []
+
+
 def test_ignore_weighting_drops_weights(sd1):
     a = sd1.encode("(cat:1.5) dog", weighting="ignore").context
     b = sd1.encode("cat dog", weighting="a1111").context

@@ -201,3 +201,19 @@ def test_infotext_reproduces_the_generation(pipe):
     again = pipe.generate(**generate_kwargs(parse_infotext(first.infotexts[0])))
     np.testing.assert_array_equal(first.pixels, again.pixels)
     assert again.infotexts == first.infotexts
+
+
+def test_generate_takes_a_request_and_refuses_what_it_does_not_honour(pipe):
+    from clipdiffusion.request import GenerationRequest, RequestError
+
+    request = GenerationRequest(prompt="a red circle", steps=2, seed=9, batch_size=2, n_iter=2)
+    result = pipe.generate(request)
+    assert result.seeds == [9, 10, 11, 12] and len(result.images) == len(result.infotexts) == 4
+    np.testing.assert_array_equal(result.pixels[2:], gen(pipe, seed=11, batch_size=2).pixels)
+    assert parse_infotext(result.infotexts[3]).seed == 12
+    with pytest.raises(RequestError, match="not both") as info:
+        pipe.generate(request, steps=3)
+    assert info.value.field == "steps"
+    with pytest.raises(RequestError, match=r"not implemented yet \(enable_hr, hr_scale\)") as info:
+        pipe.generate(request.replace(enable_hr=True, hr_scale=1.5))
+    assert info.value.field == "enable_hr"

@@ -169,6 +169,27 @@ def test_limits_and_types_are_422_naming_the_field(client, served, change, field
     assert served.pipe.calls == []
 
 
+def test_a1111_errors_name_a1111_fields_and_limits_are_the_requests(client, served):
+    body = {"prompt": "p", "steps": 1, "width": 16, "height": 16}
+    assert "cfg_scale=150.0" in field_error(client.post("/sdapi/v1/txt2img", json={**body, "cfg_scale": 150}),
+                                            "cfg_scale")
+    init = b64png(Image.new("RGB", (16, 16)))
+    for strength in (0, 1.5):
+        field_error(client.post("/sdapi/v1/img2img", json={**body, "init_images": [init],
+                                                          "denoising_strength": strength}), "denoising_strength")
+    overrides = {"override_settings": {"CLIP_stop_at_last_layers": 49}}
+    field_error(client.post("/sdapi/v1/txt2img", json={**body, **overrides}), "CLIP_stop_at_last_layers")
+    assert served.pipe.calls == []
+    # one seed range ([0, 2**64)) and one clip-skip range ([1, 48]) everywhere
+    r = client.post("/sdapi/v1/txt2img", json={**body, "seed": 2**64 - 1, "override_settings": {
+        "CLIP_stop_at_last_layers": 24}})
+    assert r.status_code == 200, r.text
+    assert (served.pipe.calls[-1]["seed"], served.pipe.calls[-1]["clip_skip"]) == (2**64 - 1, 24)
+    field_error(client.post("/sdapi/v1/txt2img", json={**body, "seed": 2**64}), "seed")
+    field_error(client.post("/api/generate", json={**body, "seed": 2**64 - 1, "batch_size": 2}), "seed")
+    field_error(client.post("/api/generate", json={"prompt": "p", "weighting": "loud"}), "weighting")
+
+
 def test_img2img_with_webuiapi_and_bad_uploads(served, client):
     init = Image.new("RGB", (40, 24), (10, 200, 30))
     result = api(served).img2img(images=[init], prompt="a cat", denoising_strength=0.5, steps=4, width=32,

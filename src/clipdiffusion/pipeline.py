@@ -81,7 +81,7 @@ class Pipeline:
     @classmethod
     def _from_loaded(cls, loaded, name: str, prediction=None):
         return cls(loaded.text_encoder, loaded.unet, loaded.vae, loaded.family, prediction or loaded.prediction,
-                   name=name, default_size=getattr(loaded, "default_size", None))
+                   name=name, default_size=loaded.default_size)
 
     @classmethod
     def from_file(cls, path, *, prediction: str | None = None, **load_options) -> "Pipeline":
@@ -260,8 +260,7 @@ class Pipeline:
 
         cond = self.text_encoder.encode(r.prompt, r.negative_prompt, clip_skip=r.clip_skip,
                                         long_prompt=r.long_prompt, weighting=r.weighting, equalize=False)
-        _check_finite("text encoder", cond.context, cond.negative_context, getattr(cond, "pooled", None),
-                      getattr(cond, "negative_pooled", None))
+        _check_finite("text encoder", cond.context, cond.negative_context, cond.pooled, cond.negative_pooled)
         device = self._device()
         B = r.batch_size
         context = cond.context.to(device).float().expand(B, -1, -1)  # [B,T,D]
