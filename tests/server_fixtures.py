@@ -22,7 +22,7 @@ from PIL import Image
 
 from clipdiffusion.pipeline import AttentionMaps, GenerationResult, Pipeline
 from clipdiffusion.request import GENERATE_ARGS, GenerationRequest
-from clipdiffusion.server.cli import graceful_server
+from clipdiffusion.commands.serve import graceful_server
 
 FAKE_SAMPLERS = ("euler", "euler_a", "heun", "dpmpp_2m", "ddim")
 FAKE_SCHEDULES = ("normal", "karras", "ddim")

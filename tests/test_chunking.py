@@ -196,7 +196,7 @@ def test_chunking_and_encode_parser_do_not_import_torch():
     import subprocess
     import sys
 
-    code = ("import sys, argparse; import clipdiffusion.text.chunking; from clipdiffusion.text import cli_encode; "
+    code = ("import sys, argparse; import clipdiffusion.text.chunking; from clipdiffusion.commands import encode as cli_encode; "
             "cli_encode.add_arguments(argparse.ArgumentParser()); print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"

@@ -9,7 +9,7 @@ import torch
 
 from clipdiffusion.checkpoints.text_encoders import load_text_encoder
 from clipdiffusion.cli import main
-from clipdiffusion.text import cli_encode
+from clipdiffusion.commands import encode as cli_encode
 from clipdiffusion.text.clip import CLIPTextConfig, CLIPTextModel
 from clipdiffusion.text.conditioning import WEIGHTINGS
 

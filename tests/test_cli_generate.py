@@ -116,7 +116,7 @@ def png_declaring(width, height, idat=b"garbage", text: dict | None = None) -> b
 @pytest.fixture()
 def no_model(monkeypatch):
     """Fails the test if the command gets as far as loading a model."""
-    import clipdiffusion.cli_generate as cg
+    import clipdiffusion.commands.generate as cg
 
     def refuse(*a, **k):
         raise AssertionError("the model was loaded before the bad argument was refused")
@@ -129,7 +129,7 @@ def fake_model(monkeypatch):
     """A stand-in pipeline (no torch work): these tests are about where the PNG goes, not what is in it."""
     import types
 
-    import clipdiffusion.cli_generate as cg
+    import clipdiffusion.commands.generate as cg
     from clipdiffusion.infotext import GenerationParameters, format_infotext
 
     def generate(request, *, callback=None, should_stop=None):

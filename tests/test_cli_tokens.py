@@ -151,7 +151,7 @@ def test_tokens_command_does_not_import_torch():
 
 
 def test_report_without_word_alignment_falls_back_to_decoded_text():
-    from clipdiffusion.text.cli_tokens import format_report, tokens_report
+    from clipdiffusion.commands.tokens import format_report, tokens_report
 
     class StandIn:  # a tokenizer with only the agreed interface (no encode_words)
         def __init__(self):

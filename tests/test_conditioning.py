@@ -166,7 +166,7 @@ def test_ignore_weighting_drops_weights(sd1):
 def test_none_weighting_is_literal_text_as_tokens_no_weights(sd1, tok, long_prompt):
     """weighting="none" (A1111's emphasis "None") and `clipdiffusion tokens --no-weights` lay out the same tokens:
     brackets, (x:1.2) and BREAK are text, every weight 1."""
-    from clipdiffusion.text.cli_tokens import tokens_report
+    from clipdiffusion.commands.tokens import tokens_report
 
     prompt = "a (red:1.3) cat BREAK [dog] " + ", ".join(["(tag:0.5)"] * 20)
     plan = sd1.plan(prompt, long_prompt, "none")

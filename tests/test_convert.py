@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from clipdiffusion.checkpoints.cli_convert import convert
+from clipdiffusion.commands.convert import convert
 from clipdiffusion.checkpoints.load import load_checkpoint, load_diffusers
 from clipdiffusion.checkpoints.save import save_checkpoint, save_diffusers
 from clipdiffusion.cli import main

@@ -21,10 +21,10 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
-from clipdiffusion.checkpoints.cli_convert import convert  # noqa: E402
+from clipdiffusion.commands.convert import convert  # noqa: E402
 from clipdiffusion.checkpoints.detect import family_from_diffusers  # noqa: E402
 from clipdiffusion.checkpoints.diffusers_unet import unet_config_from_diffusers, unet_diffusers_to_ldm  # noqa: E402
-from clipdiffusion.checkpoints.cli_info import describe_folder  # noqa: E402
+from clipdiffusion.commands.info import describe_folder  # noqa: E402
 from clipdiffusion.checkpoints.diffusers_vae import vae_config_from_diffusers, vae_diffusers_to_ldm  # noqa: E402
 from clipdiffusion.checkpoints.load import load_diffusers, tokenizer_pad_notes  # noqa: E402
 from clipdiffusion.checkpoints.save import write_tokenizer  # noqa: E402

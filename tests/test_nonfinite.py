@@ -197,7 +197,7 @@ def test_info_check_on_a_diffusers_folder_names_file_and_tensor(files, capsys):
 
 
 def test_info_check_scans_in_batches(files, capsys, monkeypatch):
-    from clipdiffusion.checkpoints import cli_info
+    from clipdiffusion.commands import info as cli_info
 
     _, _, poisoned = files
     monkeypatch.setattr(cli_info, "SCAN_BATCH_BYTES", 4096)  # most tensors alone, the small ones together

@@ -16,7 +16,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 from clipdiffusion.errors import PromptError  # noqa: E402
 from clipdiffusion.text import chunking  # noqa: E402
-from clipdiffusion.text.cli_tokens import format_report, tokens_report  # noqa: E402
+from clipdiffusion.commands.tokens import format_report, tokens_report  # noqa: E402
 from clipdiffusion.text.prompt import BREAK, parse_prompt  # noqa: E402
 from clipdiffusion.text.tokenizer import VOCAB_SIZE, CLIPTokenizer  # noqa: E402
 

@@ -424,7 +424,7 @@ def test_worker_stop_interrupts_the_running_job_before_anything_else():
 
 def test_serve_command_line():
     from clipdiffusion.cli import build_parser, main
-    from clipdiffusion.server.cli import build_settings
+    from clipdiffusion.commands.serve import build_settings
 
     parser = build_parser(only="serve")
     s = build_settings(parser.parse_args(["serve"]))

@@ -132,6 +132,6 @@ def test_world_judge_and_eval_do_not_import_torch():
     import sys
 
     code = ("import sys, clipdiffusion.tiny.world, clipdiffusion.tiny.captions, clipdiffusion.tiny.judge, "
-            "clipdiffusion.tiny.eval, clipdiffusion.tiny.cli_eval; print('torch' in sys.modules)")  # fmt: skip
+            "clipdiffusion.tiny.eval, clipdiffusion.commands.eval; print('torch' in sys.modules)")  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"

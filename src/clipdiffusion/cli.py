@@ -1,4 +1,4 @@
-"""The ``clipdiffusion`` command. A thin client: each subcommand lives in the module that owns its feature and
+"""The ``clipdiffusion`` command. A thin client: each subcommand is a module of ``clipdiffusion.commands`` that
 exposes ``add_arguments(parser)`` and ``run(args) -> int``. Modules are imported only when their subcommand
 runs, so ``clipdiffusion tokens`` never imports torch."""
 
@@ -10,14 +10,14 @@ from .errors import ClipDiffusionError
 
 # subcommand -> (module, one-line help)
 COMMANDS = {
-    "tokens": ("clipdiffusion.text.cli_tokens", "show how a prompt is tokenized and chunked (no torch)"),
-    "encode": ("clipdiffusion.text.cli_encode", "encode a prompt to a conditioning tensor file"),
-    "generate": ("clipdiffusion.cli_generate", "generate an image"),
-    "info": ("clipdiffusion.checkpoints.cli_info", "describe a checkpoint file or diffusers folder"),
-    "convert": ("clipdiffusion.checkpoints.cli_convert", "convert between single-file and diffusers layouts"),
-    "serve": ("clipdiffusion.server.cli", "run the HTTP API and web page"),
-    "train-tiny": ("clipdiffusion.tiny.cli_train", "train the embedded tiny model from scratch"),
-    "eval": ("clipdiffusion.tiny.cli_eval", "measure prompt adherence of a model on the synthetic world"),
+    "tokens": ("clipdiffusion.commands.tokens", "show how a prompt is tokenized and chunked (no torch)"),
+    "encode": ("clipdiffusion.commands.encode", "encode a prompt to a conditioning tensor file"),
+    "generate": ("clipdiffusion.commands.generate", "generate an image"),
+    "info": ("clipdiffusion.commands.info", "describe a checkpoint file or diffusers folder"),
+    "convert": ("clipdiffusion.commands.convert", "convert between single-file and diffusers layouts"),
+    "serve": ("clipdiffusion.commands.serve", "run the HTTP API and web page"),
+    "train-tiny": ("clipdiffusion.commands.train_tiny", "train the embedded tiny model from scratch"),
+    "eval": ("clipdiffusion.commands.eval", "measure prompt adherence of a model on the synthetic world"),
 }
 
 

@@ -9,7 +9,7 @@ from ..errors import ClipDiffusionError
 
 
 def add_arguments(parser):
-    from .models import PRESETS
+    from ..tiny.models import PRESETS
 
     parser.add_argument("--out", required=True, help="folder for state.pt, log.jsonl and tiny-sd.safetensors")
     parser.add_argument("--minutes", type=float, default=60.0, help="wall-clock budget of the whole run")
@@ -45,8 +45,8 @@ def run(args) -> int:
         raise ClipDiffusionError(f"pool-size: {args.pool_size} must be positive")
     import torch
 
-    from .settings import TrainSettings, pace_notes, shipped_run
-    from .train import Trainer
+    from ..tiny.settings import TrainSettings, pace_notes, shipped_run
+    from ..tiny.train import Trainer
 
     torch.set_num_threads(args.threads)
     phase_steps = None
@@ -72,7 +72,7 @@ def run(args) -> int:
               "lower:\n  " + "\n  ".join(notes) + f"\n  to replay the shipped step counts, run again with "
               f"--phase-steps {counts} and a larger --minutes", file=sys.stderr)  # fmt: skip
     if args.eval:
-        from .eval import evaluate, prompt_set
+        from ..tiny.eval import evaluate, prompt_set
 
         report = evaluate(trainer.pipeline(), prompt_set(args.eval))
         print(report.table())

@@ -29,7 +29,7 @@ def add_arguments(parser):
 
 
 def _load(args):
-    from .eval import GroundTruthPipeline, NoisePipeline
+    from ..tiny.eval import GroundTruthPipeline, NoisePipeline
 
     if args.reference == "ground-truth":
         from ..text.tokenizer import CLIPTokenizer
@@ -52,7 +52,7 @@ def _tokenizer(pipe):
 
 
 def run(args) -> int:
-    from . import eval as ev
+    from ..tiny import eval as ev
 
     studies = [s.strip() for s in args.studies.split(",") if s.strip()]
     for s in studies:

@@ -8,7 +8,7 @@ says how it was made. ``safetensors.torch.load_file`` reads it; for diffusers pa
 
 import json
 
-from .chunking import LONG_PROMPT_STRATEGIES
+from ..text.chunking import LONG_PROMPT_STRATEGIES
 
 # conditioning.WEIGHTINGS' names, repeated so that building the parser does not import torch (a test keeps them equal)
 WEIGHTING_NAMES = ["a1111", "comfy", "none", "ignore"]

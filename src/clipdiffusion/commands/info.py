@@ -18,7 +18,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from . import detect
+from ..checkpoints import detect
 
 _COMPONENTS = (
     ("unet", (detect.UNET_PREFIX,)),
@@ -60,7 +60,7 @@ def _summarise(groups: dict) -> dict:
 
 
 def describe_file(path, prediction=None) -> dict:
-    from .safetensors_io import read_shapes
+    from ..checkpoints.safetensors_io import read_shapes
 
     path = Path(path)
     shapes, dtypes, metadata = read_shapes(path)
@@ -84,8 +84,8 @@ def describe_file(path, prediction=None) -> dict:
 
 
 def describe_folder(folder, prediction=None, variant=None) -> dict:
-    from .load import diffusers_family_from_structure, diffusers_prediction, read_json
-    from .safetensors_io import read_shapes
+    from ..checkpoints.load import diffusers_family_from_structure, diffusers_prediction, read_json
+    from ..checkpoints.safetensors_io import read_shapes
 
     folder = Path(folder)
     index = read_json(folder / "model_index.json")
@@ -112,7 +112,7 @@ def describe_folder(folder, prediction=None, variant=None) -> dict:
 
 def _folder_files(folder: Path, variant=None) -> list:
     """[(component, [weight files])] of a diffusers folder; text_encoder_2 only when present (SDXL)."""
-    from .load import component_weights
+    from ..checkpoints.load import component_weights
 
     return [(sub, component_weights(folder / sub, stem, variant)) for sub, stem in _FOLDER_SUBS
             if sub != "text_encoder_2" or (folder / sub).is_dir()]
@@ -135,7 +135,7 @@ def _scan_tensor(name, tensor, file_label, found, totals):
     totals["bytes"] += tensor.numel() * tensor.element_size()
     if _all_finite(tensor):
         return
-    from .safetensors_io import _TORCH_TO_ST
+    from ..checkpoints.safetensors_io import _TORCH_TO_ST
 
     dtype = str(tensor.dtype).removeprefix("torch.")
     dtype = _TORCH_TO_ST.get(dtype, dtype)  # the header's spelling, as the component summary shows it
@@ -145,7 +145,7 @@ def _scan_tensor(name, tensor, file_label, found, totals):
 
 
 def _scan_one(path: Path, file_label, found, totals):
-    from .safetensors_io import is_pickle_path, load_file, load_pickle, read_header
+    from ..checkpoints.safetensors_io import is_pickle_path, load_file, load_pickle, read_header
 
     if is_pickle_path(path):  # memory-mapped by the weights-only unpickler: touched one tensor at a time
         for name, tensor in load_pickle(path).items():

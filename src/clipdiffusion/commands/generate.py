@@ -12,12 +12,12 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import ClipDiffusionError, NonFiniteError
+from ..errors import ClipDiffusionError, NonFiniteError
 
 
 def add_arguments(parser):
-    from .diffusion.samplers import SAMPLERS, SCHEDULES
-    from .request import DEFAULTS, LONG_PROMPTS, WEIGHTINGS
+    from ..diffusion.samplers import SAMPLERS, SCHEDULES
+    from ..request import DEFAULTS, LONG_PROMPTS, WEIGHTINGS
 
     d = DEFAULTS  # one set of defaults: GenerationRequest's
     parser.add_argument("prompt", help="the prompt (A1111 emphasis syntax, BREAK)")
@@ -48,7 +48,7 @@ def add_arguments(parser):
 
 def build_request(args, init_image=None):
     """The GenerationRequest of the command line: every value checked here, before any model loads."""
-    from .request import GenerationRequest
+    from ..request import GenerationRequest
 
     return GenerationRequest(
         prompt=args.prompt, negative_prompt=args.negative, steps=args.steps, guidance=args.guidance, seed=args.seed,
@@ -59,7 +59,7 @@ def build_request(args, init_image=None):
 
 
 def load_pipeline(model, prediction=None):
-    from .pipeline import Pipeline
+    from ..pipeline import Pipeline
 
     if model is None:
         pipe = Pipeline.default()
@@ -110,7 +110,7 @@ def output_paths(output, n: int) -> list[Path]:
 def check_outputs(paths: list[Path]) -> None:
     """Refuse, before the model loads, outputs that can never be written: a folder, a device, a missing or
     unwritable folder."""
-    from .fileio import check_output
+    from ..fileio import check_output
 
     for path in paths:
         check_output(path, "output")
@@ -121,7 +121,7 @@ def save_png(image, path, infotext: str):
     is one ClipDiffusionError naming the path, and an image already at `path` is kept intact."""
     from PIL.PngImagePlugin import PngInfo
 
-    from .fileio import atomic_write
+    from ..fileio import atomic_write
 
     info = PngInfo()
     info.add_text("parameters", infotext)
@@ -135,7 +135,7 @@ def read_init_image(path: str):
 
     from PIL import Image, UnidentifiedImageError
 
-    from .request import LIMITS
+    from ..request import LIMITS
 
     shown = f"init-image={path!r}"
     limit = Image.MAX_IMAGE_PIXELS

@@ -10,8 +10,8 @@ import json
 import sys
 
 from ..errors import PromptError
-from . import chunking
-from .prompt import BREAK, parse_prompt
+from ..text import chunking
+from ..text.prompt import BREAK, parse_prompt
 
 STDIN = "-"
 REPORT_TOKENS = 8  # tokens whose words show where a window starts
@@ -56,7 +56,7 @@ def tokens_report(prompt, *, long_prompt="chunk", weights=True, tokenizer=None) 
     prompt = chunking.check_prompt_text("prompt", prompt)
     chunking.check_strategy(long_prompt)
     if tokenizer is None:
-        from .tokenizer import CLIPTokenizer
+        from ..text.tokenizer import CLIPTokenizer
 
         tokenizer = CLIPTokenizer()
     segments = _segments(prompt, weights)
@@ -213,7 +213,7 @@ def format_report(report: dict) -> str:
 def _read_prompt(value: str) -> str:
     if value != STDIN:
         return value
-    from .tokenizer import decode_prompt_bytes
+    from ..text.tokenizer import decode_prompt_bytes
 
     text = decode_prompt_bytes(sys.stdin.buffer.read(), "prompt (stdin)")
     return text[:-1] if text.endswith("\n") else text

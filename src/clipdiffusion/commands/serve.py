@@ -12,7 +12,7 @@ import os
 import sys
 
 from ..errors import ClipDiffusionError
-from .settings import ServerSettings, default_models, parse_api_auth
+from ..server.settings import ServerSettings, default_models, parse_api_auth
 
 _DEFAULTS = ServerSettings()
 
@@ -91,7 +91,7 @@ def graceful_server(app, host: str, port: int, log_level: str = "info"):
 
 
 def run(args: argparse.Namespace) -> int:
-    from .app import create_app
+    from ..server.app import create_app
 
     settings = build_settings(args)
     log = logging.getLogger("clipdiffusion.server")

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import ClipDiffusionError
-from . import detect
+from ..checkpoints import detect
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
@@ -29,8 +29,8 @@ def add_arguments(parser):
 def convert(src, dst, *, dtype="fp32", prediction=None, variant=None) -> Path:
     import torch
 
-    from .load import load_checkpoint, load_diffusers
-    from .save import save_checkpoint, save_diffusers
+    from ..checkpoints.load import load_checkpoint, load_diffusers
+    from ..checkpoints.save import save_checkpoint, save_diffusers
 
     src, dst = Path(src), Path(dst)
     if dtype not in DTYPES:
