@@ -194,11 +194,11 @@ def test_clip_skip_default_is_the_family_default_and_only_other_values_are_recor
 
 
 def test_infotext_reproduces_the_generation(pipe):
-    from clipdiffusion.infotext import generate_kwargs
+    from clipdiffusion.infotext import from_infotext
 
     first = gen(pipe, "a (red:1.2) circle", negative_prompt="dark, blurry", seed=-1, sampler="heun",
                 schedule="karras", guidance=4.0, clip_skip=2, long_prompt="window", weighting="comfy", steps=3)
-    again = pipe.generate(**generate_kwargs(parse_infotext(first.infotexts[0])))
+    again = pipe.generate(from_infotext(first.infotexts[0]))
     np.testing.assert_array_equal(first.pixels, again.pixels)
     assert again.infotexts == first.infotexts
 

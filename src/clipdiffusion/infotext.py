@@ -81,12 +81,6 @@ def _unquote(text: str) -> str:
     return text
 
 
-def generate_kwargs(p: GenerationParameters) -> dict:
-    """Keyword arguments for ``Pipeline.generate`` that reproduce ``p``: ``from_parameters(p)``'s (fields the text
-    did not give keep the request's defaults; an img2img text still needs its init image)."""
-    return from_parameters(p).to_generate_kwargs(allow_unhonoured=True)
-
-
 def format_infotext(p: GenerationParameters) -> str:
     """The A1111 text for ``p``: prompt, "Negative prompt:" line when there is one, then the parameters line."""
     pairs = []

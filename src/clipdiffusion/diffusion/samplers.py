@@ -247,8 +247,3 @@ def get_sampler(name: str):
         return SAMPLERS[name]
     except (KeyError, TypeError):
         raise ClipDiffusionError(f"unknown sampler {name!r}; choose from {', '.join(SAMPLERS)}") from None
-
-
-def model_calls(sampler: str, steps: int) -> int:
-    """UNet evaluations (each possibly a cond+uncond batch) a sampler spends on ``steps`` steps."""
-    return 2 * steps - 1 if sampler == "heun" else steps

@@ -5,7 +5,7 @@ and every judge, caption set and trained model goes out of step. Everything is d
 torch here, only numpy and PIL.
 """
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -177,7 +177,3 @@ def render_spec(spec: SceneSpec, seed: int, canvas: int = DEFAULT_CANVAS) -> Ima
     """Ground-truth render of a caption-level spec; open attributes are drawn from ``seed``."""
     check_spec(spec)
     return render(realize(spec, np.random.default_rng(seed)), canvas)
-
-
-def with_background(scene: Scene, background: str) -> Scene:
-    return replace(scene, background=background)
