@@ -318,6 +318,11 @@ def test_folder_refusals_come_before_any_weights_are_read(tmp_path):
                               towers=("text_encoder_2",), kind="StableDiffusionXLPipeline"))
     with pytest.raises(CheckpointError, match="latent_channels=8"):
         load_diffusers(folder("latents", {}, {"latent_channels": 8}))
+    small_vocab = folder("small-vocab", {})
+    config = json.loads((small_vocab / "text_encoder" / "config.json").read_text())
+    (small_vocab / "text_encoder" / "config.json").write_text(json.dumps(dict(config, vocab_size=1000)))
+    with pytest.raises(CheckpointError, match="vocab_size=1000: smaller than CLIP's 49408"):
+        load_diffusers(small_vocab)  # a tiny test tokenizer's vocabulary: refused at load, not at the first prompt
     with pytest.raises(CheckpointError, match="diffusion_pytorch_model"):  # the configs pass: weights are next
         load_diffusers(folder("fine", {}))
 

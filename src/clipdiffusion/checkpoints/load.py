@@ -277,6 +277,7 @@ def _diffusers_text_encoder(folder, family, configs, variant, *, dtype, device):
 
 def _text_configs_from_diffusers(folder, family):
     from ..text.clip import ACTIVATIONS, CLIPTextConfig
+    from ..text.tokenizer import VOCAB_SIZE
 
     configs = []
     for sub in DIFFUSERS_TEXT_FOLDERS[:len(get_family(family).towers)]:
@@ -285,8 +286,12 @@ def _text_configs_from_diffusers(folder, family):
         try:
             width = V.get_int(c, "hidden_size")
             mlp = V.get_int(c, "intermediate_size", None, optional=True)
+            vocab = V.get_int(c, "vocab_size", VOCAB_SIZE, maximum=1 << 24)
+            if vocab < VOCAB_SIZE:  # every prompt goes through CLIP's BPE (ids up to 49407)
+                raise ConfigValueError(f"vocab_size={vocab}: smaller than CLIP's {VOCAB_SIZE}-token vocabulary; the "
+                                       "folder's tokenizer is not CLIP's BPE, and other tokenizers are not supported")
             configs.append(CLIPTextConfig(
-                vocab_size=V.get_int(c, "vocab_size", 49408, maximum=1 << 24), width=width,
+                vocab_size=vocab, width=width,
                 layers=V.get_int(c, "num_hidden_layers", maximum=1024), heads=V.get_int(c, "num_attention_heads"),
                 max_positions=V.get_int(c, "max_position_embeddings", 77),
                 activation=V.get_str(c, "hidden_act", "quick_gelu", choices=ACTIVATIONS),
