@@ -1,9 +1,11 @@
 """``clipdiffusion tokens "PROMPT"``: how a prompt is weighted, tokenized and laid out in CLIP windows.
 
-Torch-free (prompt.py, tokenizer.py and chunking.py only), so it answers in well under a second. It shows the
-count per window as A1111's counter does (``75/75 | 12/75``), where each window starts, the weighted segments,
-and every token a strategy drops: truncation is never silent. ``--json`` prints the same as one object (see
-:func:`tokens_report`), which the HTTP API can reuse.
+Torch-free (prompt.py, schedule.py, tokenizer.py and chunking.py only), so it answers in well under a second. It
+shows the count per window as A1111's counter does (``75/75 | 12/75``), where each window starts, the weighted
+segments, and every token a strategy drops: truncation is never silent. The prompt language comes first, as in
+A1111's counter: extra-network tags are taken out (and listed: none is applied yet), ``AND`` parts are split, and
+each part is scheduled over ``--steps``; every text of the schedule is counted and the headline is the largest.
+``--json`` prints the same as one object (see :func:`prompt_report`).
 """
 
 import json
@@ -12,9 +14,12 @@ import sys
 from ..errors import PromptError
 from ..text import chunking
 from ..text.prompt import BREAK, parse_prompt
+from ..text.schedule import counted_program, plan_prompt
 
 STDIN = "-"
 REPORT_TOKENS = 8  # tokens whose words show where a window starts
+DEFAULT_STEPS = 20  # A1111's default, which its counter schedules with
+SHOWN_RANGES = 40  # schedule lines in the text output (--json has them all)
 
 
 def add_arguments(parser) -> None:
@@ -30,6 +35,10 @@ def add_arguments(parser) -> None:
         action="store_true",
         help="do not parse (x:1.2) [x] or BREAK; brackets are plain text (A1111's emphasis 'None')",
     )
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS,
+                        help=f"steps that [from:to:when] and [a|b] are scheduled over (default {DEFAULT_STEPS})")
+    parser.add_argument("--negative", action="store_true",
+                        help="count it as a negative prompt: AND and <lora:...> tags are text there, as in A1111")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
 
@@ -94,6 +103,46 @@ def tokens_report(prompt, *, long_prompt="chunk", weights=True, tokenizer=None) 
         cut = chunking.plan_stream(stream, tokenizer, "truncate").report
         words = _render(labels, strings, chunking.CHUNK_TOKENS, len(ids)) if labels else cut.dropped_text
         out["truncate_would_drop"] = {"tokens": cut.dropped_tokens, "text": cut.dropped_text, "words": words}
+    return out
+
+
+def _text_count(text, long_prompt, weights, tokenizer) -> dict:
+    report = chunking.plan_stream(chunking.tokenize_segments(_segments(text, weights), tokenizer), tokenizer,
+                                  long_prompt).report
+    chunks = report.chunks
+    # A1111's number: every closed chunk counts in full, the last one its tokens
+    count = sum(c.capacity for c in chunks[:-1]) + chunks[-1].tokens if chunks else 0
+    return {"count": count, "total_tokens": report.total_tokens, "summary": report.summary(),
+            "dropped_tokens": report.dropped_tokens}
+
+
+def prompt_report(prompt, *, steps=DEFAULT_STEPS, negative=False, long_prompt="chunk", weights=True,
+                  tokenizer=None) -> dict:
+    """What the ``tokens`` command shows for a whole prompt: :func:`tokens_report` of the *headline* text (the
+    schedule text with the most tokens, as A1111's counter shows the maximum; for a prompt without tags, ``AND``,
+    editing or alternation that is the prompt itself), with ``prompt`` the prompt as given, plus::
+
+        {"steps", "negative", "text": the prompt without its tags,
+         "texts": [{"text", "count", "total_tokens", "summary", "dropped_tokens"}],  # each distinct text once
+         "headline": index in texts of the text the other fields describe,
+         "schedule": [{"part", "start", "end", "text_index"}],   # steps start..end (1-based) show texts[text_index]
+         "parts": [{"text", "weight"}],                           # AND parts (one for a negative prompt)
+         "networks": [{"kind", "name", "text", "positional", "named", "te", "unet", "dyn", "applied", "status"}]}
+
+    ``notes`` has the headline's chunking notes, then the prompt language's (:func:`schedule.plan_prompt`)."""
+    prompt = chunking.check_prompt_text("prompt", prompt)
+    chunking.check_strategy(long_prompt)
+    if tokenizer is None:
+        from ..text.tokenizer import CLIPTokenizer
+
+        tokenizer = CLIPTokenizer()
+    program = plan_prompt(prompt, steps, negative=negative)
+    info = counted_program(program, lambda text: _text_count(text, long_prompt, weights, tokenizer))
+    out = tokens_report(info["texts"][info["headline"]]["text"], long_prompt=long_prompt, weights=weights,
+                        tokenizer=tokenizer)
+    out["prompt"] = prompt
+    out["notes"] += info.pop("notes")
+    out.update(info, negative=bool(negative))
     return out
 
 
@@ -207,7 +256,58 @@ def format_report(report: dict) -> str:
     cut = report["truncate_would_drop"]
     if cut:
         lines.append(f"with --long-prompt truncate, {cut['tokens']} tokens would be dropped: {cut['words']!r}")
+    lines += _format_program(report)
     return "\n".join(lines)
+
+
+def _short(text: str, limit: int = 80) -> str:
+    return repr(text if len(text) <= limit else text[:limit] + "…")
+
+
+def _step_ranges(entries):
+    """Consecutive schedule entries that show the same text, joined: ``[(start, end, text_index)]``."""
+    ranges = []
+    for e in entries:
+        if ranges and ranges[-1][2] == e["text_index"]:
+            ranges[-1][1] = e["end"]
+        else:
+            ranges.append([e["start"], e["end"], e["text_index"]])
+    return ranges
+
+
+def _format_program(report: dict) -> list:
+    """The schedule, the AND parts and the tags, when the prompt has any (a plain prompt adds nothing)."""
+    if "schedule" not in report:
+        return []
+    lines = []
+    texts, parts = report["texts"], report["parts"]
+    if len(parts) > 1 or len(texts) > 1:
+        width = len(str(report["steps"]))
+        lines.append(f"schedule over {report['steps']} steps"
+                     + (" (the count above is the text with the most tokens):" if len(texts) > 1 else ":"))
+        shown = 0
+        for p, part in enumerate(parts):
+            indent = "  "
+            if len(parts) > 1:
+                lines.append(f"  AND part {p + 1}, weight {_weight(part['weight'])}:")
+                indent = "    "
+            ranges = _step_ranges(e for e in report["schedule"] if e["part"] == p)
+            for start, end, k in ranges:
+                shown += 1
+                if shown > SHOWN_RANGES:
+                    continue
+                steps = f"step  {start:>{width}}" + " " * (width + 1) if start == end else \
+                    f"steps {start:>{width}}-{end:<{width}}"
+                lines.append(f"{indent}{steps}  {texts[k]['summary']:>6}  {_short(texts[k]['text'])}")
+        if shown > SHOWN_RANGES:
+            lines.append(f"  ... ({shown - SHOWN_RANGES} more step ranges; --json lists them all)")
+    for n in report["networks"]:
+        weights = ""
+        if n["te"] is not None:
+            weights = f" te {_weight(n['te'])}, unet {_weight(n['unet'])}"
+            weights += f", dyn {n['dyn']}" if n["dyn"] is not None else ""
+        lines.append(f"tag {n['text'][:80]}: {n['kind']} {n['name']!r}{weights}: {n['status']}")
+    return lines
 
 
 def _read_prompt(value: str) -> str:
@@ -223,7 +323,8 @@ def run(args) -> int:
     prompt = _read_prompt(args.prompt)
     if not isinstance(prompt, str):
         raise PromptError(f"prompt must be a string, got {type(prompt).__name__}")
-    report = tokens_report(prompt, long_prompt=args.long_prompt, weights=not args.no_weights)
+    report = prompt_report(prompt, steps=args.steps, negative=args.negative, long_prompt=args.long_prompt,
+                           weights=not args.no_weights)
     if args.json:
         print(json.dumps(report, ensure_ascii=False, indent=1))
     else:
