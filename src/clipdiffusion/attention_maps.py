@@ -22,14 +22,14 @@ class AttentionMaps:
 
 
 class AttentionCapture:
-    """The model denoiser as ``CFGDenoiser`` sees it, recording the cross-attention of the prompt's token rows.
+    """The model denoiser as the guidance denoiser sees it, recording the cross-attention of the prompt's token rows.
 
-    Given the prompt's context [B,T,D], the context rows that carry its tokens (``Conditioning.token_rows``) and the
+    Given the prompt's context [B,T,D], the context rows that carry its tokens (``conditioning.token_rows``) and the
     latent size, it hands the UNet a recorder on the calls that carry the prompt: a call with that very context
-    (cond alone), or CFG's batched call, whose half equal to it is the cond half. The negative prompt's calls record
-    nothing. Per image, the probabilities of the token rows are averaged over heads, resized to latent size and
-    summed over layers and steps; ``result`` gives the first image's mean, like ``_FiniteDenoiser`` a wrapper that
-    changes no output.
+    (cond alone), or a batched guidance call, whose block of B rows equal to it is the prompt's. Other texts' calls
+    (the negative prompt, other sub-prompts or schedule texts) record nothing. Per image, the probabilities of the
+    token rows are averaged over heads, resized to latent size and summed over layers and steps; ``result`` gives
+    the first image's mean, like ``_FiniteDenoiser`` a wrapper that changes no output.
     """
 
     def __init__(self, denoiser, context, rows: list, size: tuple):
@@ -58,17 +58,19 @@ class AttentionCapture:
         return self.denoiser(x, sigma, context, y, attention_recorder=recorder)
 
     def _cond_half(self, context):
-        """The batch rows of a call's context that are the prompt's: all, one half (a batched cond+uncond call),
-        or None (the negative prompt alone)."""
+        """The batch rows of a call's context that are the prompt's: all, one block of B rows of a batched call
+        (uncond first, then the sub-prompts: the blocks after the first are tried first), or None (no block is)."""
         import torch
 
         if context is self.context:
             return slice(None)
         B = self.context.shape[0]
-        if context.shape[0] == 2 * B and context.shape[1:] == self.context.shape[1:]:
-            for half in (slice(B, None), slice(0, B)):
-                if torch.equal(context[half], self.context):
-                    return half
+        k, rest = divmod(context.shape[0], B)
+        if k >= 2 and not rest and context.shape[1:] == self.context.shape[1:]:
+            for j in [*range(1, k), 0]:
+                block = slice(j * B, (j + 1) * B)
+                if torch.equal(context[block], self.context):
+                    return block
         return None
 
     def _record(self, probs):

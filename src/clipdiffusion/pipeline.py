@@ -1,9 +1,12 @@
 """Text to image: one ``generate()`` that the CLI, the server and the Python API all call.
 
-GenerationRequest -> TextEncoder.encode -> Conditioning -> CFGDenoiser(Denoiser(unet)) -> sampler over a schedule
--> VAE decode -> PIL images, each with its A1111 infotext. Attention maps, when asked for, come from
-``attention_maps.AttentionCapture`` wrapped around the model denoiser and given the rows of the prompt's tokens from
-the plan the conditioning carries (the prompt is tokenized once).
+GenerationRequest -> prompt programs (``conditioning_schedule``: tags out, AND parts, prompt-editing schedules)
+-> every distinct text through ``TextEncoder.encode_texts`` once -> ``ScheduledCFGDenoiser(Denoiser(unet))``, whose
+conditioning follows the schedules call by call as A1111's does -> sampler over a noise schedule -> VAE decode ->
+PIL images, each with its A1111 infotext (the prompt verbatim) and the generation's ``notes`` (tags not applied).
+A plain prompt (no schedule, AND or tags) runs exactly as before those existed: the same encoder batch, the same
+model calls. Attention maps, when asked for, come from ``attention_maps.AttentionCapture`` wrapped around the model
+denoiser and given the rows of the tokens of the prompt's first text from its plan (tokenized once).
 
 Seeds follow diffusers: image i of a batch draws its initial noise [1, C, h, w] on the CPU from
 ``torch.Generator().manual_seed(seed + i)`` (``randn_tensor`` with a list of generators), so seed s gives the same
@@ -49,6 +52,7 @@ class GenerationResult:
     attention: AttentionMaps | None = None  # for the first image of the batch, when asked for
     pixels: np.ndarray | None = None  # [B, H, W, 3] float32 in [0, 1] (diffusers' output_type="np")
     interrupted: bool = False
+    notes: tuple = ()  # what the request asked that was not done, and why (an unapplied <lora:...> tag)
 
     @property
     def image(self):
@@ -148,21 +152,19 @@ class Pipeline:
                                                 f"{f}x{f}-pixel latents)")
         return request.replace(width=width, height=height)
 
-    def _sdxl_vectors(self, cond, width, height, batch):
+    def _sdxl_vector(self, pooled, width, height, batch):
+        """y [B,adm] for one text's pooled vector [1,P] (SDXL), None for a UNet without y."""
         import torch
 
         from .diffusion.unet import sdxl_vector
 
         if self.unet.config.adm_in_channels is None:
-            return None, None
-        if cond.pooled is None:
+            return None
+        if pooled is None:
             raise ClipDiffusionError(f"{self.family} text encoder gave no pooled vector, but the UNet needs y")
         # original size, crop top-left (0, 0), target size, each (h, w): diffusers' add_time_ids
         ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32).expand(batch, -1)
-        size = self.unet.config.size_embed_dim
-        y = sdxl_vector(cond.pooled.float().expand(batch, -1), ids, size)
-        negative_y = sdxl_vector(cond.negative_pooled.float().expand(batch, -1), ids, size)
-        return y, negative_y
+        return sdxl_vector(pooled.float().expand(batch, -1), ids, self.unet.config.size_embed_dim)
 
     def _initial_latents(self, generators, sigmas, width, height, init_pixels, strength, device):
         """Starting latents [B,C,h,w] and the sigmas left to run. Each image's noise comes from its own CPU
@@ -210,6 +212,9 @@ class Pipeline:
         naming the field, before any model work; fields the engine does not honour yet (``request.UNIMPLEMENTED``:
         hires fix, inpainting, styles, LoRAs) are refused the same way. A request with ``n_iter`` > 1 runs that
         many batches, seeds continuing across them; ``should_stop`` also ends the batches still to come.
+        The prompt speaks A1111's language (``conditioning_schedule``): ``[a:b:when]``, ``[a|b]``, ``a AND b :w``
+        follow A1111's per-call timeline, and ``<lora:...>`` tags are taken out and named in ``result.notes``
+        (not applied yet); the infotext keeps the prompt as written.
 
         ``clip_skip`` counts like A1111 (1 = last layer, 2 = penultimate); None is the family's default (SD1 1,
         SD2/SDXL 2), and only a value other than that default is written to the infotext.
@@ -233,23 +238,29 @@ class Pipeline:
             if fn is not None and not callable(fn):
                 raise ClipDiffusionError(f"{name}: expected a callable, got {type(fn).__name__}")
         request = self._size(request).resolve_seed()
+        from .conditioning_schedule import prompt_notes
+
+        notes = prompt_notes(request)  # before any model work: a prompt the planner refuses fails here
         results = []
         for iteration in range(request.n_iter):
             if results and (results[-1].interrupted or (should_stop is not None and should_stop())):
                 break
             results.append(self._generate(request.for_iteration(iteration), callback, should_stop))
         if len(results) == 1:
-            return results[0]
+            return dataclasses.replace(results[0], notes=notes)
         return GenerationResult([im for r in results for im in r.images], [s for r in results for s in r.seeds],
                                 [t for r in results for t in r.infotexts], results[0].attention,
-                                np.concatenate([r.pixels for r in results]), any(r.interrupted for r in results))
+                                np.concatenate([r.pixels for r in results]), any(r.interrupted for r in results),
+                                notes)
 
     def _generate(self, request: GenerationRequest, callback, should_stop) -> GenerationResult:
         """One batch of a sized request with a resolved seed."""
         import torch
 
-        from .diffusion.denoiser import CFGDenoiser, Denoiser
+        from .conditioning_schedule import encode_request
+        from .diffusion.denoiser import Denoiser
         from .diffusion.samplers import get_sampler, get_schedule
+        from .text.conditioning import token_rows as plan_token_rows
 
         r = request
         sample = get_sampler(r.sampler)
@@ -258,32 +269,27 @@ class Pipeline:
         init_pixels = None if r.init_image is None else self._image_pixels(r.init_image, width, height)
         seeds = [r.seed + i for i in range(r.batch_size)]
 
-        cond = self.text_encoder.encode(r.prompt, r.negative_prompt, clip_skip=r.clip_skip,
-                                        long_prompt=r.long_prompt, weighting=r.weighting, equalize=False)
-        _check_finite("text encoder", cond.context, cond.negative_context, cond.pooled, cond.negative_pooled)
-        device = self._device()
         B = r.batch_size
-        context = cond.context.to(device).float().expand(B, -1, -1)  # [B,T,D]
-        negative_context = cond.negative_context.to(device).float().expand(B, -1, -1)
-        y, negative_y = self._sdxl_vectors(cond, width, height, B)
-        if y is not None:
-            y, negative_y = y.to(device), negative_y.to(device)
+        scheduled = encode_request(self.text_encoder, r, batch=B, device=self._device(), check=_check_finite,
+                                   y_for=lambda pooled: self._sdxl_vector(pooled, width, height, B))
 
         denoiser = model = Denoiser(self.unet, self.alphas_cumprod, self.prediction)
         capture, labels = None, []
         if r.attention_maps:
-            # rows and labels from the plan the prompt was encoded with: the prompt is tokenized once
-            token_rows = cond.token_rows()
+            # rows and labels from the plan the prompt's first text was encoded with: tokenized once
+            token_rows = plan_token_rows(scheduled.first_plan)
             labels = [self.text_encoder.tokenizer.decode([token]).strip() for _, token in token_rows]
             f = self.vae.config.downsample_factor
+            context = scheduled.conds[scheduled.first_text].context
             capture = AttentionCapture(denoiser, context, [row for row, _ in token_rows], (height // f, width // f))
             if token_rows:  # an empty prompt ("", "BREAK", ...) has no token rows: empty maps, nothing recorded
                 model = capture
-        cfg = CFGDenoiser(model, context, negative_context, r.guidance, y=y, negative_y=negative_y)
+        cfg = scheduled.denoiser(model, r.guidance)
         sigmas = make_sigmas(denoiser.sigmas, r.steps)
 
         generators = [torch.Generator().manual_seed(s) for s in seeds]
-        x, sigmas = self._initial_latents(generators, sigmas, width, height, init_pixels, r.strength, device)
+        x, sigmas = self._initial_latents(generators, sigmas, width, height, init_pixels, r.strength,
+                                          self._device())
 
         stopped = []
 

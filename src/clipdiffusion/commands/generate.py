@@ -1,9 +1,10 @@
 """``clipdiffusion generate "PROMPT" -o out.png``: a thin client of ``Pipeline.generate``. The arguments become a
 ``GenerationRequest`` (its defaults are argparse's), checked before the model loads.
 
-Progress goes to stderr; each image is a PNG whose "parameters" text chunk holds the A1111 infotext, so A1111's
-"PNG Info" tab, our server and ``infotext.parse_infotext`` read the settings back. ``--seed -1`` (the default)
-picks a seed and records it.
+Progress and the generation's notes (a ``<lora:...>`` tag that was not applied) go to stderr; each image is a
+PNG whose "parameters" text chunk holds the A1111 infotext (the prompt verbatim), so A1111's "PNG Info" tab, our
+server and ``infotext.parse_infotext`` read the settings back. ``--seed -1`` (the default) picks a seed and records
+it.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ def add_arguments(parser):
     from ..request import DEFAULTS, LONG_PROMPTS, WEIGHTINGS
 
     d = DEFAULTS  # one set of defaults: GenerationRequest's
-    parser.add_argument("prompt", help="the prompt (A1111 emphasis syntax, BREAK)")
+    parser.add_argument("prompt", help="the prompt (A1111 syntax: emphasis, BREAK, [a:b:when] editing, [a|b] "
+                                       "alternation, AND with :weight; <lora:...> tags are reported, not applied)")
     parser.add_argument("--model", metavar="FILE|FOLDER",
                         help="a .safetensors checkpoint or a diffusers folder (default: the embedded tiny model)")
     parser.add_argument("--negative", default=d["negative_prompt"], metavar="TEXT", help="negative prompt")
@@ -176,6 +178,8 @@ def run(args) -> int:
         raise exc.for_model(args.model or "the embedded tiny model") from None
     finally:
         progress.close()
+    for note in getattr(result, "notes", ()):  # what the prompt asked that was not done (a <lora:...> tag)
+        print(f"note: {note}", file=sys.stderr)
     for image, seed, infotext, path in zip(result.images, result.seeds, result.infotexts, paths):
         save_png(image, path, infotext)
         print(f"{path} (seed {seed})")

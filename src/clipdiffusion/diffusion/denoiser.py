@@ -124,6 +124,10 @@ class CFGDenoiser:
     short negative prompt) they run as two UNet calls, which is exact; padding either side would change results.
     With guidance 1 (or no negative context) uncond is not computed at all. The attention recorder, when given,
     sees only the cond half.
+
+    One fixed cond/uncond pair. The pipeline samples with ``scheduled.ScheduledCFGDenoiser`` (prompt editing,
+    alternation, AND), which for a plain prompt makes these very calls with this very arithmetic (bit-identical
+    images, checked in tests/test_scheduled_sampling.py).
     """
 
     def __init__(self, denoiser, context, negative_context=None, guidance: float = 7.0, y=None, negative_y=None):

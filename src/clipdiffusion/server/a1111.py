@@ -37,6 +37,8 @@ class GenerationPlan:
     request: GenerationRequest
     sampler_label: str  # the sampler as the client names it (A1111's display name on the A1111 routes)
     ignored: list[str] = field(default_factory=list)
+    # what the engine reports it did not do (GenerationResult.notes: a prompt's <lora:...> tag not applied, ...)
+    notes: list[str] = field(default_factory=list)
     # A1111 semantics for CLIP_stop_at_last_layers: it moves only the text encoders of families whose record says
     # so (families.ModelFamily.a1111_clip_skip, SD1-style); decided in the worker, where the model is known.
     a1111_clip_skip: bool = False
@@ -113,7 +115,9 @@ def _init_image(req: Img2ImgRequest, limits: Limits):
 
 def info_json(req: Txt2ImgRequest, plan: GenerationPlan, seeds: list[int], infotexts: list[str],
               interrupted: bool) -> str:
-    """The `info` string of A1111's txt2img/img2img responses (`Processed.js()`), plus `ignored_fields`."""
+    """The `info` string of A1111's txt2img/img2img responses (`Processed.js()`), plus `ignored_fields`, and the
+    engine's notes twice: as A1111's `comments` text (one line each, where A1111 puts "Lora not found: ...") and as
+    our `notes` list. Neither goes into the infotext, which keeps the prompt verbatim."""
     n = len(seeds)
     r = plan.request
     return json.dumps({
@@ -132,6 +136,7 @@ def info_json(req: Txt2ImgRequest, plan: GenerationPlan, seeds: list[int], infot
         "job_timestamp": plan.job_timestamp, "clip_skip": r.clip_skip,
         "is_using_inpainting_conditioning": False, "version": "clipdiffusion",
         "interrupted": interrupted, "ignored_fields": plan.ignored,
+        "comments": "".join(f"{note}\n" for note in plan.notes), "notes": plan.notes,
     })
 
 

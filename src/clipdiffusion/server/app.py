@@ -125,7 +125,7 @@ class ServerState:
 
 def _generate_work(plan: a1111.GenerationPlan, pipe, control: JobControl):
     """Runs in the worker: the request's n_iter engine calls, seeds consecutive across the whole batch as in A1111
-    (the plan's seed is already resolved)."""
+    (the plan's seed is already resolved). The results' notes (prompt tags not applied, ...) go to `plan.notes`."""
     from ..families import get_family
 
     request = plan.request
@@ -144,6 +144,7 @@ def _generate_work(plan: a1111.GenerationPlan, pipe, control: JobControl):
         infotexts += result.infotexts
         if iteration == 0:
             attention = result.attention
+        plan.notes.extend(n for n in getattr(result, "notes", ()) if n not in plan.notes)
     return images, seeds, infotexts, attention
 
 
@@ -364,7 +365,7 @@ def _own_routes(app: FastAPI, state: ServerState) -> None:
 
         encoded, maps = await run_in_threadpool(encode_all)
         return {"images": encoded, "seeds": seeds, "infotexts": infotexts, "attention": maps,
-                "interrupted": control.interrupted, "model": plan.model}
+                "interrupted": control.interrupted, "model": plan.model, "notes": plan.notes}
 
 
 def _model(state: ServerState, name: str | None) -> str:

@@ -93,13 +93,7 @@ class Conditioning:
     def token_rows(self) -> list:
         """``(row, token id)`` of every ``context`` row that carries a prompt token, in row order; BOS, EOS,
         padding and empty-prompt rows are left out (an empty prompt has none)."""
-        if self.plan is None:
-            return []
-        rows = []
-        for r, (w, p) in enumerate(self.plan.rows):
-            if w != EMPTY_WINDOW and 1 <= p <= len(self.plan.windows[w].tokens):
-                rows.append((r, self.plan.windows[w].tokens[p - 1]))
-        return rows
+        return token_rows(self.plan)
 
     def to_diffusers(self) -> dict:
         """Keyword arguments for a diffusers pipeline call (``pipe(**cond.to_diffusers(), ...)``)."""
@@ -113,6 +107,36 @@ class Conditioning:
             out["pooled_prompt_embeds"] = self.pooled
             out["negative_pooled_prompt_embeds"] = self.negative_pooled
         return out
+
+
+def token_rows(plan: Plan | None) -> list:
+    """``(row, token id)`` of every row of a context assembled from ``plan`` that carries a prompt token."""
+    if plan is None:
+        return []
+    rows = []
+    for r, (w, p) in enumerate(plan.rows):
+        if w != EMPTY_WINDOW and 1 <= p <= len(plan.windows[w].tokens):
+            rows.append((r, plan.windows[w].tokens[p - 1]))
+    return rows
+
+
+@dataclass(frozen=True)
+class EncodedText:
+    """One text encoded alone: ``context`` [1, T, D], ``pooled`` [1, P] (SDXL) or None, and its ``plan``."""
+
+    context: torch.Tensor
+    pooled: torch.Tensor | None
+    plan: Plan
+
+
+@dataclass(frozen=True)
+class EncodedTexts:
+    """What ``TextEncoder.encode_texts`` gives: text -> ``EncodedText`` for the prompt texts and for the negative
+    texts (a text in both is encoded once and appears in both, except SDXL's zeroed empty negative)."""
+
+    prompts: dict
+    negatives: dict
+    notes: tuple = ()
 
 
 def _weight_a1111(z, weights, empty):
@@ -275,39 +299,69 @@ class TextEncoder:
         (``force_zero_embeddings``) do; padding such a negative uses zero rows too, which is exact because a
         context of zero rows gives the same cross-attention output at any length (SD's to_k/to_v have no bias).
         """
-        check_prompt_text("prompt", prompt)
-        check_prompt_text("negative_prompt", negative_prompt)
+        options = {"chunk_backtrack": chunk_backtrack, "window_stride": window_stride}
+        encoded, empty_rows = self._encode_texts([prompt], [negative_prompt], clip_skip, long_prompt, weighting,
+                                                 options, pad=equalize)
+        pos, neg = encoded.prompts[prompt], encoded.negatives[negative_prompt]
+        context, negative_context = pos.context, neg.context
+        lengths = (len(pos.plan.rows), len(neg.plan.rows))
+        notes = list(encoded.notes)
+        if equalize and lengths[0] != lengths[1]:
+            zero_negative = self.record.zero_empty_negative and negative_prompt == ""
+            context, negative_context, note = _equalize(context, negative_context, empty_rows, zero_negative)
+            notes.append(note)
+        report = ConditioningReport(pos.plan.report, neg.plan.report, tuple(notes))
+        return Conditioning(context, negative_context, pos.pooled, neg.pooled, report, lengths, plan=pos.plan,
+                            negative_plan=neg.plan)
+
+    def encode_texts(self, texts, negative_texts=(), clip_skip=None, long_prompt="chunk", weighting="a1111", *,
+                     chunk_backtrack=DEFAULT_CHUNK_BACKTRACK, window_stride=DEFAULT_WINDOW_STRIDE) -> EncodedTexts:
+        """Encode every distinct text of a prompt's schedule(s) and of the negative prompt's schedule, each exactly
+        once, in one batched call per tower (``encode`` is this for one prompt and one negative, plus padding).
+        Each text's context is its own, unpadded (texts of different lengths run as separate model calls). Each
+        window's emphasis mean is restored on its own; A1111 takes the mean over the batch of one prompt's schedule
+        texts, which couples them (frontends doc 1.6); we do not.
+
+        SDXL: when the negative texts are just ``""`` (exactly), the negative is zeros as in ``encode`` (A1111
+        zeroes a negative whose whole schedule is empty); otherwise ``""`` is encoded.
+        """
+        options = {"chunk_backtrack": chunk_backtrack, "window_stride": window_stride}
+        return self._encode_texts(texts, negative_texts, clip_skip, long_prompt, weighting, options)[0]
+
+    def _encode_texts(self, texts, negative_texts, clip_skip, long_prompt, weighting, options, pad=False):
+        """``encode_texts``, and the empty prompt's rows [1, P, D] when ``pad`` needs them to equalise lengths."""
+        texts, negative_texts = list(dict.fromkeys(texts)), list(dict.fromkeys(negative_texts))
+        for name, group in (("prompt", texts), ("negative_prompt", negative_texts)):
+            for text in group:
+                check_prompt_text(name, text)
         check_strategy(long_prompt)
         _check_choice("weighting", weighting, WEIGHTINGS)
         skips = self._layer_skips(clip_skip)
-        options = {"chunk_backtrack": chunk_backtrack, "window_stride": window_stride}
-        pos = self.plan(prompt, long_prompt, weighting, **options)
-        neg = self.plan(negative_prompt, long_prompt, weighting, field_name="negative_prompt", **options)
-        zero_negative = self.record.zero_empty_negative and negative_prompt == ""
-        plans = [pos] if zero_negative else [pos, neg]
-        lengths = (len(pos.rows), len(neg.rows))
+        zero_negative = self.record.zero_empty_negative and negative_texts == [""]
+        plans = {t: self.plan(t, long_prompt, weighting, **options) for t in texts}
+        for t in negative_texts:
+            if t not in plans:
+                plans[t] = self.plan(t, long_prompt, weighting, field_name="negative_prompt", **options)
+        encoded = [t for t in plans if t in texts or not zero_negative]
+        order = [plans[t] for t in encoded]
+        longest = max((len(p.rows) for p in plans.values()), default=0)
         need_empty = (
-            any(p.uses_empty_window for p in plans)
-            or (weighting == "comfy" and any(w != 1.0 for p in plans for win in p.windows for w in win.weights))
-            or (equalize and lengths[0] != lengths[1] and not (zero_negative and lengths[0] >= lengths[1]))
+            any(p.uses_empty_window for p in order)
+            or (weighting == "comfy" and any(w != 1.0 for p in order for win in p.windows for w in win.weights))
+            or (pad and any(len(p.rows) < longest for p in order))
         )
-        contexts, empty_rows, pooled = self._encode_plans(plans, skips, weighting, need_empty)
-
-        context = contexts[0]
-        notes = []
-        if zero_negative:
-            negative_context = context.new_zeros((1, lengths[1], context.shape[-1]))
-            negative_pooled = torch.zeros_like(pooled[0:1])
-            notes.append("negative_prompt is empty: SDXL negative context and pooled are zeros (A1111/sgm)")
-        else:
-            negative_context = contexts[1]
-            negative_pooled = pooled[1:2] if pooled is not None else None
-        if equalize and lengths[0] != lengths[1]:
-            context, negative_context, note = _equalize(context, negative_context, empty_rows, zero_negative)
-            notes.append(note)
-        report = ConditioningReport(pos.report, neg.report, tuple(notes))
-        return Conditioning(context, negative_context, pooled[0:1] if pooled is not None else None,
-                            negative_pooled, report, lengths, plan=pos, negative_plan=neg)
+        contexts, empty_rows, pooled = self._encode_plans(order, skips, weighting, need_empty)
+        done = {t: EncodedText(c, None if pooled is None else pooled[i:i + 1], plans[t])
+                for i, (t, c) in enumerate(zip(encoded, contexts))}
+        negatives, notes = {}, []
+        for t in negative_texts:
+            if zero_negative:
+                negatives[t] = EncodedText(contexts[0].new_zeros((1, len(plans[t].rows), contexts[0].shape[-1])),
+                                           None if pooled is None else torch.zeros_like(pooled[0:1]), plans[t])
+                notes.append("negative_prompt is empty: SDXL negative context and pooled are zeros (A1111/sgm)")
+            else:
+                negatives[t] = done[t]
+        return EncodedTexts({t: done[t] for t in texts}, negatives, tuple(notes)), empty_rows
 
     def _encode_plans(self, plans, skips, weighting, need_empty):
         """Every window of every plan (and the empty prompt when needed) through each tower in one batch, weighted
@@ -378,5 +432,3 @@ def _equalize(context, negative_context, empty_rows, zero_negative):
     if short_is_negative:
         return context, padded, note
     return padded, negative_context, note
-
-
