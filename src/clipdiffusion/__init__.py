@@ -12,6 +12,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "CLIPTokenizer": "clipdiffusion.text.tokenizer",
     "parse_prompt": "clipdiffusion.text.prompt",
+    "prompt_schedule": "clipdiffusion.text.schedule",
+    "split_composable": "clipdiffusion.text.schedule",
     "load_text_encoder": "clipdiffusion.checkpoints.text_encoders",
     "TextEncoder": "clipdiffusion.text.conditioning",
     "Conditioning": "clipdiffusion.text.conditioning",
