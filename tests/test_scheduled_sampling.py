@@ -170,7 +170,7 @@ def test_heun_schedules_over_twice_the_steps_and_counts_the_corrector_calls(pipe
     assert [b[1] for b in calls_seen(fake, table, 1)] == ["a", "a", "b", "a", "b"]
 
 
-@pytest.mark.parametrize("sampler", ["euler", "heun"])
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
 def test_img2img_counts_from_the_first_step_run_over_the_nominal_steps(pipe, fake, sampler):
     from PIL import Image
 
@@ -188,10 +188,13 @@ def test_img2img_counts_from_the_first_step_run_over_the_nominal_steps(pipe, fak
     assert {b[1] for b in calls_seen(fake, table, 1)} == {"a"}
 
 
-def test_batch_rows_follow_the_same_schedule(pipe, fake):
-    table = encodings(pipe, ["a", "b", "n"])
-    pipe.generate("[a:b:1]", "n", steps=3, seed=1, batch_size=3)
-    assert calls_seen(fake, table, 3) == [["n", "a"], ["n", "a"], ["n", "b"]]
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+def test_batch_rows_follow_the_same_schedule(pipe, fake, sampler):
+    table = encodings(pipe, ["a", "b", "n1", "n2"])
+    pipe.generate("[a:b:1]", "[n1|n2]", steps=3, seed=1, batch_size=3, sampler=sampler)
+    total, calls = schedule_steps(sampler, 3), expected_calls(sampler, 3)
+    want = zip(a1111_calls(alternate("n1", "n2"), total, calls), a1111_calls(edit("a", "b", 1), total, calls))
+    assert calls_seen(fake, table, 3) == [list(pair) for pair in want]
     assert all(c.shape[0] == 6 for c in fake.contexts)  # uncond and cond of all 3 images: one call
 
 
@@ -261,11 +264,31 @@ def test_guidance_one_skips_the_uncond_only_where_it_cancels():
     assert torch.equal(cfg(x, torch.ones(2)), torch.full_like(x, 2.0)) and model.calls == [2]
 
 
-def test_and_through_the_pipeline_one_call_per_step_with_its_own_schedules(pipe, fake):
-    table = encodings(pipe, ["a", "b", "c", "n"])
-    pipe.generate("[a:b:1] AND c :0.5", "n", steps=3, seed=1, batch_size=2)
-    assert calls_seen(fake, table, 2) == [["n", "a", "c"], ["n", "a", "c"], ["n", "b", "c"]]
-    assert len(fake.contexts) == 3
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+def test_and_through_the_pipeline_one_call_per_step_with_its_own_schedules(pipe, fake, sampler):
+    table = encodings(pipe, ["a", "b", "c", "d", "n"])
+    pipe.generate("[a:b:1] AND [c|d] :0.5", "n", steps=3, seed=1, batch_size=2, sampler=sampler)
+    total, calls = schedule_steps(sampler, 3), expected_calls(sampler, 3)
+    # the parts are "[a:b:1] " -> "[a:b:1]" (trailing space stripped) and " [c|d]": " c" encodes like "c"
+    want = zip(a1111_calls(edit("a", "b", 1), total, calls), a1111_calls(alternate("c", "d"), total, calls))
+    assert calls_seen(fake, table, 2) == [["n", first, second] for first, second in want]
+    assert len(fake.contexts) == calls  # one model call per guidance step
+
+
+def test_sdxl_pooled_vectors_follow_the_schedule_and_an_edited_empty_negative_is_encoded():
+    p = tiny_pipeline(0, family="sdxl")
+    p.unet, ys = RecordingUNet(p.unet.config), []
+    forward = p.unet.forward
+    p.unet.forward = lambda x, t, context, y=None, **kw: (ys.append(y.clone()), forward(x, t, context, y))[1]
+    p.generate("[a:b:1]", steps=3, seed=1)
+    enc = p.text_encoder.encode_texts(["a", "b"], [""])
+    want = [p._sdxl_vector(enc.prompts[t].pooled, 32, 32, 1) for t in ("a", "a", "b")]
+    assert not bool(enc.negatives[""].context.any()) and not bool(enc.negatives[""].pooled.any())  # zeros
+    for y, w in zip(ys, want):  # [uncond; cond]
+        torch.testing.assert_close(y[1:], w, rtol=1e-5, atol=1e-5)
+    # an empty negative that is one text of a schedule is encoded (A1111 zeroes only an all-empty negative)
+    enc = p.text_encoder.encode_texts(["a"], ["", "x"])
+    assert bool(enc.negatives[""].context.any()) and bool(enc.negatives[""].pooled.any())
 
 
 def test_and_combination_in_the_pipeline_matches_a_hand_computation(pipe, fake):
