@@ -188,3 +188,134 @@ def test_json_size_is_linear_in_the_prompt(capsys, long_prompt):
         sizes[n] = len(out)
         assert len(out) < 200 * n + 10_000, (n, len(out))
     assert 1.8 < sizes[10_000] / sizes[5_000] < 2.2, sizes
+
+
+# -- the prompt language: schedules, AND parts, extra-network tags (issue 16) ----------------------------------
+
+NEW_KEYS = {"steps", "negative", "text", "texts", "headline", "schedule", "parts", "networks"}
+
+
+@pytest.mark.parametrize("prompt, options", [
+    ("a photo of a cat", {}), ("cat " * 80, {"long_prompt": "truncate"}), ("(red:1.3) [x] BREAK y", {}),
+    ("(x:1.2) [y]", {"weights": False}), ("", {}), ("tag0, " * 40, {"long_prompt": "window"}),
+])
+def test_plain_prompts_report_as_before_plus_new_keys(prompt, options):
+    from clipdiffusion.commands.tokens import prompt_report, tokens_report
+
+    tok = CLIPTokenizer()
+    report = prompt_report(prompt, tokenizer=tok, **options)
+    # A1111 strips a composable part's trailing whitespace, AND or not; CLIP's tokens are the same either way
+    text = prompt.rstrip()
+    before = tokens_report(text, tokenizer=tok, **options)
+    assert {k: v for k, v in report.items() if k not in NEW_KEYS} == before | {"prompt": prompt}
+    assert [t["id"] for t in before["tokens"]] == [t["id"] for t in tokens_report(prompt, tokenizer=tok,
+                                                                                   **options)["tokens"]]
+    assert [t["text"] for t in report["texts"]] == [text] and report["headline"] == 0
+    assert report["schedule"] == [{"part": 0, "start": 1, "end": 20, "text_index": 0}]
+    assert report["parts"] == [{"text": text, "weight": 1.0}]
+    assert report["networks"] == [] and report["steps"] == 20 and report["negative"] is False
+
+
+def test_schedule_is_shown_with_step_ranges_and_counts(capsys):
+    rc, out, _ = _run(capsys, "a [cat:big dog:10] on a mat", "--steps", "20")
+    assert rc == 0
+    lines = out.splitlines()
+    assert lines[0] == "6 tokens, 1 chunk (long_prompt=chunk): 6/75"  # the larger of the two texts
+    assert "starts: a big dog on a mat" in lines[1]
+    assert lines[2] == "schedule over 20 steps (the count above is the text with the most tokens):"
+    assert lines[3] == "  steps  1-10    5/75  'a cat on a mat'"
+    assert lines[4] == "  steps 11-20    6/75  'a big dog on a mat'"
+    rc, out, _ = _run(capsys, "[fe|]male [a|b]", "--steps", "3")
+    assert out.splitlines()[2:] == ["schedule over 3 steps (the count above is the text with the most tokens):",
+                                    "  step  1      2/75  'female a'", "  step  2      2/75  'male b'",
+                                    "  step  3      2/75  'female a'"]
+
+
+def test_long_schedules_are_cut_in_text_but_complete_in_json(capsys):
+    rc, out, _ = _run(capsys, "[a|b c]", "--steps", "100")
+    assert rc == 0 and "... (60 more step ranges; --json lists them all)" in out
+    rc, out, _ = _run(capsys, "[a|b c]", "--steps", "100", "--json")
+    report = json.loads(out)
+    assert len(report["schedule"]) == 100 and [t["text"] for t in report["texts"]] == ["a", "b c"]
+    assert report["headline"] == 1 and report["summary"] == "2/75"
+
+
+def test_and_parts_and_tags(capsys):
+    prompt = "a cat <lora:detail:0.8> AND a hat:0.5 <lyco:style:1:te=0> <hypernet:h:1> <foo:bar> <lora:bad:x>"
+    rc, out, _ = _run(capsys, prompt, "--steps", "4")
+    assert rc == 0
+    assert "  AND part 1, weight 1:" in out and "  AND part 2, weight 0.5:" in out
+    assert "    steps 1-4    2/75  'a cat'" in out and "    steps 1-4    2/75  ' a hat'" in out
+    assert ("tag <lora:detail:0.8>: lora 'detail' te 0.8, unet 0.8: not applied: LoRA loading arrives with issue 17"
+            in out)
+    assert "tag <lyco:style:1:te=0>: lora 'style' te 0, unet 0: not applied" in out
+    assert "tag <hypernet:h:1>: hypernet 'h': not applied: hypernetworks are not supported" in out
+    assert "tag <foo:bar>: foo 'bar': not applied: unknown extra network kind 'foo'" in out
+    assert "tag <lora:bad:x>: lora 'bad': not applied: <lora:bad:x>: te multiplier 'x' is not a number" in out
+    rc, out, _ = _run(capsys, prompt, "--json")
+    report = json.loads(out)
+    assert report["text"] == "a cat  AND a hat:0.5    " and report["prompt"] == prompt
+    assert report["parts"] == [{"text": "a cat", "weight": 1.0}, {"text": " a hat", "weight": 0.5}]
+    assert [(n["kind"], n["name"], n["applied"]) for n in report["networks"]] == [
+        ("lora", "detail", False), ("lora", "style", False), ("hypernet", "h", False), ("foo", "bar", False),
+        ("lora", "bad", False)]
+    assert report["networks"][0]["positional"] == ["0.8"] and report["networks"][1]["named"] == [["te", "0"]]
+    assert report["networks"][4]["te"] is None
+
+
+def test_negative_prompts_keep_and_and_tags_as_text(capsys):
+    rc, out, _ = _run(capsys, "blurry AND <lora:x:1> [ugly:bad:2]", "--negative", "--steps", "4", "--json")
+    report = json.loads(out)
+    assert report["negative"] is True and report["networks"] == []
+    assert [t["text"] for t in report["texts"]] == ["blurry AND <lora:x:1> ugly", "blurry AND <lora:x:1> bad"]
+    assert any("AND is text" in n for n in report["notes"])
+
+
+def test_unparseable_schedules_and_bad_steps(capsys):
+    rc, out, _ = _run(capsys, "[a|b] c|d")
+    assert rc == 0 and "note: schedule syntax could not be parsed" in out
+    assert "starts: a|b c|d" in out and "weighted: 'a|b' x0.9091" in out  # then [a|b] is emphasis, 1/1.1
+    rc, out, err = _run(capsys, "a", "--steps", "0")
+    assert rc == 2 and out == "" and err.count("\n") == 1 and "steps" in err
+
+
+def test_json_size_is_linear_for_scheduled_prompts(capsys):
+    sizes = {}
+    for n in (2_000, 4_000):
+        rc, out, _ = _run(capsys, "[ab|cd] " * (n // 8), "--json", "--steps", "10")
+        assert rc == 0
+        report = json.loads(out)
+        assert len(report["texts"]) == 2 and len(report["schedule"]) == 10
+        sizes[n] = len(out)
+    assert 1.8 < sizes[4_000] / sizes[2_000] < 2.2, sizes
+
+
+def test_tokenize_route_reports_the_schedule():
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from clipdiffusion.server.app import create_app
+    from clipdiffusion.server.settings import ModelEntry, ServerSettings
+    from server_fixtures import FAKE_SAMPLERS, FAKE_SCHEDULES, fake_factory
+
+    settings = ServerSettings(models=(ModelEntry("tiny-a"),), samplers=FAKE_SAMPLERS, schedules=FAKE_SCHEDULES,
+                              max_steps=50)
+    with TestClient(create_app(fake_factory(), settings)) as client:
+        r = client.post("/api/tokenize", json={"prompt": "a [cat|big dog] <lora:x:0.5> AND b", "steps": 4})
+        assert r.status_code == 200, r.text
+        report = r.json()
+        assert report["summary"] == "3/75" and [t["id"] for t in report["tokens"]] == CLIPTokenizer().encode(
+            "a big dog")
+        assert [t["text"] for t in report["texts"]] == ["a cat", "a big dog", " b"] and report["headline"] == 1
+        assert [(e["part"], e["start"], e["end"], e["text_index"]) for e in report["schedule"]] == [
+            (0, 1, 1, 0), (0, 2, 2, 1), (0, 3, 3, 0), (0, 4, 4, 1), (1, 1, 4, 2)]
+        assert report["parts"] == [{"text": "a [cat|big dog]", "weight": 1.0}, {"text": " b", "weight": 1.0}]
+        (lora,) = report["networks"]
+        assert (lora["te"], lora["unet"], lora["applied"]) == (0.5, 0.5, False) and "issue 17" in lora["status"]
+        report = client.post("/api/tokenize", json={"prompt": "a AND <lora:x:1>", "negative": True}).json()
+        assert [t["text"] for t in report["texts"]] == ["a AND <lora:x:1>"] and report["networks"] == []
+        plain = client.post("/api/tokenize", json={"prompt": "a cat"}).json()
+        assert plain["steps"] == 20 and plain["summary"] == "2/75" and plain["notes"] == []
+        for steps in (0, 51):
+            r = client.post("/api/tokenize", json={"prompt": "a", "steps": steps})
+            assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "steps"]

@@ -338,10 +338,11 @@ def _own_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.post("/api/tokenize", tags=["clipdiffusion"])
     async def tokenize(req: TokenizeRequest) -> dict:
-        GenerationRequest.create(settings.limits, prompt=req.prompt, long_prompt=req.long_prompt)
+        GenerationRequest.create(settings.limits, prompt=req.prompt, long_prompt=req.long_prompt, steps=req.steps)
         from .tokens import token_report
 
-        return await run_in_threadpool(lambda: token_report(req.prompt, req.long_prompt, state.tokenizer()))
+        return await run_in_threadpool(lambda: token_report(req.prompt, req.long_prompt, state.tokenizer(),
+                                                            steps=req.steps, negative=req.negative))
 
     @app.post("/api/encode", tags=["clipdiffusion"])
     async def encode(req: EncodeRequest) -> dict:

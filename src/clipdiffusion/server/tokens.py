@@ -1,9 +1,10 @@
 """The token report behind /api/tokenize and the page's live counter. Torch-free, cheap: runs in the handler
 thread, never in the model worker.
 
-`text.chunking` decides the layout and reports counts and dropped text; this module adds the per-token view
-the page needs to colour chunk boundaries and dropped words, by mapping each prompt token to the output row
-that carries it.
+`text.schedule` reads the prompt language first, as A1111's counter does (tags out, AND parts, each part
+scheduled over the UI's steps); every schedule text is counted and the headline is the largest. `text.chunking`
+decides the layout and reports counts and dropped text; this module adds the per-token view the page needs to
+colour chunk boundaries and dropped words, by mapping each prompt token to the output row that carries it.
 """
 
 from __future__ import annotations
@@ -27,16 +28,40 @@ def default_parse(text: str):
     return parse_prompt(text)
 
 
-def token_report(prompt: str, strategy: str, tokenizer, parse=default_parse) -> dict:
-    """`TokenReport.to_dict()` plus `tokens`: one entry per prompt token (BREAK included, as a marker) with
-    its text, weight and the chunk that carries it (None when the strategy drops it)."""
+DEFAULT_STEPS = 20
+
+
+def _count(text, strategy, tokenizer, parse, chunking) -> dict:
+    report = chunking.plan_stream(chunking.tokenize_segments(parse(text), tokenizer), tokenizer, strategy).report
+    chunks = report.chunks
+    # A1111's number: every closed chunk counts in full, the last one its tokens
+    count = sum(c.capacity for c in chunks[:-1]) + chunks[-1].tokens if chunks else 0
+    return {"count": count, "total_tokens": report.total_tokens, "summary": report.summary(),
+            "dropped_tokens": report.dropped_tokens}
+
+
+def token_report(prompt: str, strategy: str, tokenizer, parse=default_parse, *, steps: int = DEFAULT_STEPS,
+                 negative: bool = False) -> dict:
+    """For the *headline* text (the schedule text with the most tokens; a plain prompt's is the prompt itself):
+    `TokenReport.to_dict()` plus `tokens`, one entry per token (BREAK included, as a marker) with its text, weight
+    and the chunk that carries it (None when the strategy drops it). Plus the prompt language, as
+    `schedule.counted_program` gives it: `steps`, `negative`, `text` (the prompt without tags), `texts` (each
+    distinct text once, with its `summary` and counts), `headline` (its index there), `schedule` (`part`, `start`,
+    `end`, `text_index` per entry), `parts` (`text`, `weight`) and `networks` (each tag with its `status`);
+    `notes` has the headline's chunking notes, then the prompt language's."""
+    from ..text.schedule import counted_program, plan_prompt
+
     chunking = _chunking()
     chunking.check_prompt_text("prompt", prompt)
     chunking.check_strategy(strategy)
-    stream = chunking.tokenize_segments(parse(prompt), tokenizer)
+    program = plan_prompt(prompt, steps, negative=negative)
+    info = counted_program(program, lambda text: _count(text, strategy, tokenizer, parse, chunking))
+    stream = chunking.tokenize_segments(parse(info["texts"][info["headline"]]["text"]), tokenizer)
     plan = chunking.plan_stream(stream, tokenizer, strategy)
     report = plan.report.to_dict()
     report["tokens"] = _token_view(stream, plan, tokenizer, chunking)
+    report["notes"] += info.pop("notes")
+    report.update(info, negative=bool(negative))
     return report
 
 

@@ -1,5 +1,6 @@
-// The clipdiffusion page: live token report per chunk, generation with progress and interrupt, per-token
-// cross-attention heatmaps. Plain DOM, no build step; talks to /api/* and /sdapi/v1/* on the same origin.
+// The clipdiffusion page: live token report per chunk (and per schedule text: [from:to:when], [a|b], AND parts,
+// <lora:...> tags with their status), generation with progress and interrupt, per-token cross-attention heatmaps.
+// Plain DOM, no build step; talks to /api/* and /sdapi/v1/* on the same origin.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -37,18 +38,69 @@ async function updateTokens(which) {
   const box = $(`${which}-tokens`);
   const serial = ++serials[which];
   try {
-    const report = await api("/api/tokenize", {prompt: text, long_prompt: $("long_prompt").value});
+    const steps = Math.max(1, Number($("steps").value) || 20);
+    const report = await api("/api/tokenize", {prompt: text, long_prompt: $("long_prompt").value, steps,
+                                               negative: which === "negative"});
     if (serial !== serials[which]) return;
     counter.textContent = report.summary || "0/75";
     counter.classList.toggle("dropping", report.dropped_tokens > 0);
+    const several = (report.texts || []).length > 1;
     counter.title = report.dropped_tokens > 0
-      ? `${report.dropped_tokens} tokens dropped: ${report.dropped_text}` : "tokens per chunk";
+      ? `${report.dropped_tokens} tokens dropped: ${report.dropped_text}`
+      : several ? "tokens per chunk of the schedule text with the most tokens" : "tokens per chunk";
     renderTokens(box, report.tokens);
-    if (which === "prompt") $("prompt-notes").textContent = (report.notes || []).join(" ");
+    renderSchedule($(`${which}-schedule`), report);
+    $(`${which}-notes`).textContent = (report.notes || []).join(" ");
   } catch (err) {
     counter.textContent = "?";
     counter.title = err.message;
   }
+}
+
+// The schedule's texts with their step ranges and counts (consecutive steps with the same text joined), the AND
+// parts with their weights, and the extra-network tags with what happens to them. Nothing for a plain prompt.
+function renderSchedule(box, report) {
+  const nodes = [];
+  const texts = report.texts || [];
+  const parts = report.parts || [];
+  if (texts.length > 1 || parts.length > 1) {
+    const table = document.createElement("table");
+    parts.forEach((part, p) => {
+      if (parts.length > 1) addRow(table, [`AND part ${p + 1}`, `weight ${part.weight}`, ""], "");
+      const ranges = [];
+      for (const e of report.schedule) {
+        if (e.part !== p) continue;
+        const last = ranges[ranges.length - 1];
+        if (last && last.text_index === e.text_index) last.end = e.end;
+        else ranges.push({start: e.start, end: e.end, text_index: e.text_index});
+      }
+      for (const r of ranges.slice(0, 60)) {
+        const t = texts[r.text_index];
+        const steps = r.start === r.end ? `step ${r.start}` : `steps ${r.start}–${r.end}`;
+        addRow(table, [steps, t.summary, t.text], r.text_index === report.headline ? "headline" : "");
+      }
+      if (ranges.length > 60) addRow(table, ["…", `${ranges.length - 60} more step ranges`, ""], "");
+    });
+    nodes.push(table);
+  }
+  for (const n of report.networks || []) {
+    const div = document.createElement("div");
+    div.className = "tag";
+    const weights = n.te === null ? "" : ` te ${n.te}, unet ${n.unet}${n.dyn === null ? "" : `, dyn ${n.dyn}`}`;
+    div.textContent = `${n.text}: ${n.kind} "${n.name}"${weights} (${n.status})`;
+    nodes.push(div);
+  }
+  box.replaceChildren(...nodes);
+}
+
+function addRow(table, cells, className) {
+  const row = table.insertRow();
+  row.className = className;
+  ["steps", "count", "text"].forEach((name, i) => {
+    const cell = row.insertCell();
+    cell.className = name;
+    cell.textContent = cells[i];
+  });
 }
 
 function renderTokens(box, tokens) {
@@ -194,6 +246,7 @@ async function init() {
   $("prompt").addEventListener("input", prompt);
   $("negative").addEventListener("input", negative);
   $("long_prompt").addEventListener("change", () => { updateTokens("prompt"); updateTokens("negative"); });
+  $("steps").addEventListener("input", debounce(() => { updateTokens("prompt"); updateTokens("negative"); }, 200));
   $("generate").addEventListener("click", generate);
   $("interrupt").addEventListener("click", () => api("/sdapi/v1/interrupt", {}).catch(() => {}));
   $("copy").addEventListener("click", () => {
