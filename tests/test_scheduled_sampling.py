@@ -453,3 +453,12 @@ def test_math_of_the_oracle_matches_the_reference_table():
     assert {at("1.0", t) for t in range(1, 21)} == {"a"} and [at("1", 1), at("1", 2)] == ["a", "b"]
     assert a1111_calls(edit("a", "b", "10"), 20, 24) == ["a"] * 11 + ["b"] * 10 + ["a"] * 3
     assert math.isclose(int(0.99 * 20), 19)
+
+
+def test_attention_maps_of_a_scheduled_prompt_are_its_first_texts_and_say_so(pipe):
+    r = pipe.generate("[red:blue:1] circle AND square", steps=3, seed=1, attention_maps=True)
+    assert r.attention.tokens == ["red", "circle"] and r.attention.maps.shape == (2, 16, 16)
+    assert float(np.abs(r.attention.maps).sum()) > 0
+    assert any(n.startswith("attention maps: the tokens of 'red circle'") for n in r.notes)
+    plain = pipe.generate("red circle", steps=3, seed=1, attention_maps=True)
+    assert plain.notes == () and plain.attention.tokens == ["red", "circle"]
