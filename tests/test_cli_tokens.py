@@ -319,3 +319,38 @@ def test_tokenize_route_reports_the_schedule():
         for steps in (0, 51):
             r = client.post("/api/tokenize", json={"prompt": "a", "steps": steps})
             assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "steps"]
+
+
+def test_prompt_report_properties():
+    hypothesis = pytest.importorskip("hypothesis")
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from clipdiffusion.commands.tokens import format_report, prompt_report
+    from clipdiffusion.errors import PromptError
+
+    tok = CLIPTokenizer()
+    pieces = ["[", "]", "(", ")", ":", "|", "\\", "a", "cat", " ", "1", "0.5", " AND ", "<lora:x:1>", "<y:z>",
+              ":2", "BREAK", "\n"]
+
+    @settings(max_examples=60, deadline=None, derandomize=True, database=None)
+    @given(st.lists(st.sampled_from(pieces), max_size=25).map("".join), st.integers(1, 6), st.booleans(),
+           st.booleans())
+    def check(prompt, steps, negative, weights):
+        try:
+            report = prompt_report(prompt, steps=steps, negative=negative, weights=weights, tokenizer=tok)
+        except PromptError:
+            hypothesis.event("refused by the emphasis parser")
+            return
+        assert json.loads(json.dumps(report, allow_nan=False)) == report and isinstance(format_report(report), str)
+        texts, headline = report["texts"], report["headline"]
+        assert report["summary"] == texts[headline]["summary"]
+        assert max(t["count"] for t in texts) == texts[headline]["count"]
+        assert {e["text_index"] for e in report["schedule"]} == set(range(len(texts)))
+        for p in range(len(report["parts"])):
+            entries = [e for e in report["schedule"] if e["part"] == p]
+            assert entries[0]["start"] == 1 and entries[-1]["end"] == steps
+            assert all(a["end"] + 1 == b["start"] for a, b in zip(entries, entries[1:]))
+        assert (report["networks"] == []) >= negative and (len(report["parts"]) == 1) >= negative
+
+    check()

@@ -534,7 +534,8 @@ def test_plan_notes_an_unparseable_part():
 def test_plan_hires_offsets_and_bad_lora_tags_do_not_raise():
     program = plan_prompt("[a:b:25] <lora:x:abc>", 10, int_offset=20, flt_offset=1.0)
     assert program.parts[0][1] == ((5, "a"), (10, "b"))  # the part lost its trailing space
-    assert program.to_dict()["networks"][0]["status"] == "not applied: <lora:x:abc>: te multiplier 'abc' is not a number"
+    status = program.to_dict()["networks"][0]["status"]
+    assert status == "not applied: <lora:x:abc>: te multiplier 'abc' is not a number"
 
 
 def test_counted_program_headline_is_the_largest_count():
@@ -544,6 +545,15 @@ def test_counted_program_headline_is_the_largest_count():
     assert info["headline"] == 0 and info["texts"][0] == {"text": "a b c", "count": 3, "total_tokens": 5}
     info = counted_program(plan_prompt("[x|y]", 2), lambda text: {"count": 1, "total_tokens": 1})
     assert info["headline"] == 0  # the first on ties
+
+
+def test_the_token_counter_refuses_schedules_too_large_to_count(monkeypatch):
+    program = plan_prompt("[a|b|c] " + "x" * 300, 10)
+    count = lambda text: {"count": 1, "total_tokens": 1}  # noqa: E731
+    assert len(counted_program(program, count)["texts"]) == 3
+    monkeypatch.setattr(sched, "MAX_COUNTED_CHARS", 600)
+    with pytest.raises(PromptError, match="counts at most 600"):
+        counted_program(program, count)
 
 
 def test_top_level_exports():

@@ -33,7 +33,8 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--no-weights",
         action="store_true",
-        help="do not parse (x:1.2) [x] or BREAK; brackets are plain text (A1111's emphasis 'None')",
+        help="do not parse (x:1.2) [x] or BREAK; brackets are plain text (A1111's emphasis 'None'; "
+        "[from:to:when] and [a|b] still apply, as there)",
     )
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS,
                         help=f"steps that [from:to:when] and [a|b] are scheduled over (default {DEFAULT_STEPS})")
