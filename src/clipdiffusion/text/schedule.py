@@ -23,8 +23,12 @@ selects ``to`` from the first step. Any alternation (even one in a branch never 
 boundary, and step ``t`` shows alternative ``(t - 1) mod n``. The schedule is A1111's list exactly:
 ``[(end_step, text), ...]`` ascending, the last ``end_step == steps``, entries with equal texts not merged.
 
-Decisions where A1111 fails (each is tested):
+Decisions where A1111 fails or is not deterministic (each is tested):
 
+- A structure whose closing bracket is directly followed by a stray ``[ ] ( ) :`` (``[a:2](``, ``x[a:2]:``) is
+  ambiguous in A1111's grammar, and which parse its Earley parser keeps depends on the Python process's hash seed:
+  the same prompt is scheduled in one A1111 process and literal in the next. Here the structure is taken, as A1111
+  always does without the stray character.
 - A ``when`` too large for a float (``[a:b:1e999]``) crashes A1111 (``int(inf)``); here it is clamped like any
   other large value (``-1e999`` selects ``to`` from the start), with a note from :func:`plan_prompt`.
 - Nesting has no depth limit and never recurses (A1111's tree transformer would hit Python's recursion limit);
@@ -33,8 +37,9 @@ Decisions where A1111 fails (each is tested):
   up to more than ``MAX_SCHEDULE_CHARS`` characters (alternations with coprime lengths over many steps of a long
   prompt), :class:`PromptError` names the prompt instead of exhausting memory. ``steps`` is limited to
   ``MAX_SCHEDULE_STEPS``.
-- A non-finite ``AND`` weight (a 400-digit number) or LoRA multiplier is a :class:`PromptError` (it would make the
-  whole image NaN).
+- A non-finite ``AND`` weight (a 400-digit number) is a :class:`PromptError` (it would make the whole image NaN);
+  so is, from :meth:`ExtraNetwork.lora_weights`, a non-finite multiplier or a ``dyn`` below 1 (:func:`plan_prompt`
+  does not raise for tags: :func:`network_info` reports the error as the tag's status).
 """
 
 from __future__ import annotations
