@@ -19,9 +19,10 @@ import pytest
 
 import clipdiffusion
 from clipdiffusion.errors import ClipDiffusionError, PromptError
+from clipdiffusion.text import networks
 from clipdiffusion.text import schedule as sched
-from clipdiffusion.text.schedule import (ExtraNetwork, PromptProgram, counted_program, extract_extra_networks,
-                                         plan_prompt, prompt_schedule, split_composable)
+from clipdiffusion.text.networks import ExtraNetwork, extract_extra_networks
+from clipdiffusion.text.schedule import PromptProgram, counted_program, plan_prompt, prompt_schedule, split_composable
 
 # -- the oracle ------------------------------------------------------------------------------------------------
 
@@ -511,7 +512,7 @@ def test_plan_positive_prompt():
     assert info["parts"] == [{"text": "a  [cat|dog]", "weight": 1.0}, {"text": " hat", "weight": 0.5}]
     lora, foo = info["networks"]
     assert (lora["te"], lora["unet"], lora["dyn"], lora["applied"]) == (0.8, 0.8, None, False)
-    assert lora["status"] == sched.NOT_APPLIED and "issue 17" in lora["status"]
+    assert lora["status"] == networks.NOT_APPLIED and "issue 17" in lora["status"]
     assert foo["status"].startswith("not applied: unknown extra network kind 'foo'")
 
 

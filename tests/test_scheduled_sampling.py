@@ -25,7 +25,7 @@ from clipdiffusion.diffusion.scheduled import (
     SECOND_ORDER, Cond, ScheduledCFGDenoiser, entry_at, schedule_steps)
 from clipdiffusion.infotext import from_infotext
 from clipdiffusion.testing import tiny_pipeline
-from clipdiffusion.text.schedule import NOT_APPLIED
+from clipdiffusion.text.networks import NOT_APPLIED
 
 # -- oracles: the text at schedule step t (1-based) of a prompt, by hand -----------------------------------------
 

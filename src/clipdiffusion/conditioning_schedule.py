@@ -7,7 +7,7 @@ before anything is encoded, then the prompt is split on ``AND``, and each part b
 negative prompt is scheduled too, but neither split nor stripped (a tag there is text). Nothing applies the tags
 yet, and that is never silent: each one becomes a note ("<lora:x:0.8>: not applied: ..."), which
 ``GenerationResult.notes``, the CLI (stderr) and the server (``info``) report, in the planner's words
-(``text.schedule.network_info``, which the token report shows too). The infotext keeps the prompt
+(``text.networks.network_info``, which the token report shows too). The infotext keeps the prompt
 verbatim, tags and schedule syntax included, so a PNG's parameters reproduce the image.
 
 **Timelines.** The schedules span ``schedule_steps(sampler, steps)`` (twice the steps for Heun), and the call
@@ -23,7 +23,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .text.schedule import PromptProgram, network_info, plan_prompt
+from .text.networks import network_info
+from .text.schedule import PromptProgram, plan_prompt
 
 
 def prompt_programs(request, total: int) -> tuple[PromptProgram, PromptProgram]:

@@ -175,3 +175,13 @@ def _merged(res: _Segments) -> list:
         else:
             out.append((piece, weight))
     return out or [("", 1.0)]
+
+
+def check_text(prompt, field: str = "prompt") -> str:
+    """``prompt`` if it is a string of at most ``MAX_PROMPT_CHARS`` characters, else a ``PromptError`` naming
+    ``field``."""
+    if not isinstance(prompt, str):
+        raise PromptError(f"{field} must be a string, got {type(prompt).__name__}: {prompt!r:.60}")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise PromptError(f"{field} has {len(prompt)} characters; the maximum is {MAX_PROMPT_CHARS}")
+    return prompt

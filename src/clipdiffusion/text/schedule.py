@@ -50,16 +50,14 @@ import re
 from dataclasses import dataclass
 
 from ..errors import PromptError
-from .prompt import MAX_PROMPT_CHARS
+from .networks import _TAG, extract_extra_networks, network_info
+from .prompt import check_text
 
 MAX_SCHEDULE_STEPS = 100_000
 # Characters of distinct schedule texts, all parts together; 250 steps of a 200,000-character prompt.
 MAX_SCHEDULE_CHARS = 50_000_000
 # Characters a token counter tokenizes for one prompt (all its distinct texts): a live counter stays fast.
 MAX_COUNTED_CHARS = 2_000_000
-
-# What the tags do today: nothing is loaded yet; the sampling side replaces this when LoRA loading arrives.
-NOT_APPLIED = "not applied: LoRA loading arrives with issue 17"
 
 # -- schedule grammar ------------------------------------------------------------------------------------------
 
@@ -241,14 +239,6 @@ def _check_steps(steps) -> int:
     return steps
 
 
-def _check_text(prompt, field="prompt") -> str:
-    if not isinstance(prompt, str):
-        raise PromptError(f"{field} must be a string, got {type(prompt).__name__}: {prompt!r:.60}")
-    if len(prompt) > MAX_PROMPT_CHARS:
-        raise PromptError(f"{field} has {len(prompt)} characters; the maximum is {MAX_PROMPT_CHARS}")
-    return prompt
-
-
 def _schedule(prompt: str, steps: int, int_offset=0, flt_offset=0.0, budget=None):
     """``(schedule, notes)``; ``budget`` is a one-element list of characters still allowed (shared by parts)."""
     if budget is None:
@@ -306,7 +296,7 @@ def prompt_schedule(prompt: str, steps: int, *, int_offset: int = 0, flt_offset:
     ``"[a:b:10]"`` over 20 steps is ``[(10, "a"), (20, "b")]``: text ``a`` at steps 1..10, ``b`` at 11..20. For a
     hires pass A1111 schedules over the hires steps with ``int_offset`` = the first pass's steps and
     ``flt_offset`` = 1.0, so ``[a:b:25]`` switches at hires step 5 after a 20-step first pass."""
-    prompt = _check_text(prompt)
+    prompt = check_text(prompt)
     steps = _check_steps(steps)
     int_offset, flt_offset = _check_offsets(int_offset, flt_offset)
     return _schedule(prompt, steps, int_offset, flt_offset)[0]
@@ -325,7 +315,7 @@ def split_composable(prompt: str) -> list:
     ``AND`` is case-sensitive and a whole word (``ANDROID``, ``x and y``, ``a_AND_b`` are not split). Each part
     keeps its leading whitespace and loses its trailing whitespace; a trailing weight that is not exactly a number
     (``y:1.2.3``, ``a (dog:1.2)``) stays in the text with weight 1. ``"cat AND "`` ends with an empty part."""
-    prompt = _check_text(prompt)
+    prompt = check_text(prompt)
     parts = []
     for piece in _AND.split(prompt):
         m = _PART.fullmatch(piece)
@@ -334,79 +324,6 @@ def split_composable(prompt: str) -> list:
             raise PromptError(f"AND weight {m['weight'][:40]!r} of {m['text'][:40]!r} is not finite")
         parts.append((m["text"], weight))
     return parts
-
-
-# -- extra-network tags ----------------------------------------------------------------------------------------
-
-_TAG = re.compile(r"<(\w+):([^>]+)>")
-KIND_ALIASES = {"lyco": "lora"}
-
-
-@dataclass(frozen=True)
-class ExtraNetwork:
-    """One ``<kind:name:arg:...>`` tag. ``kind`` is as written except ``lyco``, A1111's alias of ``lora``; other
-    kinds (``hypernet``, anything unknown) are kept so that reports can say what was ignored."""
-
-    kind: str
-    name: str
-    positional: tuple
-    named: tuple
-    text: str
-
-    def _number(self, value, field, convert=float):
-        try:
-            number = convert(value)
-        except (TypeError, ValueError):
-            raise PromptError(f"{self.text[:80]}: {field} {value!r} is not a number") from None
-        if convert is float and not math.isfinite(number):
-            raise PromptError(f"{self.text[:80]}: {field} {value!r} is not finite")
-        return number
-
-    def lora_weights(self) -> tuple:
-        """``(te, unet, dyn)`` as A1111 reads ``<lora:name:te:unet:dyn>``: te defaults to 1, unet to the final
-        te (after ``te=``), named ``te=`` / ``unet=`` / ``dyn=`` override the positions; ``dyn`` (None: all
-        ranks) is a positive integer. A value that is not a number is a :class:`PromptError` naming the tag."""
-        if not self.name:
-            raise PromptError(f"{self.text[:80]}: the tag names no network")
-        named = dict(self.named)  # a repeated key: the last one counts, as in A1111's dict
-        rest = self.positional
-        te = self._number(rest[0], "te multiplier") if rest else 1.0
-        if "te" in named:
-            te = self._number(named["te"], "te multiplier")
-        unet = self._number(rest[1], "unet multiplier") if len(rest) > 1 else te
-        if "unet" in named:
-            unet = self._number(named["unet"], "unet multiplier")
-        dyn = self._number(rest[2], "dyn", int) if len(rest) > 2 else None
-        if "dyn" in named:
-            dyn = self._number(named["dyn"], "dyn", int)
-        if dyn is not None and dyn < 1:
-            raise PromptError(f"{self.text[:80]}: dyn {dyn} must be at least 1 (the number of ranks kept)")
-        return te, unet, dyn
-
-
-def _network(kind: str, args: str, text: str) -> ExtraNetwork:
-    positional, named = [], []
-    for item in args.split(":"):
-        pieces = item.split("=")
-        if len(pieces) == 2:  # exactly one "=": named; "a=b=c" is positional, as in A1111
-            named.append((pieces[0], pieces[1]))
-        else:
-            positional.append(item)
-    name = positional[0] if positional else ""
-    return ExtraNetwork(KIND_ALIASES.get(kind, kind), name, tuple(positional[1:]), tuple(named), text)
-
-
-def extract_extra_networks(prompt: str) -> tuple:
-    """``(text, tags)``: every ``<kind:args>`` tag (kind = word characters) removed, nothing else touched
-    (``"a <lora:x:1> b"`` -> ``"a  b"``), and the tags in prompt order."""
-    prompt = _check_text(prompt)
-    tags = []
-
-    def take(m):
-        tags.append(_network(m.group(1), m.group(2), m.group(0)))
-        return ""
-
-    return _TAG.sub(take, prompt), tags
 
 
 # -- the whole positive or negative prompt ---------------------------------------------------------------------
@@ -461,29 +378,11 @@ def counted_program(program: PromptProgram, count) -> dict:
     return info
 
 
-def network_info(network: ExtraNetwork) -> dict:
-    """A tag for reports: what was written, what it would do, and why it does nothing yet."""
-    info = {"kind": network.kind, "name": network.name, "text": network.text,
-            "positional": list(network.positional), "named": [list(p) for p in network.named],
-            "te": None, "unet": None, "dyn": None, "applied": False}
-    if network.kind == "lora":
-        try:
-            info["te"], info["unet"], info["dyn"] = network.lora_weights()
-            info["status"] = NOT_APPLIED
-        except PromptError as err:
-            info["status"] = f"not applied: {err}"
-    elif network.kind == "hypernet":
-        info["status"] = "not applied: hypernetworks are not supported"
-    else:
-        info["status"] = f"not applied: unknown extra network kind {network.kind!r} (A1111 skips it too)"
-    return info
-
-
 def plan_prompt(prompt: str, steps: int, *, negative: bool = False, int_offset: int = 0,
                 flt_offset: float = 0.0) -> PromptProgram:
     """A1111's processing of one prompt: for a positive prompt, tags out, ``AND`` split, every part scheduled;
     for ``negative=True`` only the schedule (``AND`` and tags are text there, as in A1111)."""
-    prompt = _check_text(prompt)
+    prompt = check_text(prompt)
     steps = _check_steps(steps)
     int_offset, flt_offset = _check_offsets(int_offset, flt_offset)
     notes, networks = [], []
