@@ -7,13 +7,8 @@ import torch
 from clipdiffusion.errors import ClipDiffusionError, PromptError
 from clipdiffusion.text.chunking import BOS_ID, EOS_ID
 from clipdiffusion.text.clip import CLIPTextConfig, CLIPTextModel, stretch_position_embedding
-from clipdiffusion.text.conditioning import (
-    WEIGHTINGS,
-    Conditioning,
-    EncoderSpec,
-    TextEncoder,
-    _weight_a1111,
-)
+from clipdiffusion.text.conditioning import WEIGHTINGS, Conditioning, EncoderSpec, TextEncoder
+from clipdiffusion.text.weighting import _weight_a1111
 from clipdiffusion.text.prompt import parse_prompt
 from clipdiffusion.text.tokenizer import CLIPTokenizer
 
