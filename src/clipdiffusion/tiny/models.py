@@ -125,3 +125,26 @@ def to_pixels(images) -> torch.Tensor:
 
     array = np.stack([np.asarray(im, dtype=np.float32) for im in images])  # [B, H, W, 3]
     return torch.from_numpy(array).permute(0, 3, 1, 2) / 127.5 - 1.0  # [B, 3, H, W]
+
+
+def build_models(config: TinyModelConfig, tokenizer=None):
+    """The networks of a training run (text tower, contrastive heads, VAE, UNet and its EMA copy) and the text
+    encoder the UNet is conditioned through."""
+    from ..diffusion.unet import UNetModel
+    from ..diffusion.vae import AutoencoderKL
+    from ..text.chunking import EOS_ID
+    from ..text.clip import CLIPTextModel
+    from ..text.conditioning import EncoderSpec, TextEncoder
+
+    text = CLIPTextModel(config.text)
+    models = {
+        "text": text,
+        "heads": ContrastiveHeads(config),
+        "vae": AutoencoderKL(config.vae),
+        "unet": UNetModel(config.unet),
+    }
+    models["ema"] = UNetModel(config.unet)
+    models["ema"].load_state_dict(models["unet"].state_dict())
+    models["ema"].requires_grad_(False)
+    encoder = TextEncoder("tiny", [EncoderSpec("clip", text, EOS_ID, True, 1)], tokenizer)
+    return models, encoder

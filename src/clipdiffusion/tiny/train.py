@@ -30,33 +30,12 @@ import torch.nn.functional as F
 
 from ..errors import ClipDiffusionError
 from .batches import POOL_BATCH, ContextBuilder, Scenes, cell_targets, described_pair, loose_caption
-from .models import ContrastiveHeads, TinyModelConfig, to_pixels
+from .models import build_models, to_pixels
 from .settings import PHASES, TrainSettings, phase_seconds
 from .world import BACKGROUNDS, Scene, SceneObject, render
 
 # ---------------------------------------------------------------------------------------------------------------
 # Models and state
-
-
-def build_models(config: TinyModelConfig, tokenizer=None):
-    from ..diffusion.unet import UNetModel
-    from ..diffusion.vae import AutoencoderKL
-    from ..text.chunking import EOS_ID
-    from ..text.clip import CLIPTextModel
-    from ..text.conditioning import EncoderSpec, TextEncoder
-
-    text = CLIPTextModel(config.text)
-    models = {
-        "text": text,
-        "heads": ContrastiveHeads(config),
-        "vae": AutoencoderKL(config.vae),
-        "unet": UNetModel(config.unet),
-    }
-    models["ema"] = UNetModel(config.unet)
-    models["ema"].load_state_dict(models["unet"].state_dict())
-    models["ema"].requires_grad_(False)
-    encoder = TextEncoder("tiny", [EncoderSpec("clip", text, EOS_ID, True, 1)], tokenizer)
-    return models, encoder
 
 
 def _optimizer(params, lr, weight_decay=0.0):
