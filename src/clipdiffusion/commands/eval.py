@@ -1,5 +1,6 @@
-"""``clipdiffusion eval``: prompt adherence of a model on the synthetic world (GenEval-style table, long-prompt
-and clip-skip studies). Writes ``report.md``, ``report.json`` and ``long_prompt.png`` to ``--out``."""
+"""``clipdiffusion eval``: prompt adherence of a model on the synthetic world (GenEval-style table, long-prompt,
+clip-skip and prompt-editing studies). Writes ``report.md``, ``report.json``, ``long_prompt.png`` and
+``schedule.png`` to ``--out``; the schedule study rewrites the report after every cell (marked PARTIAL until done)."""
 
 import json
 import sys
@@ -10,7 +11,7 @@ import numpy as np
 
 from ..errors import ClipDiffusionError
 
-STUDIES = ("main", "long", "clipskip", "clipscore")
+STUDIES = ("main", "long", "clipskip", "clipscore", "schedule")
 REFERENCES = ("ground-truth", "noise")
 
 
@@ -25,6 +26,9 @@ def add_arguments(parser):
     parser.add_argument("--studies", default="main", help=f"comma list of {', '.join(STUDIES)}")
     parser.add_argument("--lengths", default="0,40,60,90,120,150", help="long-prompt study: style-tag tokens")
     parser.add_argument("--clip-heads", help="tiny-clip-heads.safetensors from training (for the clipscore study)")
+    parser.add_argument("--per-prompt", type=int, default=10,
+                        help="schedule study: images per prompt, one batch of consecutive seeds (fewer: more "
+                             "independent prompts per cell, slower)")
     parser.add_argument("--out", default="eval/latest", help="report folder")
 
 
@@ -72,7 +76,8 @@ def run(args) -> int:
     cases = ev.prompt_set(args.per_count)
     command = " ".join(sys.argv[1:]) if sys.argv[1:2] == ["eval"] else "eval"
     lines = [f"# Synthetic-world evaluation: {name}", "",
-             f"{len(cases)} held-out prompts, {args.steps} steps, guidance {args.guidance}, sampler {args.sampler}",
+             (f"{len(cases)} held-out prompts, " if {"main", "clipscore"} & set(studies) else "")
+             + f"{args.steps} steps, guidance {args.guidance}, sampler {args.sampler}",
              f"command: `clipdiffusion {command}`", ""]  # fmt: skip
     results: dict = {"model": name, **gen}
 
@@ -127,7 +132,81 @@ def run(args) -> int:
         results["clip_score"] = scores
         lines += ["## Tiny-CLIP score (cosine x 100)", "", "| images | score |", "|---|---|"]
         lines += [f"| {k.replace('_', ' ')} | {v:.2f} |" for k, v in scores.items()] + [""]
-    (out / "report.md").write_text("\n".join(lines))
-    (out / "report.json").write_text(json.dumps(results, indent=1, default=str))
+    if "schedule" in studies:
+        _schedule_study(pipe, args, gen, out, lines, results)
+    _write(out, lines, results)
     print(f"wrote {out / 'report.md'}", file=sys.stderr)
     return 0
+
+
+def _write(out, lines, results):
+    from ..fileio import atomic_write
+
+    atomic_write(out / "report.md", lambda f: f.write("\n".join(lines).encode()))
+    atomic_write(out / "report.json", lambda f: f.write(json.dumps(results, indent=1, default=str).encode()))
+
+
+def _schedule_lines(res: dict, per_cell: int, per_prompt: int, steps: int, partial: bool) -> list:
+    from ..tiny import eval_schedule as es
+
+    lines = ["## When each attribute is decided: prompt editing, AND, alternation", ""]
+    if partial:
+        lines += ["**PARTIAL: the run has not finished; the cells below are the ones done so far.**", ""]
+    lines += [f"{per_cell} images per cell: {-(-per_cell // max(1, min(per_prompt, per_cell)))} prompts x "
+              f"{min(per_prompt, per_cell)} seeds (one batch each). ± is the binomial standard error over images; "
+              "in brackets, where known, the standard error from the spread between prompts (`se_prompt` in "
+              "report.json): the honest one when the seeds of one prompt agree with each other.", ""]
+    if res.get("and"):
+        lines += ["### AND (composable diffusion) against one prompt, two-object scenes", "",
+                  f"one prompt: `{res['and']['examples'][0]}`", "", f"AND: `{res['and']['examples'][1]}`", "",
+                  es.and_table(res["and"]), ""]
+    if res.get("alternation"):
+        lines += ["### Alternation `[A|B]` (the prompt switches every step)", "",
+                  es.alternation_table(res["alternation"]), ""]
+    swap = res.get("swap") or {}
+    if any(swap.values()):
+        lines += [f"### `[A:B:k]`: A for the first int(k x {steps}) steps, then B", "",
+                  f"Template: `{es.TEMPLATE}`, the swapped attribute written as `[A:B:k]`; A and B random distinct "
+                  "values per prompt; the same prompts and seeds at every k.", "",
+                  es.swap_table({a: c for a, c in swap.items() if c}), "", "![share read as B](schedule.png)", ""]
+    return lines
+
+
+def _schedule_study(pipe, args, gen, out, lines, results):
+    from ..tiny import eval_schedule as es
+
+    if not 1 <= args.per_prompt <= 64:
+        raise ClipDiffusionError(f"per-prompt: {args.per_prompt} is outside 1..64")
+    res: dict = {"per_cell": args.per_count, "per_prompt": args.per_prompt, "and": None, "alternation": None,
+                 "swap": {}}
+    results["schedule"] = res
+    common = {"per_cell": args.per_count, "per_prompt": args.per_prompt, **gen}
+    start = time.perf_counter()
+
+    def save(partial=True):
+        res["seconds"] = time.perf_counter() - start
+        res["partial"] = partial
+        if any(res["swap"].values()):
+            es.plot_swap_png(res["swap"], out / "schedule.png")
+        _write(out, lines + _schedule_lines(res, args.per_count, args.per_prompt, args.steps, partial), results)
+
+    def tick(what, i, n):
+        print(f"  {what} {i}/{n} ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
+
+    res["and"] = es.and_study(pipe, progress=lambda i, n: tick("AND", i, n), **common)
+    save()
+    res["alternation"] = es.alternation_study(pipe, progress=tick, **common)
+    save()
+
+    def cell_done(attribute, k, cell):
+        tick(f"swap {attribute} k={k:g}: A {cell['a']['p']:.2f} B {cell['b']['p']:.2f}", 1, 1)
+
+    def on_cell(table):
+        res["swap"] = {a: dict(sorted(c.items())) for a, c in table.items()}
+        save()
+
+    res["swap"] = es.swap_study(pipe, progress=cell_done, on_cell=on_cell, **common)
+    res["seconds"] = time.perf_counter() - start
+    res["partial"] = False
+    es.plot_swap_png(res["swap"], out / "schedule.png")
+    lines += _schedule_lines(res, args.per_count, args.per_prompt, args.steps, False)
