@@ -9,10 +9,9 @@ positive. A bad value raises ``ConfigValueError`` whose ``reason`` names the key
 
 from __future__ import annotations
 
-import math
-import numbers
 
 from ..errors import CheckpointError, ClipDiffusionError
+from ..values import is_int, positive_finite, show
 
 # Far beyond every Stable Diffusion config (SDXL: 2048-wide context, depth 10), as the config dataclasses bound them.
 MAX_SIZE = 1 << 20
@@ -27,16 +26,6 @@ class ConfigValueError(ClipDiffusionError):
     def __init__(self, reason: str):
         self.reason = reason
         super().__init__(reason)
-
-
-def show(value) -> str:
-    """A value for an error message, cut short (a hostile value can be megabytes of JSON)."""
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _get(d: dict, key, default):
@@ -103,15 +92,6 @@ def get_bool(d: dict, key, default=_MISSING, *, optional=False):
     if not isinstance(value, bool):
         raise ConfigValueError(f"{key}={show(value)}: must be true or false")
     return value
-
-
-def positive_finite(value) -> bool:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        return False
-    try:
-        return math.isfinite(value) and value > 0
-    except OverflowError:  # an integer too large for a float (JSON allows any number of digits)
-        return False
 
 
 def get_positive_float(d: dict, key, default=_MISSING):

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import CheckpointError, ClipDiffusionError
+from ..values import is_int
 
 # The reference reader's MAX_HEADER_SIZE; ComfyUI's header peek uses the same bound.
 MAX_HEADER_BYTES = 100_000_000
@@ -91,10 +92,6 @@ class _Duplicate(Exception):
     pass
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _parse_entry(path, name, entry) -> TensorInfo:
     if not isinstance(entry, dict):
         raise CheckpointError(path, f"tensor {name!r}: header entry is {type(entry).__name__}, not an object")
@@ -114,7 +111,7 @@ def _parse_entry(path, name, entry) -> TensorInfo:
     if dtype not in DTYPES:
         raise CheckpointError(path, f"tensor {name!r}: unknown dtype {str(dtype)[:40]!r}")
     shape = entry["shape"]
-    if not isinstance(shape, list) or len(shape) > MAX_RANK or not all(_is_int(d) and d >= 0 for d in shape):
+    if not isinstance(shape, list) or len(shape) > MAX_RANK or not all(is_int(d) and d >= 0 for d in shape):
         raise CheckpointError(
             path, f"tensor {name!r}: shape {str(shape)[:80]} must be a list of at most {MAX_RANK} non-negative integers"
         )
@@ -124,7 +121,7 @@ def _parse_entry(path, name, entry) -> TensorInfo:
                   f"at most {MAX_ELEMENTS} elements)"
         )
     offsets = entry["data_offsets"]
-    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) and o >= 0 for o in offsets):
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(is_int(o) and o >= 0 for o in offsets):
         raise CheckpointError(
             path, f"tensor {name!r}: data_offsets {str(offsets)[:80]} must be two non-negative integers"
         )

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ClipDiffusionError
+from ..values import is_int, show
 from .attention import CrossAttention, GroupNorm32, SpatialTransformer
 
 
@@ -23,22 +24,12 @@ MAX_BLOCKS = 256
 MAX_LEVELS = 16
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _show(value) -> str:
-    """A config value for an error message, cut short (a hostile value can be a megabyte of JSON)."""
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
 def _check_int(name, value, *, maximum=MAX_WIDTH, none=False):
     if none and value is None:
         return
-    if not _is_int(value) or not 1 <= value <= maximum:
+    if not is_int(value) or not 1 <= value <= maximum:
         allowed = "None or " if none else ""
-        raise ClipDiffusionError(f"UNetConfig.{name}={_show(value)}: must be {allowed}an integer from 1 to {maximum}")
+        raise ClipDiffusionError(f"UNetConfig.{name}={show(value)}: must be {allowed}an integer from 1 to {maximum}")
 
 
 @dataclass(frozen=True)
@@ -71,7 +62,7 @@ class UNetConfig:
         for name in ("channel_mult", "transformer_depth"):  # JSON round trips give lists; keep configs hashable
             value = getattr(self, name)
             if not isinstance(value, (list, tuple)) or not 1 <= len(value) <= MAX_LEVELS:
-                raise ClipDiffusionError(f"UNetConfig.{name}={_show(value)}: must be a list of 1 to {MAX_LEVELS} "
+                raise ClipDiffusionError(f"UNetConfig.{name}={show(value)}: must be a list of 1 to {MAX_LEVELS} "
                                          f"integers, one per level")
             object.__setattr__(self, name, tuple(value))
         for name in ("in_channels", "out_channels", "model_channels", "context_dim", "size_embed_dim", "norm_groups"):
@@ -81,14 +72,14 @@ class UNetConfig:
         for name in ("adm_in_channels", "num_heads", "head_channels"):
             _check_int(name, getattr(self, name), none=True)
         if not isinstance(self.use_linear_in_transformer, bool):
-            raise ClipDiffusionError(f"UNetConfig.use_linear_in_transformer={_show(self.use_linear_in_transformer)}: "
+            raise ClipDiffusionError(f"UNetConfig.use_linear_in_transformer={show(self.use_linear_in_transformer)}: "
                                      f"must be true or false")
         for mult in self.channel_mult:
-            if not _is_int(mult) or not 1 <= mult <= MAX_WIDTH // self.model_channels:
-                raise ClipDiffusionError(f"UNetConfig.channel_mult={_show(self.channel_mult)}: must be positive "
+            if not is_int(mult) or not 1 <= mult <= MAX_WIDTH // self.model_channels:
+                raise ClipDiffusionError(f"UNetConfig.channel_mult={show(self.channel_mult)}: must be positive "
                                          f"integers (times model_channels={self.model_channels}, at most {MAX_WIDTH})")
-        if not all(_is_int(d) and 0 <= d <= MAX_BLOCKS for d in self.transformer_depth):
-            raise ClipDiffusionError(f"UNetConfig.transformer_depth={_show(self.transformer_depth)}: must be integers "
+        if not all(is_int(d) and 0 <= d <= MAX_BLOCKS for d in self.transformer_depth):
+            raise ClipDiffusionError(f"UNetConfig.transformer_depth={show(self.transformer_depth)}: must be integers "
                                      f"from 0 (no attention) to {MAX_BLOCKS}")
         if (self.num_heads is None) == (self.head_channels is None):
             raise ClipDiffusionError(

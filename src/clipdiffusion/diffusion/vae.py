@@ -5,8 +5,6 @@ Parameter names equal the LDM keys after `first_stage_model.` (Stability-AI/stab
 `checkpoints/diffusers_vae.py`. `decode` takes latents already divided by `scale_factor`.
 """
 
-import math
-import numbers
 from dataclasses import dataclass
 
 import torch
@@ -14,30 +12,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ClipDiffusionError
+from ..values import is_int, positive_finite, show
 from .attention import GroupNorm32
 
 # Bounds far beyond every SD VAE (128 channels, 4 levels, 2 blocks), as for the UNet's config.
 MAX_WIDTH = 1 << 20
 MAX_BLOCKS = 256
 MAX_LEVELS = 16
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _positive_finite(value) -> bool:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        return False
-    try:
-        return math.isfinite(value) and value > 0
-    except OverflowError:  # an integer too large for a float (JSON allows any number of digits)
-        return False
-
-
-def _show(value) -> str:
-    text = repr(value)  # cut short: a hostile value can be a megabyte of JSON
-    return text if len(text) <= 80 else text[:77] + "..."
 
 
 @dataclass(frozen=True)
@@ -58,21 +39,21 @@ class VAEConfig:
         # Checked here because configs also come from files (our metadata, diffusers config.json): a bad value is
         # one error naming the field, never a crash inside torch or a silently black image (scale_factor NaN or 0).
         if not isinstance(self.ch_mult, (list, tuple)) or not 1 <= len(self.ch_mult) <= MAX_LEVELS:
-            raise ClipDiffusionError(f"VAEConfig.ch_mult={_show(self.ch_mult)}: must be a list of 1 to {MAX_LEVELS} "
+            raise ClipDiffusionError(f"VAEConfig.ch_mult={show(self.ch_mult)}: must be a list of 1 to {MAX_LEVELS} "
                                      f"integers, one per level")
         object.__setattr__(self, "ch_mult", tuple(self.ch_mult))  # JSON gives a list; keep configs hashable
         for name in ("ch", "z_channels", "embed_dim", "in_channels", "out_channels", "norm_groups"):
             value = getattr(self, name)
-            if not _is_int(value) or not 1 <= value <= MAX_WIDTH:
-                raise ClipDiffusionError(f"VAEConfig.{name}={_show(value)}: must be an integer from 1 to {MAX_WIDTH}")
-        if not _is_int(self.num_res_blocks) or not 1 <= self.num_res_blocks <= MAX_BLOCKS:
-            raise ClipDiffusionError(f"VAEConfig.num_res_blocks={_show(self.num_res_blocks)}: must be an integer "
+            if not is_int(value) or not 1 <= value <= MAX_WIDTH:
+                raise ClipDiffusionError(f"VAEConfig.{name}={show(value)}: must be an integer from 1 to {MAX_WIDTH}")
+        if not is_int(self.num_res_blocks) or not 1 <= self.num_res_blocks <= MAX_BLOCKS:
+            raise ClipDiffusionError(f"VAEConfig.num_res_blocks={show(self.num_res_blocks)}: must be an integer "
                                      f"from 1 to {MAX_BLOCKS}")
-        if not all(_is_int(m) and 1 <= m <= MAX_WIDTH // self.ch for m in self.ch_mult):
-            raise ClipDiffusionError(f"VAEConfig.ch_mult={_show(self.ch_mult)}: must be positive integers (times "
+        if not all(is_int(m) and 1 <= m <= MAX_WIDTH // self.ch for m in self.ch_mult):
+            raise ClipDiffusionError(f"VAEConfig.ch_mult={show(self.ch_mult)}: must be positive integers (times "
                                      f"ch={self.ch}, at most {MAX_WIDTH})")
-        if not _positive_finite(self.scale_factor):
-            raise ClipDiffusionError(f"VAEConfig.scale_factor={_show(self.scale_factor)}: must be a finite number > 0")
+        if not positive_finite(self.scale_factor):
+            raise ClipDiffusionError(f"VAEConfig.scale_factor={show(self.scale_factor)}: must be a finite number > 0")
         widths = sorted({self.ch} | {self.ch * m for m in self.ch_mult})
         bad = [w for w in widths if w % self.norm_groups]
         if bad:

@@ -15,7 +15,6 @@ pooled vector the final-LN state at the first EOS token, optionally projected.
 
 from __future__ import annotations
 
-import math
 import numbers
 from dataclasses import dataclass
 
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ClipDiffusionError
+from ..values import positive_finite, show
 
 
 def _quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -39,18 +39,6 @@ ACTIVATIONS = {"quick_gelu": _quick_gelu, "gelu": _gelu}
 # Far beyond every CLIP text tower (bigG: width 1280, 32 layers, 20 heads; Long-CLIP: 248 positions), small enough
 # that a hostile config cannot build millions of modules or overflow a shape product.
 _LIMITS = {"vocab_size": 1 << 24, "width": 1 << 20, "layers": 1024, "heads": 1 << 20, "max_positions": 1 << 20}
-
-
-def _finite_positive(value) -> bool:
-    try:
-        return math.isfinite(value) and value > 0
-    except OverflowError:  # an integer too large for a float (JSON allows any number of digits)
-        return False
-
-
-def _show(value) -> str:
-    text = repr(value)  # cut short: a hostile value can be a megabyte of JSON
-    return text if len(text) <= 80 else text[:77] + "..."
 
 
 @dataclass(frozen=True)
@@ -77,7 +65,7 @@ class CLIPTextConfig:
         for name in ("vocab_size", "width", "layers", "heads", "max_positions"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ClipDiffusionError(f"CLIPTextConfig.{name} must be a positive integer, got {_show(value)}")
+                raise ClipDiffusionError(f"CLIPTextConfig.{name} must be a positive integer, got {show(value)}")
             if value > _LIMITS[name]:
                 raise ClipDiffusionError(f"CLIPTextConfig.{name}={value} exceeds the limit of {_LIMITS[name]}")
         if self.width % self.heads:
@@ -86,7 +74,7 @@ class CLIPTextConfig:
             )
         if not isinstance(self.activation, str) or self.activation not in ACTIVATIONS:
             raise ClipDiffusionError(
-                f"CLIPTextConfig.activation must be one of {sorted(ACTIVATIONS)}, got {_show(self.activation)}"
+                f"CLIPTextConfig.activation must be one of {sorted(ACTIVATIONS)}, got {show(self.activation)}"
             )
         for name in ("projection_dim", "mlp_width"):
             value = getattr(self, name)
@@ -94,11 +82,11 @@ class CLIPTextConfig:
                                       or not 1 <= value <= _LIMITS["width"]):  # fmt: skip
                 raise ClipDiffusionError(
                     f"CLIPTextConfig.{name} must be None or a positive integer up to {_LIMITS['width']}, "
-                    f"got {_show(value)}"
+                    f"got {show(value)}"
                 )
         eps = self.layer_norm_eps
-        if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not _finite_positive(eps):
-            raise ClipDiffusionError(f"CLIPTextConfig.layer_norm_eps must be a finite number > 0, got {_show(eps)}")
+        if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not positive_finite(eps):
+            raise ClipDiffusionError(f"CLIPTextConfig.layer_norm_eps must be a finite number > 0, got {show(eps)}")
 
     @property
     def hidden_mlp(self) -> int:
