@@ -274,7 +274,7 @@ class CLIPTextModel(nn.Module):
             )
         return clip_skip
 
-    def _check_ids(self, ids, table_length: int) -> torch.Tensor:
+    def _check_ids(self, ids, table_length: int, extra: int = 0) -> torch.Tensor:
         if not torch.is_tensor(ids):
             ids = torch.as_tensor(ids)
         if ids.dim() != 2 or ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.dtype.is_complex:
@@ -290,9 +290,11 @@ class CLIPTextModel(nn.Module):
                 "(use a long-prompt strategy, or pass a stretched position_embedding)"
             )
         low, high = int(ids.min()), int(ids.max())
-        if low < 0 or high >= self.config.vocab_size:
+        if low < 0 or high >= self.config.vocab_size + extra:
             bad = low if low < 0 else high
-            raise ClipDiffusionError(f"ids: token id {bad} is outside the vocabulary 0..{self.config.vocab_size - 1}")
+            top = self.config.vocab_size + extra - 1
+            what = "the vocabulary" if not extra else f"the vocabulary plus {extra} extra embedding rows"
+            raise ClipDiffusionError(f"ids: token id {bad} is outside {what} 0..{top}")
         return ids.long()
 
     def forward(
@@ -303,6 +305,7 @@ class CLIPTextModel(nn.Module):
         final_norm: bool = True,
         pooled: bool = False,
         position_embedding: torch.Tensor | None = None,
+        extra_embeddings: torch.Tensor | None = None,
     ) -> CLIPTextOutput:
         """Encode token ids [B, T] (BOS ... EOS pad, already padded) to hidden states [B, T, D].
 
@@ -311,6 +314,8 @@ class CLIPTextModel(nn.Module):
         ``final_norm`` applies final_layer_norm to the chosen hidden state (SD1/SD2: yes; SDXL: no). The pooled
         vector is always final-LN'd (last layer, first EOS = argmax id) and projected when the model has a
         projection. ``position_embedding`` [T', D] with T' >= T replaces the learned table (Long-CLIP stretch).
+        ``extra_embeddings`` [E, D]: rows for ids ``vocab_size .. vocab_size + E - 1`` (textual-inversion vectors);
+        gradients flow into it, so it can be trained with the model frozen.
         """
         clip_skip = self._check_clip_skip(clip_skip)
         table = self.embeddings.position_embedding.weight if position_embedding is None else position_embedding
@@ -324,9 +329,24 @@ class CLIPTextModel(nn.Module):
                 f"got {tuple(getattr(position_embedding, 'shape', ())) or type(position_embedding).__name__}"
             )
         device = self.embeddings.token_embedding.weight.device
-        ids = self._check_ids(ids, table.shape[0]).to(device)
+        extra = 0
+        if extra_embeddings is not None:
+            if (not torch.is_tensor(extra_embeddings) or extra_embeddings.dim() != 2
+                    or extra_embeddings.shape[1] != self.config.width):
+                raise ClipDiffusionError(
+                    f"extra_embeddings must be a tensor of shape [rows, {self.config.width}], "
+                    f"got {tuple(getattr(extra_embeddings, 'shape', ())) or type(extra_embeddings).__name__}"
+                )
+            extra = extra_embeddings.shape[0]
+        ids = self._check_ids(ids, table.shape[0], extra).to(device)
         t = ids.shape[1]
-        x = self.embeddings.token_embedding(ids)  # (B, T, D)
+        vocab = self.config.vocab_size
+        if extra and bool((ids >= vocab).any()):
+            table_rows = self.embeddings.token_embedding.weight
+            rows = torch.cat([table_rows, extra_embeddings.to(device=device, dtype=table_rows.dtype)])
+            x = rows[ids]  # (B, T, D); gradients reach extra_embeddings
+        else:
+            x = self.embeddings.token_embedding(ids)  # (B, T, D)
         x = x + table[:t].to(device=x.device, dtype=x.dtype)
 
         stop = self.config.layers - clip_skip + 1  # layers needed for the chosen hidden state
@@ -342,7 +362,8 @@ class CLIPTextModel(nn.Module):
 
         last = hidden if (final_norm and stop == run) else self.final_layer_norm(x)
         # The first EOS: EOS (49407) is the largest id in the vocabulary, and argmax returns the first maximum.
-        eos = ids.argmax(dim=-1)
+        # Extra-embedding ids lie above the vocabulary and are masked out (A1111 puts placeholder 0s there).
+        eos = (torch.where(ids >= vocab, -1, ids) if extra else ids).argmax(dim=-1)
         vector = last[torch.arange(last.shape[0], device=last.device), eos]  # (B, D)
         if self.text_projection is not None:
             vector = self.text_projection(vector)  # (B, P)
