@@ -42,6 +42,14 @@ from .text_layouts import (
 _EMBEDDERS = "conditioner.embedders."
 _WIDTH_TOWER = {1024: "clip_h"}  # a lone tower's width -> its tower (anything else: OpenAI CLIP-L lineage)
 _BIGG_WIDTH = 1280
+# Position tables a text tower may have: CLIP's 77 (BOS + 75 tokens + EOS, what every SD UNet was trained on) up to
+# a bound far above Long-CLIP's 248; a window of P positions holds P - 2 tokens (text/chunking.py).
+MIN_TEXT_POSITIONS = 77
+MAX_TEXT_POSITIONS = 1024
+# Top-level entries of a whole OpenAI-CLIP / OpenCLIP model that are no text weight (OpenAI's jit state dicts and
+# Long-CLIP keep the first three as scalars; SigLIP-style models have a logit bias). Everything else that is not
+# under visual. belongs to the text tower and must be one of its names.
+_MODEL_SCALARS = ("input_resolution", "context_length", "vocab_size", "logit_scale", "logit_bias")
 
 
 @dataclass
@@ -52,6 +60,7 @@ class _Tower:
     text_model: bool = True  # HF keys sit under text_model.
     config: object = None  # a CLIPTextConfig that is known (our metadata, config.json); else from the weights
     removed_layers: int | None = 0  # None: a standalone transformers tower, decided from its depth
+    overrides: dict = field(default_factory=dict)  # config fields the weights cannot tell (a config.json beside)
 
 
 @dataclass
@@ -173,9 +182,9 @@ def _plan_standalone(shapes: dict, source: str) -> _Plan:
                 "or token_embedding/transformer.resblocks (OpenCLIP)",
             )
         chosen = [k for k in keys if k.startswith(prefix) and not k.startswith(prefix + "visual.")]
-        if not prefix:  # a whole OpenCLIP model: only its text tower's top-level names are ours
-            chosen = [k for k in chosen if k.startswith("transformer.") or k in OPENCLIP_TOP or
-                      leaf_ignored(k) or k == LONG_CLIP_RES]  # fmt: skip
+        if not prefix:  # a whole OpenAI-CLIP/OpenCLIP model: every top-level name but its scalars is text tower
+            # (an unknown one is reported as unexpected, never dropped unread)
+            chosen = [k for k in chosen if k not in _MODEL_SCALARS or len(shapes[k]) > 1]
         width = _width(shapes, [prefix + "token_embedding.weight"])
         layout, removed = at(LAYOUTS["openclip"], prefix), 0
     if width == _BIGG_WIDTH:
@@ -212,9 +221,15 @@ def _build(tower: _Tower, tensors: dict, *, activation, dtype, device, problems:
     if config is None:
         try:
             config = CLIPTextConfig.from_weights(ours, activation=activation or TOWER_ACTIVATION[name])
+            if tower.overrides:
+                config = replace(config, **tower.overrides)
         except (ClipDiffusionError, IndexError) as exc:  # IndexError: a rank-0 tensor where a matrix belongs
             problems.append(f"{name} ({prefix or 'top level'}): {exc}")
             return None
+    if not MIN_TEXT_POSITIONS <= config.max_positions <= MAX_TEXT_POSITIONS:
+        problems.append(f"{name}: {config.max_positions} positions (the position table's rows); a text encoder "
+                        f"needs {MIN_TEXT_POSITIONS}..{MAX_TEXT_POSITIONS}")  # fmt: skip
+        return None
     expected = {k: tuple(v.shape) for k, v in CLIPTextModel(config, device="meta").state_dict().items()}
     missing = [prefix + file_name(tower.layout.naming, k, text_model=tower.text_model)
                for k in expected if k not in ours]  # fmt: skip
@@ -310,18 +325,62 @@ def text_encoders_from_diffusers(family, folders, configs, *, source, dtype=None
     return _assemble(_assign(plan, list(tensors)), tensors, source=source, dtype=dtype, device=device)
 
 
-def _activation_beside(path: Path) -> str | None:
-    """diffusers/transformers text_encoder folders keep ``hidden_act`` in config.json next to the weights."""
+_CONFIG_FIELDS = {  # transformers CLIPTextConfig key -> (our CLIPTextConfig field, kind)
+    "hidden_act": ("activation", str),
+    "num_attention_heads": ("heads", int),
+    "max_position_embeddings": ("max_positions", int),
+    "layer_norm_eps": ("layer_norm_eps", float),
+}
+_MAX_CONFIG_BYTES = 10_000_000  # a config.json is a few kilobytes; never read an unbounded file
+
+
+def _config_beside(path: Path) -> dict:
+    """What a transformers/diffusers ``config.json`` next to the weights says that the weights cannot: the
+    activation, the head count, the layer-norm epsilon, and the position count (which must then agree with the
+    weights). A whole ``CLIPModel``'s config keeps these under ``text_config``. Only keys present are used; a bad
+    value is a ``CheckpointError`` naming the file and the key. Returns ``{our field: value}``."""
     config = path.parent / "config.json"
     if not config.is_file():
-        return None
+        return {}
     try:
         with open(config, "rb") as f:
-            raw = f.read(10_000_001)  # a config.json is a few hundred bytes; never read an unbounded file
-        act = json.loads(raw).get("hidden_act") if len(raw) <= 10_000_000 else None
-    except (OSError, ValueError, AttributeError, RecursionError):  # RecursionError: absurdly nested JSON
-        return None
-    return act if isinstance(act, str) and act in TOWER_ACTIVATION.values() else None
+            raw = f.read(_MAX_CONFIG_BYTES + 1)
+        if len(raw) > _MAX_CONFIG_BYTES:
+            raise ValueError(f"larger than {_MAX_CONFIG_BYTES} bytes")
+        data = json.loads(raw)
+    except (OSError, ValueError, RecursionError) as exc:  # RecursionError: absurdly nested JSON
+        raise CheckpointError(config, f"unreadable config.json beside the text encoder ({str(exc)[:80]})") from None
+    if isinstance(data, dict) and isinstance(data.get("text_config"), dict):
+        data = data["text_config"]
+    if not isinstance(data, dict):
+        raise CheckpointError(config, "must hold a JSON object")
+    out = {}
+    for key, (name, kind) in _CONFIG_FIELDS.items():
+        if key not in data:
+            continue
+        value = data[key]
+        if kind is str:
+            ok = isinstance(value, str) and value in TOWER_ACTIVATION.values()
+        elif kind is int:
+            ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+        else:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < 1
+        if not ok:
+            raise CheckpointError(config, f"{key}={str(value)[:40]!r} is not a valid text encoder value")
+        out[name] = float(value) if kind is float else value
+    return out
+
+
+def _weights_file(path: Path) -> Path:
+    """A weights file, or the file a text-encoder folder holds: ``model.safetensors`` (transformers, diffusers
+    ``text_encoder/``), ``pytorch_model.bin`` (older transformers), or a diffusers pipeline's ``text_encoder/``."""
+    if path.is_dir():
+        folder = path / "text_encoder" if (path / "model_index.json").is_file() else path
+        for name in ("model.safetensors", "pytorch_model.bin"):
+            if (folder / name).is_file():
+                return folder / name
+        return folder / "model.safetensors"  # reported as missing below
+    return path
 
 
 def load_text_encoder(path, *, dtype=None, device="cpu", tokenizer=None):
@@ -333,14 +392,89 @@ def load_text_encoder(path, *, dtype=None, device="cpu", tokenizer=None):
     from ..text.conditioning import TextEncoder
     from .safetensors_io import load_file, read_shapes
 
-    path = Path(path)
-    if path.is_dir():
-        path = path / "model.safetensors"
+    path = _weights_file(Path(path))
     if not path.is_file():
         raise CheckpointError(path, "no such file")
     shapes, _, _ = read_shapes(path)
     plan = _plan_detected(shapes, str(path))
+    if len(plan.towers) == 1:
+        plan.towers[0].overrides = _config_beside(path)
     tensors = load_file(path, keys=plan.text_keys())
-    result = _assemble(plan, tensors, source=str(path), activation=_activation_beside(path), dtype=dtype,
-                       device=device)  # fmt: skip
+    result = _assemble(plan, tensors, source=str(path), dtype=dtype, device=device)
     return TextEncoder(result.family, result.encoders, tokenizer=tokenizer)
+
+
+def _position_rows(shapes: dict, tower: _Tower) -> tuple[str, tuple]:
+    """The file key and shape of ``tower``'s position table (from the header: nothing loaded yet)."""
+    for key in tower.keys:
+        sub = key[len(tower.layout.prefix):]
+        name = sub.removeprefix("text_model.") if tower.layout.naming == HF else OPENCLIP_TOP.get(sub)
+        if name == "embeddings.position_embedding.weight":
+            return key, tuple(shapes[key])
+    return "", ()
+
+
+def load_replacement_text_encoder(path, family, *, context_width: int | None = None, dtype=None, device="cpu",
+                                  tokenizer=None, check_finite: bool = True):  # fmt: skip
+    """A text tower from ``path`` in place of the one of a ``family`` model (a name or record): a fine-tuned
+    CLIP-L, Long-CLIP's ``longclip-L.pt`` (a whole OpenAI-CLIP state dict, 248 positions, visual tower ignored),
+    a transformers ``CLIPTextModel``/``CLIPModel`` file or folder (``max_position_embeddings: 248``), an SD1
+    checkpoint's ``cond_stage_model.transformer.``, a diffusers ``text_encoder/`` folder or pipeline folder.
+
+    The tower takes the family's recipe (pad id, final layer norm, default clip skip) and activation (quick_gelu
+    for CLIP-L, gelu for OpenCLIP-H) unless a ``config.json`` beside the weights says otherwise. Checked before any
+    tensor data is read: one tower (an SDXL pair is refused, as is replacing a tower of a two-tower family), its
+    position count (``MIN_TEXT_POSITIONS..MAX_TEXT_POSITIONS``), its width against ``context_width`` (the UNet's
+    cross-attention width), CLIP's vocabulary; then strict loading, and (``check_finite``) no NaN/Inf weight.
+    Pickles load only through the weights-only unpickler (``safetensors_io.load_pickle``). Returns a
+    ``TextEncoder`` of ``family``."""
+    from ..text.conditioning import TextEncoder
+    from ..text.tokenizer import VOCAB_SIZE
+    from .safetensors_io import load_file, read_shapes
+
+    record = get_family(family)
+    if len(record.towers) != 1:
+        towers = ", ".join(t.name for t in record.towers)
+        raise ClipDiffusionError(f"text_encoder={str(path)!r}: a {record.name} model has {len(record.towers)} text "
+                                 f"towers ({towers}); a replacement text encoder is supported for one-tower "
+                                 f"families only (sd1, sd2, tiny)")  # fmt: skip
+    file = _weights_file(Path(path))
+    source = str(file)
+    if not file.is_file():
+        raise CheckpointError(file, "no such file")
+    shapes, _, _ = read_shapes(file)
+    plan = _plan_detected(shapes, source)
+    if len(plan.towers) != 1:
+        raise CheckpointError(source, f"holds {len(plan.towers)} text towers ({plan.family.name}); a replacement "
+                                      f"text encoder is one tower")  # fmt: skip
+    tower = plan.towers[0]
+    key, shape = _position_rows(shapes, tower)
+    if len(shape) != 2:
+        raise CheckpointError(source, f"no position table of shape [positions, width] (found "
+                                      f"{key or 'none'} {list(shape)})")  # fmt: skip
+    rows, width = shape
+    if not MIN_TEXT_POSITIONS <= rows <= MAX_TEXT_POSITIONS:
+        raise CheckpointError(source, f"{key} has {rows} positions; a text encoder needs "
+                                      f"{MIN_TEXT_POSITIONS}..{MAX_TEXT_POSITIONS} (CLIP 77, Long-CLIP 248)")
+    if context_width is not None and width != context_width:
+        raise CheckpointError(source, f"text encoder width {width} ({key} {list(shape)}) does not fit this "
+                                      f"{record.name} model, whose UNet cross-attention takes {context_width}-wide "
+                                      f"context")  # fmt: skip
+    token_key = next((k for k in tower.keys if k.endswith("token_embedding.weight")), None)
+    if token_key is not None and len(shapes[token_key]) == 2 and shapes[token_key][0] < VOCAB_SIZE:
+        raise CheckpointError(source, f"{token_key} {list(shapes[token_key])} has fewer rows than CLIP's "
+                                      f"{VOCAB_SIZE}-token vocabulary; only CLIP-tokenized towers are supported")
+    tower.recipe = record.towers[0]  # the family's use of its tower, and its activation
+    tower.overrides = _config_beside(file)
+    tensors = load_file(file, keys=plan.text_keys())
+    plan.family = record
+    result = _assemble(plan, tensors, source=source, dtype=dtype, device=device)
+    model = result.encoders[0].model
+    if check_finite:
+        import torch
+
+        bad = [name for name, t in model.state_dict().items() if not bool(torch.isfinite(t).all())]
+        if bad:
+            raise CheckpointError(source, f"non-finite (NaN/Inf) text encoder weights in {len(bad)} tensor(s): "
+                                          f"{', '.join(bad[:10])}")  # fmt: skip
+    return TextEncoder(record, result.encoders, tokenizer=tokenizer)
