@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from clipdiffusion.cli import main
+from clipdiffusion.text.networks import APPLIED
 from clipdiffusion.text.tokenizer import CLIPTokenizer
 
 CAT_ID = 2368  # "cat</w>"
@@ -246,9 +247,8 @@ def test_and_parts_and_tags(capsys):
     assert rc == 0
     assert "  AND part 1, weight 1:" in out and "  AND part 2, weight 0.5:" in out
     assert "    steps 1-4    2/75  'a cat'" in out and "    steps 1-4    2/75  ' a hat'" in out
-    assert ("tag <lora:detail:0.8>: lora 'detail' te 0.8, unet 0.8: not applied: LoRA loading arrives with issue 17"
-            in out)
-    assert "tag <lyco:style:1:te=0>: lora 'style' te 0, unet 0: not applied" in out
+    assert f"tag <lora:detail:0.8>: lora 'detail' te 0.8, unet 0.8: {APPLIED}" in out
+    assert f"tag <lyco:style:1:te=0>: lora 'style' te 0, unet 0: {APPLIED}" in out
     assert "tag <hypernet:h:1>: hypernet 'h': not applied: hypernetworks are not supported" in out
     assert "tag <foo:bar>: foo 'bar': not applied: unknown extra network kind 'foo'" in out
     assert "tag <lora:bad:x>: lora 'bad': not applied: <lora:bad:x>: te multiplier 'x' is not a number" in out
@@ -257,7 +257,7 @@ def test_and_parts_and_tags(capsys):
     assert report["text"] == "a cat  AND a hat:0.5    " and report["prompt"] == prompt
     assert report["parts"] == [{"text": "a cat", "weight": 1.0}, {"text": " a hat", "weight": 0.5}]
     assert [(n["kind"], n["name"], n["applied"]) for n in report["networks"]] == [
-        ("lora", "detail", False), ("lora", "style", False), ("hypernet", "h", False), ("foo", "bar", False),
+        ("lora", "detail", True), ("lora", "style", True), ("hypernet", "h", False), ("foo", "bar", False),
         ("lora", "bad", False)]
     assert report["networks"][0]["positional"] == ["0.8"] and report["networks"][1]["named"] == [["te", "0"]]
     assert report["networks"][4]["te"] is None
@@ -311,7 +311,7 @@ def test_tokenize_route_reports_the_schedule():
             (0, 1, 1, 0), (0, 2, 2, 1), (0, 3, 3, 0), (0, 4, 4, 1), (1, 1, 4, 2)]
         assert report["parts"] == [{"text": "a [cat|big dog]", "weight": 1.0}, {"text": " b", "weight": 1.0}]
         (lora,) = report["networks"]
-        assert (lora["te"], lora["unet"], lora["applied"]) == (0.5, 0.5, False) and "issue 17" in lora["status"]
+        assert (lora["te"], lora["unet"], lora["applied"]) == (0.5, 0.5, True) and lora["status"] == APPLIED
         report = client.post("/api/tokenize", json={"prompt": "a AND <lora:x:1>", "negative": True}).json()
         assert [t["text"] for t in report["texts"]] == ["a AND <lora:x:1>"] and report["networks"] == []
         plain = client.post("/api/tokenize", json={"prompt": "a cat"}).json()

@@ -54,7 +54,7 @@ def test_defaults_are_pipeline_generate_defaults():
 
 
 def test_generate_kwargs_are_exactly_generate_parameters():
-    params = set(generate_signature()) - {"self", "callback", "should_stop"}
+    params = set(generate_signature()) - {"self", "callback", "should_stop", "missing_loras"}
     assert set(GENERATE_ARGS) == params
     assert set(GenerationRequest().to_generate_kwargs()) == params
     assert set(GENERATE_ARGS) | UNIMPLEMENTED | {"n_iter"} == {f.name for f in dataclasses.fields(GenerationRequest)}
@@ -238,7 +238,7 @@ def test_unhonoured():
     assert GenerationRequest().unhonoured() == []
     assert GenerationRequest(hr_scale=4.0, mask_blur=8, resize_mode=1, inpainting_fill=1).unhonoured() == []
     hires = GenerationRequest(enable_hr=True, hr_scale=4.0, hr_prompt="x", styles=("s",), loras=(("l", 1, 1),))
-    assert hires.unhonoured() == ["enable_hr", "hr_scale", "hr_prompt", "styles", "loras"]
+    assert hires.unhonoured() == ["enable_hr", "hr_scale", "hr_prompt", "styles"]  # LoRAs are honoured (issue 17)
     image = FakeImage()
     inpaint = GenerationRequest(init_image=image, mask=image, mask_blur=8, resize_mode=2)
     assert inpaint.unhonoured() == ["mask", "mask_blur", "resize_mode"]

@@ -343,13 +343,14 @@ def test_each_distinct_text_is_encoded_once_in_one_batch(pipe, fake, encoder_bat
 
 
 def test_tags_are_taken_out_reported_and_stay_text_in_the_negative(pipe, fake, encoder_batches):
-    r = pipe.generate("a red circle <lora:detail:0.8> <hypernet:h:1>", "<lora:neg:1> blurry", steps=2, seed=1)
+    r = pipe.generate("a red circle <lora:detail:0.8> <hypernet:h:1>", "<lora:neg:1> blurry", steps=2, seed=1,
+                      missing_loras="note")  # A1111's rule for an unknown LoRA: a note, generation goes on
     texts = [decoded(pipe, row) for row in encoder_batches[0]]
     assert len(texts) == 2 and texts[0] == "a red circle"  # the tags are gone before encoding
     assert "lora" in texts[1] and "neg" in texts[1] and "blurry" in texts[1]  # the negative's tag is text
-    assert r.notes[:2] == (f"<lora:detail:0.8>: {NOT_APPLIED}", "<hypernet:h:1>: not applied: hypernetworks are "
-                                                                  "not supported")
-    assert any("<lora:neg:1>" in n and "text" in n for n in r.notes[2:])  # the negative's tag: said to be text
+    assert r.notes[0] == f"<hypernet:h:1>: {NOT_APPLIED}: hypernetworks are not supported"
+    assert r.notes[-1] == "Lora not found: detail" and not any("neg" in n and "not found" in n for n in r.notes)
+    assert any("<lora:neg:1>" in n and "text" in n for n in r.notes[1:])  # the negative's tag: said to be text
     assert r.infotexts[0].startswith("a red circle <lora:detail:0.8> <hypernet:h:1>\n")
     plain = pipe.generate("a red circle", steps=2, seed=1)
     assert plain.notes == ()
@@ -389,7 +390,7 @@ def test_infotext_round_trip_reproduces_a_scheduled_prompt(pipe, tmp_path):
 
     prompt = "[red:blue:2] circle AND small square :0.6 <lora:detail:0.8>"
     negative = "[green|yellow] <lora:x:1>"
-    first = pipe.generate(prompt, negative, steps=4, seed=11, sampler="heun", guidance=5.0)
+    first = pipe.generate(prompt, negative, steps=4, seed=11, sampler="heun", guidance=5.0, missing_loras="note")
     info = PngInfo()
     info.add_text("parameters", first.infotexts[0])
     buf = io.BytesIO()
@@ -397,7 +398,7 @@ def test_infotext_round_trip_reproduces_a_scheduled_prompt(pipe, tmp_path):
     text = Image.open(io.BytesIO(buf.getvalue())).text["parameters"]
     request = from_infotext(text)
     assert (request.prompt, request.negative_prompt) == (prompt, negative)
-    again = pipe.generate(request)
+    again = pipe.generate(request, missing_loras="note")
     np.testing.assert_array_equal(again.pixels, first.pixels)
     other = pipe.generate("red circle AND small square :0.6", negative, steps=4, seed=11, sampler="heun",
                           guidance=5.0)
@@ -411,12 +412,15 @@ def test_cli_prints_the_notes_to_stderr(tmp_path, capsys, monkeypatch):
     from clipdiffusion import cli
     from clipdiffusion.commands import generate as command
 
-    monkeypatch.setattr(command, "load_pipeline", lambda model, prediction=None: tiny_pipeline(0))
-    code = cli.main(["generate", "a circle <lora:detail:0.8>", "--steps", "1", "--seed", "1",
+    monkeypatch.setattr(command, "load_pipeline", lambda *args, **kwargs: tiny_pipeline(0))
+    code = cli.main(["generate", "a circle <hypernet:h:0.8>", "--steps", "1", "--seed", "1",
                      "-o", str(tmp_path / "out.png")])
     assert code == 0
     err = capsys.readouterr().err
-    assert f"note: <lora:detail:0.8>: {NOT_APPLIED}" in err
+    assert f"note: <hypernet:h:0.8>: {NOT_APPLIED}: hypernetworks are not supported" in err
+    code = cli.main(["generate", "a circle <lora:detail:0.8>", "--steps", "1", "-o", str(tmp_path / "out.png")])
+    assert code == 2  # our CLI: an unknown LoRA is an error naming it (the A1111 routes note it instead)
+    assert "LoRA 'detail' not found" in capsys.readouterr().err
 
 
 def test_server_routes_report_the_notes():
@@ -435,12 +439,14 @@ def test_server_routes_report_the_notes():
                                                   "height": 64})
             assert r.status_code == 200, r.text
             info = json.loads(r.json()["info"])
-            note = f"<lora:detail:0.8>: {NOT_APPLIED}"
+            note = "Lora not found: detail"  # A1111's words, in its comments; generation goes on
             assert info["notes"] == [note] and info["comments"] == note + "\n"
             assert info["prompt"] == "a <lora:detail:0.8>" and info["infotexts"][0].startswith("a <lora:detail:0.8>")
             r = c.post("/api/generate", json={"prompt": "a <lora:detail:0.8>", "steps": 2})
+            assert r.status_code == 422 and "LoRA 'detail' not found" in r.text  # our route: an error naming it
+            r = c.post("/api/generate", json={"prompt": "a <hypernet:h:1>", "steps": 2})
             assert r.status_code == 200, r.text
-            assert r.json()["notes"] == [note]
+            assert r.json()["notes"] == [f"<hypernet:h:1>: {NOT_APPLIED}: hypernetworks are not supported"]
             r = c.post("/api/generate", json={"prompt": "a plain one", "steps": 2})
             assert r.json()["notes"] == []
 

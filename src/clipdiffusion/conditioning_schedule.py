@@ -4,8 +4,9 @@
 
 Order (A1111 ``processing.py``): extra-network tags (``<lora:name:0.8>``) are taken out of the positive prompt
 before anything is encoded, then the prompt is split on ``AND``, and each part becomes a schedule of texts; the
-negative prompt is scheduled too, but neither split nor stripped (a tag there is text). Nothing applies the tags
-yet, and that is never silent: each one becomes a note ("<lora:x:0.8>: not applied: ..."), which
+negative prompt is scheduled too, but neither split nor stripped (a tag there is text). ``<lora:...>`` tags are
+applied by the pipeline (``clipdiffusion.lora``); any other tag is never silently dropped: it becomes a note
+("<hypernet:x:1>: not applied: ..."), which
 ``GenerationResult.notes``, the CLI (stderr) and the server (``info``) report, in the planner's words
 (``text.networks.network_info``, which the token report shows too). The infotext keeps the prompt
 verbatim, tags and schedule syntax included, so a PNG's parameters reproduce the image.
@@ -46,7 +47,7 @@ def prompt_notes(request) -> tuple[str, ...]:
 
     program, negative = prompt_programs(request, schedule_steps(request.sampler, request.steps))
     tags = [network_note(n) for n in program.networks
-            if not any(note.startswith(n.text[:80]) for note in program.notes)]
+            if not network_info(n)["applied"] and not any(note.startswith(n.text[:80]) for note in program.notes)]
     notes = [*tags, *program.notes, *negative.notes]
     first = program.parts[0][1][0][1]
     if request.attention_maps and (len(program.parts) > 1 or len(program.parts[0][1]) > 1):

@@ -117,6 +117,67 @@ class Pipeline:
         pipe.name = "clipdiffusion-tiny"
         return pipe
 
+    # ---- LoRA (clipdiffusion.lora) -----------------------------------------------------------------------------
+
+    @property
+    def loras(self):
+        """The ``lora.LoraLibrary`` of named LoRAs this pipeline can apply (a server shares one across models)."""
+        library = self.__dict__.get("_lora_library")
+        if library is None:
+            from .lora import LoraLibrary
+
+            library = self.__dict__["_lora_library"] = LoraLibrary()
+        return library
+
+    @loras.setter
+    def loras(self, library):
+        self.__dict__["_lora_library"] = library
+
+    def _lora_engine(self):
+        engine = self.__dict__.get("_lora_engine_state")
+        if engine is None:
+            from .lora import LoraEngine
+
+            engine = self.__dict__["_lora_engine_state"] = LoraEngine()
+        return engine
+
+    def load_lora(self, path, name: str | None = None) -> str:
+        """Register the LoRA file ``path`` under ``name`` (its stem by default) without applying it; the file is
+        read and checked against this model now, so a bad file fails here. Returns the name."""
+        entry = self.loras.add(path, name)
+        self._lora_engine().mapped(self, self.loras.read(entry))
+        return entry.name
+
+    def load_loras(self, folder) -> list[str]:
+        """Register every ``*.safetensors`` under ``folder`` by file stem (read on first use)."""
+        return [e.name for e in self.loras.add_folder(folder)]
+
+    def apply_loras(self, loras=(), *, missing: str = "error") -> list[str]:
+        """Make ``loras`` (``lora.ActiveLora`` or ``(name, te, unet[, dyn])`` items) the LoRAs merged into the
+        weights: the previous set is restored exactly first (``lora.LoraEngine``); ``()`` restores the model.
+        An unknown name raises ``lora.LoraNotFound`` naming the available ones, or with ``missing="note"`` is
+        skipped and reported as A1111 does ("Lora not found: NAME"). Returns the notes."""
+        from .lora import MISSING, ActiveLora, LoraNotFound
+
+        if missing not in MISSING:
+            raise ClipDiffusionError(f"missing_loras={missing!r}: choose from {', '.join(MISSING)}")
+        notes, wanted = [], []
+        for item in loras:
+            active = item if isinstance(item, ActiveLora) else ActiveLora(*item)
+            if active.te == 0 and active.unet == 0:
+                continue
+            try:
+                entry = self.loras.get(active.name)
+            except LoraNotFound:
+                if missing == "error":
+                    raise
+                notes.append(f"Lora not found: {active.name}")
+                continue
+            wanted.append((active, self.loras.read(entry)))
+        if wanted or self.__dict__.get("_lora_engine_state") is not None:
+            self._lora_engine().apply(self, wanted)
+        return notes
+
     # ---- helpers -----------------------------------------------------------------------------------------------
 
     @property
@@ -205,16 +266,19 @@ class Pipeline:
 
     def generate(self, prompt, negative_prompt="", *, steps=20, guidance=7.0, seed=-1, sampler="euler",
                  schedule="normal", width=None, height=None, clip_skip=None, long_prompt="chunk", weighting="a1111",
-                 batch_size=1, init_image=None, strength=0.75, attention_maps=False, callback=None,
-                 should_stop=None) -> GenerationResult:
+                 batch_size=1, init_image=None, strength=0.75, attention_maps=False, loras=(), callback=None,
+                 should_stop=None, missing_loras="error") -> GenerationResult:
         """Run a ``GenerationRequest``: ``generate(request)``, or ``generate(prompt, ...)`` with the request's
         fields as keywords (they build one; see DEVELOPING.md for the contract). Bad values raise ``RequestError``
         naming the field, before any model work; fields the engine does not honour yet (``request.UNIMPLEMENTED``:
-        hires fix, inpainting, styles, LoRAs) are refused the same way. A request with ``n_iter`` > 1 runs that
+        hires fix, inpainting, styles) are refused the same way. A request with ``n_iter`` > 1 runs that
         many batches, seeds continuing across them; ``should_stop`` also ends the batches still to come.
         The prompt speaks A1111's language (``conditioning_schedule``): ``[a:b:when]``, ``[a|b]``, ``a AND b :w``
-        follow A1111's per-call timeline, and ``<lora:...>`` tags are taken out and named in ``result.notes``
-        (not applied yet); the infotext keeps the prompt as written.
+        follow A1111's per-call timeline; ``<lora:name:te:unet>`` tags of the prompt and the request's ``loras``
+        are merged into the weights before anything is encoded (``apply_loras``; a request without any restores
+        the model bit for bit), an unknown name raising ``lora.LoraNotFound`` or, with ``missing_loras="note"``
+        (A1111's routes), noted as "Lora not found: NAME"; other tags are named in ``result.notes``. The infotext
+        keeps the prompt as written.
 
         ``clip_skip`` counts like A1111 (1 = last layer, 2 = penultimate); None is the family's default (SD1 1,
         SD2/SDXL 2), and only a value other than that default is written to the infotext.
@@ -232,7 +296,7 @@ class Pipeline:
         request = as_request(prompt, negative_prompt, steps=steps, guidance=guidance, seed=seed, sampler=sampler,
                              schedule=schedule, width=width, height=height, clip_skip=clip_skip,
                              long_prompt=long_prompt, weighting=weighting, batch_size=batch_size,
-                             init_image=init_image, strength=strength, attention_maps=attention_maps)
+                             init_image=init_image, strength=strength, attention_maps=attention_maps, loras=loras)
         request = request.require_honoured()
         for name, fn in (("callback", callback), ("should_stop", should_stop)):
             if fn is not None and not callable(fn):
@@ -241,6 +305,10 @@ class Pipeline:
         from .conditioning_schedule import prompt_notes
 
         notes = prompt_notes(request)  # before any model work: a prompt the planner refuses fails here
+        from .lora import request_loras
+
+        wanted, lora_notes = request_loras(request, missing=missing_loras)
+        notes = notes + tuple(lora_notes) + tuple(self.apply_loras(wanted, missing=missing_loras))
         results = []
         for iteration in range(request.n_iter):
             if results and (results[-1].interrupted or (should_stop is not None and should_stop())):

@@ -6,7 +6,7 @@ sampler names such as ``euler_a``, not "Euler a": adapters resolve A1111 names b
 instance is valid against the engine's ``LIMITS`` (checked in ``__post_init__``, which also normalises ints to
 floats and lists to tuples); ``create(limits, **fields)`` and ``validate(limits)`` check against a server's
 tightened ``Limits``. Bad values raise ``RequestError`` naming the field and the value. Fields in
-``UNIMPLEMENTED`` (hires fix, inpainting, styles, LoRAs) are accepted with neutral defaults so that adapters can
+``UNIMPLEMENTED`` (hires fix, inpainting, styles) are accepted with neutral defaults so that adapters can
 carry what clients send; ``unhonoured()`` names those set to values the engine does not honour yet.
 
 ``Pipeline.generate`` takes a request (or the keywords of one: ``as_request``); ``to_generate_kwargs`` and
@@ -100,14 +100,15 @@ LIMITS = Limits()
 UNIMPLEMENTED = frozenset({
     "enable_hr", "hr_scale", "hr_upscaler", "hr_second_pass_steps", "hr_resize_x", "hr_resize_y", "hr_prompt",
     "hr_negative_prompt", "hr_sampler", "hr_schedule", "hr_strength", "mask", "mask_blur", "inpainting_fill",
-    "inpaint_full_res", "inpaint_full_res_padding", "inpainting_mask_invert", "resize_mode", "styles", "loras",
+    "inpaint_full_res", "inpaint_full_res_padding", "inpainting_mask_invert", "resize_mode", "styles",
 })
 _MASK_OPTIONS = ("mask_blur", "inpainting_fill", "inpaint_full_res", "inpaint_full_res_padding",
                  "inpainting_mask_invert")
 _OPAQUE = ("init_image", "mask")
 # Pipeline.generate's keyword arguments (besides callback and should_stop), in its order.
 GENERATE_ARGS = ("prompt", "negative_prompt", "steps", "guidance", "seed", "sampler", "schedule", "width", "height",
-                 "clip_skip", "long_prompt", "weighting", "batch_size", "init_image", "strength", "attention_maps")
+                 "clip_skip", "long_prompt", "weighting", "batch_size", "init_image", "strength", "attention_maps",
+                 "loras")
 
 
 @dataclass(frozen=True)
@@ -151,7 +152,7 @@ class GenerationRequest:
     inpainting_mask_invert: int = 0  # 1: inpaint what the mask does not cover
     resize_mode: int = 0  # 0 just resize (what img2img does today), 1 crop, 2 fill, 3 latent upscale
     styles: tuple[str, ...] = ()
-    loras: tuple[tuple[str, float, float], ...] = ()  # (name, text-encoder weight, UNet weight)
+    loras: tuple[tuple[str, float, float], ...] = ()  # (name, text-encoder weight, UNet weight): honoured
 
     def __post_init__(self):
         for name, value in _checked(self._values(), LIMITS).items():

@@ -61,3 +61,55 @@ def tiny_pipeline(seed: int = 0, family: str = "sd1", prediction: str = "eps"):
         torch.random.set_rng_state(state)
     return Pipeline(text_encoder, unet, vae, record.name, prediction, name=f"tiny-random-{record.name}",
                     default_size=TINY_SIZE)
+
+
+LORA_LAYOUTS = ("kohya", "kohya_ldm", "peft")
+ATTENTION_MLP = ("attn1.", "attn2.", "ff.net.", "self_attn.", "mlp.")  # kohya's default LoRA targets (by name)
+
+
+def random_lora(pipe, *, layout: str = "kohya", rank: int = 4, seed: int = 0, unet: bool = True, text: bool = True,
+                select=None, alpha: float | None = None, std: float = 0.05, dtype=None) -> dict:
+    """Random LoRA tensors for ``pipe``'s weights, spelled as a real file would: ``layout`` "kohya" (SD1-style:
+    ``lora_unet_<diffusers path>``), "kohya_ldm" (SDXL-style: ``lora_unet_<LDM path>``) or "peft" (``unet.<diffusers
+    path>.lora_A.weight``); text towers as ``lora_te[N]_text_model_...`` / ``text_encoder[_N].text_model....``.
+    ``select(parameter) -> bool`` picks the target weights (default: attention and MLP linears, kohya's default);
+    conv targets get [r, in, kh, kw] down and [out, r, 1, 1] up factors. ``alpha`` None writes no alpha."""
+    import torch
+
+    from .checkpoints.lora import UNET, lora_targets
+
+    if layout not in LORA_LAYOUTS:
+        raise ValueError(f"layout={layout!r}: choose from {', '.join(LORA_LAYOUTS)}")
+    select = select or (lambda parameter: any(part in parameter for part in ATTENTION_MLP))
+    targets = lora_targets(pipe.unet, [spec.model for spec in pipe.text_encoder.encoders])
+    spellings = {}
+    for name, target in targets.names.items():
+        spellings.setdefault(target, []).append(name)
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for target, names in spellings.items():
+        if not select(target.parameter) or not (unet if target.component == UNET else text):
+            continue
+        if target.component == UNET:
+            kohya = [n for n in names if n.startswith("lora_unet_")]
+            peft = [n for n in names if n.startswith("unet.")]
+            if layout == "peft" and not peft:
+                continue
+            name = peft[0] if layout == "peft" else kohya[0] if layout == "kohya_ldm" else kohya[-1]
+        else:
+            name = names[2] if layout == "peft" else names[0]
+        shape = target.shape
+        r = min(rank, shape[0], shape[1])
+        down_shape = (r, *shape[1:]) if len(shape) == 4 else (r, shape[1])
+        up_shape = (shape[0], r, 1, 1) if len(shape) == 4 else (shape[0], r)
+        down = torch.randn(down_shape, generator=g) * std
+        up = torch.randn(up_shape, generator=g) * std
+        if layout == "peft":
+            out[f"{name}.lora_A.weight"], out[f"{name}.lora_B.weight"] = down, up
+        else:
+            out[f"{name}.lora_down.weight"], out[f"{name}.lora_up.weight"] = down, up
+        if alpha is not None:
+            out[f"{name}.alpha"] = torch.tensor(float(alpha))
+    if dtype is not None:
+        out = {k: v.to(dtype) for k, v in out.items()}
+    return out

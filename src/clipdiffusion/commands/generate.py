@@ -22,7 +22,8 @@ def add_arguments(parser):
 
     d = DEFAULTS  # one set of defaults: GenerationRequest's
     parser.add_argument("prompt", help="the prompt (A1111 syntax: emphasis, BREAK, [a:b:when] editing, [a|b] "
-                                       "alternation, AND with :weight; <lora:...> tags are reported, not applied)")
+                                       "alternation, AND with :weight; <lora:name:weight> applies a LoRA of "
+                                       "--loras)")
     parser.add_argument("--model", metavar="FILE|FOLDER",
                         help="a .safetensors checkpoint or a diffusers folder (default: the embedded tiny model)")
     parser.add_argument("--negative", default=d["negative_prompt"], metavar="TEXT", help="negative prompt")
@@ -44,6 +45,11 @@ def add_arguments(parser):
     parser.add_argument("--init-image", metavar="PNG", help="img2img: start from this image")
     parser.add_argument("--strength", type=float, default=d["strength"],
                         help="img2img denoising strength in (0, 1]")
+    parser.add_argument("--loras", action="append", metavar="DIR",
+                        help="a folder of LoRA .safetensors files, named by file stem (repeatable)")
+    parser.add_argument("--lora", action="append", metavar="NAME:W[:UNET_W]",
+                        help="apply the LoRA NAME (from --loras) with weight W on both text encoder and UNet, or "
+                             "W on the text encoder and UNET_W on the UNet (repeatable; adds to the prompt's tags)")
     parser.add_argument("-o", "--output", default="out.png",
                         help="PNG path; with --batch-size N > 1, NAME-0.png ... NAME-(N-1).png")
 
@@ -57,7 +63,26 @@ def build_request(args, init_image=None):
         sampler=args.sampler, schedule=args.schedule, width=args.width, height=args.height,
         clip_skip=args.clip_skip, long_prompt=args.long_prompt, weighting=args.weighting,
         batch_size=args.batch_size, init_image=init_image, strength=args.strength,
+        loras=parse_lora_args(getattr(args, "lora", None)),
     )  # fmt: skip
+
+
+def parse_lora_args(items) -> tuple:
+    """``--lora NAME:W`` / ``NAME:TE:UNET`` -> ``GenerationRequest.loras`` items ``(name, te, unet)``."""
+    import math
+
+    out = []
+    for item in items or ():
+        name, *weights = item.split(":")
+        try:
+            numbers = [float(w) for w in weights] or [1.0]
+        except ValueError:
+            numbers = []
+        if not name or not 1 <= len(numbers) <= 2 or not all(math.isfinite(x) for x in numbers):
+            raise ClipDiffusionError(f"--lora {item!r}: expected NAME, NAME:WEIGHT or NAME:TE_WEIGHT:UNET_WEIGHT "
+                                     "with finite numbers")
+        out.append((name, numbers[0], numbers[-1]))
+    return tuple(out)
 
 
 def load_pipeline(model, prediction=None):
@@ -170,7 +195,13 @@ def run(args) -> int:
     check_outputs(paths)
     init_image = read_init_image(args.init_image) if args.init_image else None
     request = build_request(args, init_image)
+    lora_dirs = getattr(args, "loras", None) or ()
+    for folder in lora_dirs:  # before the model loads
+        if not Path(folder).is_dir():
+            raise ClipDiffusionError(f"--loras {folder!r}: no such folder")
     pipe = load_pipeline(args.model, args.prediction)
+    for folder in lora_dirs:
+        pipe.load_loras(folder)
     progress = ProgressBar()
     try:
         result = pipe.generate(request, callback=progress)

@@ -26,6 +26,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--listen", action="store_true", help="accept connections from other machines")
     parser.add_argument("--api-auth", metavar="USER:PASSWORD",
                         help="require HTTP basic auth on every route (user:password[,user:password])")
+    parser.add_argument("--loras", action="append", metavar="DIR",
+                        help="a folder of LoRA .safetensors files (repeatable): prompts apply them with "
+                             "<lora:name:weight>; GET /sdapi/v1/loras lists them, POST /sdapi/v1/refresh-loras "
+                             "rescans")
     parser.add_argument("--max-width", type=int, default=_DEFAULTS.max_width, help="default %(default)s")
     parser.add_argument("--max-height", type=int, default=_DEFAULTS.max_height, help="default %(default)s")
     parser.add_argument("--max-steps", type=int, default=_DEFAULTS.max_steps, help="default %(default)s")
@@ -43,11 +47,15 @@ def build_settings(args: argparse.Namespace) -> ServerSettings:
     for path in args.model or ():
         if not os.path.exists(path):
             raise ClipDiffusionError(f"--model {path!r}: no such file or folder")
+    lora_dirs = tuple(os.path.abspath(d) for d in getattr(args, "loras", None) or ())
+    for folder in lora_dirs:
+        if not os.path.isdir(folder):
+            raise ClipDiffusionError(f"--loras {folder!r}: no such folder")
     host = args.host or ("0.0.0.0" if args.listen else _DEFAULTS.host)
     if not 0 < args.port < 65536:
         raise ClipDiffusionError(f"--port must be in 1..65535, got {args.port}")
     return ServerSettings(
-        host=host, port=args.port, models=default_models(args.model),
+        host=host, port=args.port, models=default_models(args.model), lora_dirs=lora_dirs,
         api_auth=parse_api_auth(args.api_auth) if args.api_auth else (),
         max_width=args.max_width, max_height=args.max_height, max_steps=args.max_steps,
         max_batch_size=args.max_batch_size, max_prompt_chars=args.max_prompt_chars,

@@ -42,6 +42,8 @@ class GenerationPlan:
     # A1111 semantics for CLIP_stop_at_last_layers: it moves only the text encoders of families whose record says
     # so (families.ModelFamily.a1111_clip_skip, SD1-style); decided in the worker, where the model is known.
     a1111_clip_skip: bool = False
+    # an unknown LoRA name: "error" (our routes) or "note" (A1111's: "Lora not found: NAME", generation goes on)
+    missing_loras: str = "error"
     job_timestamp: str = field(default_factory=lambda: time.strftime("%Y%m%d%H%M%S"))
 
 
@@ -95,7 +97,7 @@ def plan_a1111(req: Txt2ImgRequest, settings: ServerSettings, defaults: dict, sa
         raise exc.renamed(names) from None
     ignored = ignored_fields(req) + [f"override_settings.{k}" for k in sorted(overrides)]
     return GenerationPlan(model=entry.name, request=request.resolve_seed(), sampler_label=sampler_display_name(sampler),
-                          ignored=ignored, a1111_clip_skip=True)
+                          ignored=ignored, a1111_clip_skip=True, missing_loras="note")
 
 
 def _init_image(req: Img2ImgRequest, limits: Limits):

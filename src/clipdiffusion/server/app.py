@@ -57,6 +57,10 @@ class ServerState:
 
     def __init__(self, pipeline_factory, settings: ServerSettings, tokenizer_factory=None):
         self.settings = settings
+        from ..lora import LoraLibrary
+
+        self.loras = LoraLibrary(settings.lora_dirs)  # one library for every model (torch-free until used)
+        pipeline_factory = _with_loras(pipeline_factory, self.loras)
         self.worker = Worker(pipeline_factory, settings.queue_size, settings.shutdown_timeout)
         self._lock = threading.Lock()
         self.options = {"sd_model_checkpoint": settings.models[0].name,
@@ -123,6 +127,32 @@ class ServerState:
             raise JobFailed(exc) from exc
 
 
+def _with_loras(factory: Callable, library) -> Callable:
+    """The pipeline factory, each model it loads sharing the server's LoRA library (``--loras DIR``)."""
+
+    def load(name: str):
+        pipe = factory(name)
+        if hasattr(pipe, "apply_loras"):
+            pipe.loras = library
+        return pipe
+
+    return load
+
+
+def _lora_routes(app: FastAPI, state: ServerState) -> None:
+    """A1111's ``GET /sdapi/v1/loras`` (``[{name, alias, path, metadata}]``, the path relative to its --loras
+    folder) and ``POST /sdapi/v1/refresh-loras`` (rescan the folders; answers null as A1111's does)."""
+
+    @app.get("/sdapi/v1/loras", tags=["a1111"])
+    async def loras() -> list[dict]:
+        return await run_in_threadpool(lambda: [e.describe() for e in state.loras.entries()])
+
+    @app.post("/sdapi/v1/refresh-loras", tags=["a1111"])
+    async def refresh_loras() -> None:
+        await run_in_threadpool(state.loras.refresh)
+        return None
+
+
 def _generate_work(plan: a1111.GenerationPlan, pipe, control: JobControl):
     """Runs in the worker: the request's n_iter engine calls, seeds consecutive across the whole batch as in A1111
     (the plan's seed is already resolved). The results' notes (prompt tags not applied, ...) go to `plan.notes`."""
@@ -138,7 +168,7 @@ def _generate_work(plan: a1111.GenerationPlan, pipe, control: JobControl):
             break
         control.begin_iteration(iteration)
         result = pipe.generate(request.for_iteration(iteration), callback=control.on_step,
-                               should_stop=control.should_stop)
+                               should_stop=control.should_stop, missing_loras=plan.missing_loras)
         images += result.images
         seeds += result.seeds
         infotexts += result.infotexts
@@ -220,6 +250,7 @@ def create_app(pipeline_factory: Callable[[str], Any], settings: ServerSettings 
     _install_error_handlers(app)
     _a1111_routes(app, state)
     _own_routes(app, state)
+    _lora_routes(app, state)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.get("/", include_in_schema=False)

@@ -85,6 +85,8 @@ def _tensor_stats(t) -> dict | None:
 
 def encode_stats(request: GenerationRequest, pipe, control) -> dict:
     """Runs in the worker: encode with the loaded model's text encoder and summarise the tensors."""
+    if hasattr(pipe, "apply_loras"):
+        pipe.apply_loras(())  # the model's own text encoder, not one a LoRA request left merged
     cond = pipe.text_encoder.encode(request.prompt, request.negative_prompt, clip_skip=request.clip_skip,
                                     long_prompt=request.long_prompt, weighting=request.weighting)
     return {"context": _tensor_stats(cond.context), "negative_context": _tensor_stats(cond.negative_context),

@@ -55,6 +55,9 @@ class ServerSettings:
     samplers: tuple[str, ...] | None = None
     schedules: tuple[str, ...] | None = None
     default_clip_skip: int = 1
+    # Folders of LoRA files (--loras DIR): GET /sdapi/v1/loras lists them (paths relative to their folder), POST
+    # /sdapi/v1/refresh-loras rescans; clients name LoRAs, never paths.
+    lora_dirs: tuple[str, ...] = ()
     # Load the default model when the server starts (the CLI does), so a broken model shows up in the log at once
     # rather than in the first client's error; tests leave it off.
     preload: bool = False

@@ -13,8 +13,10 @@ from dataclasses import dataclass
 from ..errors import PromptError
 from .prompt import check_text
 
-# What the tags do today: nothing is loaded yet; the sampling side replaces this when LoRA loading arrives.
-NOT_APPLIED = "not applied: LoRA loading arrives with issue 17"
+# A LoRA tag's status: the pipeline applies it (``clipdiffusion.lora``) when it has a LoRA of that name; an unknown
+# name is an error on our CLI and routes and a "Lora not found" note on the A1111 routes, from the pipeline.
+APPLIED = "applied by the model's LoRAs (first prompt only; tags in a negative prompt are text)"
+NOT_APPLIED = "not applied"  # the prefix of every other status
 
 _TAG = re.compile(r"<(\w+):([^>]+)>")
 KIND_ALIASES = {"lyco": "lora"}
@@ -88,14 +90,14 @@ def extract_extra_networks(prompt: str) -> tuple:
 
 
 def network_info(network: ExtraNetwork) -> dict:
-    """A tag for reports: what was written, what it would do, and why it does nothing yet."""
+    """A tag for reports: what was written, what it does, and why not when it does nothing."""
     info = {"kind": network.kind, "name": network.name, "text": network.text,
             "positional": list(network.positional), "named": [list(p) for p in network.named],
             "te": None, "unet": None, "dyn": None, "applied": False}
     if network.kind == "lora":
         try:
             info["te"], info["unet"], info["dyn"] = network.lora_weights()
-            info["status"] = NOT_APPLIED
+            info["status"], info["applied"] = APPLIED, True
         except PromptError as err:
             info["status"] = f"not applied: {err}"
     elif network.kind == "hypernet":
