@@ -88,18 +88,27 @@ class Pipeline:
                    name=name, default_size=loaded.default_size)
 
     @classmethod
-    def from_file(cls, path, *, prediction: str | None = None, **load_options) -> "Pipeline":
-        """A single-file checkpoint (.safetensors). ``prediction`` overrides what the loader detected."""
+    def from_file(cls, path, *, prediction: str | None = None, text_encoder=None, **load_options) -> "Pipeline":
+        """A single-file checkpoint (.safetensors). ``prediction`` overrides what the loader detected;
+        ``text_encoder`` (a file or folder) replaces its text tower (``replace_text_encoder``)."""
         from .checkpoints.load import load_checkpoint
 
-        return cls._from_loaded(load_checkpoint(path, **load_options), Path(path).stem, prediction)
+        pipe = cls._from_loaded(load_checkpoint(path, **load_options), Path(path).stem, prediction)
+        if text_encoder is not None:
+            pipe.replace_text_encoder(text_encoder)
+        return pipe
 
     @classmethod
-    def from_pretrained(cls, folder, *, prediction: str | None = None, **load_options) -> "Pipeline":
-        """A diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/)."""
+    def from_pretrained(cls, folder, *, prediction: str | None = None, text_encoder=None,
+                        **load_options) -> "Pipeline":  # fmt: skip
+        """A diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/); ``text_encoder`` as in
+        ``from_file``."""
         from .checkpoints.load import load_diffusers
 
-        return cls._from_loaded(load_diffusers(folder, **load_options), Path(folder).name, prediction)
+        pipe = cls._from_loaded(load_diffusers(folder, **load_options), Path(folder).name, prediction)
+        if text_encoder is not None:
+            pipe.replace_text_encoder(text_encoder)
+        return pipe
 
     @classmethod
     def default(cls, **load_options) -> "Pipeline":
@@ -116,6 +125,51 @@ class Pipeline:
         pipe = cls.from_file(files[0], **load_options)
         pipe.name = "clipdiffusion-tiny"
         return pipe
+
+    # ---- a replacement text tower (checkpoints/text_encoders.py) ----------------------------------------------
+
+    def replace_text_encoder(self, source, *, name: str | None = None) -> None:
+        """Use another text tower: a file or folder (``load_replacement_text_encoder``: a fine-tuned CLIP-L,
+        Long-CLIP's ``longclip-L.pt`` or its transformers conversion, in any layout) or a ``TextEncoder`` of this
+        family. Its width must be the UNet's cross-attention width; its position count (77, Long-CLIP's 248, ...)
+        sets the prompt window (``TextEncoder.positions``). One-tower families only (SDXL is refused). LoRAs
+        merged into the old tower are restored first; textual-inversion embeddings carry over (same width). The
+        generation notes name the replacement (``text_encoder_name``); A1111's infotext has no key for it."""
+        from .text.conditioning import TextEncoder
+
+        context_width = self.unet.config.context_dim
+        if isinstance(source, TextEncoder):
+            if source.family != self.family:
+                raise ClipDiffusionError(f"text_encoder: a {source.family} text encoder cannot replace the text "
+                                         f"encoder of a {self.family} model")  # fmt: skip
+            width = source.encoders[0].model.config.width
+            if len(source.encoders) != 1 or width != context_width:
+                raise ClipDiffusionError(f"text_encoder: width {width} does not fit this model's UNet, whose "
+                                         f"cross-attention takes {context_width}-wide context")  # fmt: skip
+            encoder, label = source, name or "TextEncoder"
+        else:
+            from .checkpoints.text_encoders import load_replacement_text_encoder
+
+            weight = next(self.text_encoder.encoders[0].model.parameters())
+            encoder = load_replacement_text_encoder(source, self.model_family, context_width=context_width,
+                                                    dtype=weight.dtype, device=weight.device,
+                                                    tokenizer=self.text_encoder.tokenizer)  # fmt: skip
+            label = name or Path(source).name
+        if self.__dict__.get("_lora_engine_state") is not None:
+            self.apply_loras(())  # the old tower's weights back as they were; the engine forgets them
+            self.__dict__.pop("_lora_engine_state", None)
+        if hasattr(self.text_encoder, "embeddings") and hasattr(encoder, "embeddings"):
+            encoder.embeddings = self.text_encoder.embeddings
+        self.text_encoder = encoder
+        self.text_encoder_name = label
+
+    def _text_encoder_notes(self) -> tuple:
+        label = self.__dict__.get("text_encoder_name")
+        if label is None:
+            return ()
+        positions = self.text_encoder.positions
+        return (f"text encoder: {label} ({positions} positions, {positions - 2} tokens per window) replaces the "
+                f"model's own (not recorded in the infotext: A1111 has no key for it)",)
 
     # ---- LoRA (clipdiffusion.lora) -----------------------------------------------------------------------------
 
@@ -305,6 +359,7 @@ class Pipeline:
         from .conditioning_schedule import prompt_notes
 
         notes = prompt_notes(request)  # before any model work: a prompt the planner refuses fails here
+        notes = self._text_encoder_notes() + notes
         from .lora import request_loras
 
         wanted, lora_notes = request_loras(request, missing=missing_loras)

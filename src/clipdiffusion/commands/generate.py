@@ -26,6 +26,10 @@ def add_arguments(parser):
                                        "--loras)")
     parser.add_argument("--model", metavar="FILE|FOLDER",
                         help="a .safetensors checkpoint or a diffusers folder (default: the embedded tiny model)")
+    parser.add_argument("--text-encoder", metavar="FILE|FOLDER",
+                        help="replace the model's text tower (SD1/SD2): a fine-tuned CLIP-L or Long-CLIP (248 "
+                             "positions: one window of up to 246 tokens) as .safetensors/.pt (weights only), "
+                             "OpenAI-CLIP, transformers or SD1 layout, or a text_encoder folder")
     parser.add_argument("--negative", default=d["negative_prompt"], metavar="TEXT", help="negative prompt")
     parser.add_argument("--steps", type=int, default=d["steps"])
     parser.add_argument("--seed", type=int, default=d["seed"], help="-1 picks a random seed (recorded in the PNG)")
@@ -85,18 +89,18 @@ def parse_lora_args(items) -> tuple:
     return tuple(out)
 
 
-def load_pipeline(model, prediction=None):
+def load_pipeline(model, prediction=None, text_encoder=None):
     from ..pipeline import Pipeline
 
     if model is None:
-        pipe = Pipeline.default()
+        pipe = Pipeline.default(text_encoder=text_encoder)
         if prediction is not None:
             pipe.prediction = prediction
         return pipe
     path = Path(model)
     if path.is_dir():
-        return Pipeline.from_pretrained(path, prediction=prediction)
-    return Pipeline.from_file(path, prediction=prediction)
+        return Pipeline.from_pretrained(path, prediction=prediction, text_encoder=text_encoder)
+    return Pipeline.from_file(path, prediction=prediction, text_encoder=text_encoder)
 
 
 class ProgressBar:
@@ -199,7 +203,9 @@ def run(args) -> int:
     for folder in lora_dirs:  # before the model loads
         if not Path(folder).is_dir():
             raise ClipDiffusionError(f"--loras {folder!r}: no such folder")
-    pipe = load_pipeline(args.model, args.prediction)
+    if args.text_encoder is not None and not Path(args.text_encoder).exists():
+        raise ClipDiffusionError(f"--text-encoder {args.text_encoder!r}: no such file or folder")
+    pipe = load_pipeline(args.model, args.prediction, args.text_encoder)
     for folder in lora_dirs:
         pipe.load_loras(folder)
     progress = ProgressBar()

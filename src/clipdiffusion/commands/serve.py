@@ -21,6 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", action="append", metavar="FILE",
                         help="a .safetensors file or diffusers folder to serve (repeat for several; clients pick "
                              "by name); default: the embedded tiny model")
+    parser.add_argument("--text-encoder", metavar="FILE|FOLDER",
+                        help="replace the text tower of every served model (SD1/SD2): a fine-tuned CLIP-L or "
+                             "Long-CLIP (248 positions), as for generate --text-encoder")
     parser.add_argument("--host", default=None, help="address to bind (default 127.0.0.1; 0.0.0.0 with --listen)")
     parser.add_argument("--port", type=int, default=_DEFAULTS.port, help="port (default %(default)s)")
     parser.add_argument("--listen", action="store_true", help="accept connections from other machines")
@@ -47,6 +50,9 @@ def build_settings(args: argparse.Namespace) -> ServerSettings:
     for path in args.model or ():
         if not os.path.exists(path):
             raise ClipDiffusionError(f"--model {path!r}: no such file or folder")
+    text_encoder = getattr(args, "text_encoder", None)
+    if text_encoder is not None and not os.path.exists(text_encoder):
+        raise ClipDiffusionError(f"--text-encoder {text_encoder!r}: no such file or folder")
     lora_dirs = tuple(os.path.abspath(d) for d in getattr(args, "loras", None) or ())
     for folder in lora_dirs:
         if not os.path.isdir(folder):
@@ -59,7 +65,8 @@ def build_settings(args: argparse.Namespace) -> ServerSettings:
         api_auth=parse_api_auth(args.api_auth) if args.api_auth else (),
         max_width=args.max_width, max_height=args.max_height, max_steps=args.max_steps,
         max_batch_size=args.max_batch_size, max_prompt_chars=args.max_prompt_chars,
-        max_body_bytes=args.max_body_mb * 2**20, queue_size=args.queue_size, preload=True)
+        max_body_bytes=args.max_body_mb * 2**20, queue_size=args.queue_size, preload=True,
+        text_encoder=os.path.abspath(text_encoder) if text_encoder is not None else None)
 
 
 def pipeline_factory(settings: ServerSettings):
@@ -71,11 +78,12 @@ def pipeline_factory(settings: ServerSettings):
         entry = settings.model(name)
         if entry is None:  # the app validates names first; this guards the factory on its own
             raise ClipDiffusionError(f"model {name!r} is not listed")
+        te = settings.text_encoder
         if entry.source is None:
-            return Pipeline.default()
+            return Pipeline.default(text_encoder=te)
         if os.path.isdir(entry.source):
-            return Pipeline.from_pretrained(entry.source)
-        return Pipeline.from_file(entry.source)
+            return Pipeline.from_pretrained(entry.source, text_encoder=te)
+        return Pipeline.from_file(entry.source, text_encoder=te)
 
     return load
 

@@ -61,6 +61,9 @@ class ServerSettings:
     # Load the default model when the server starts (the CLI does), so a broken model shows up in the log at once
     # rather than in the first client's error; tests leave it off.
     preload: bool = False
+    # A replacement text tower (--text-encoder FILE) for every listed model: Pipeline.replace_text_encoder. The
+    # path never leaves the server; the generation notes name the file's base name.
+    text_encoder: str | None = None
 
     def __post_init__(self):
         for name in ("max_width", "max_height", "max_steps", "max_batch_size", "max_n_iter", "max_prompt_chars",
