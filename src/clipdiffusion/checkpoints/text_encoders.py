@@ -414,6 +414,24 @@ def _position_rows(shapes: dict, tower: _Tower) -> tuple[str, tuple]:
     return "", ()
 
 
+def text_encoder_positions(path) -> int:
+    """The position count of the one text tower in ``path`` (file or folder), from its header (a pickle is
+    opened weights-only and memory-mapped); the checks ``load_replacement_text_encoder`` makes first."""
+    from .safetensors_io import read_shapes
+
+    file = _weights_file(Path(path))
+    if not file.is_file():
+        raise CheckpointError(file, "no such file")
+    shapes, _, _ = read_shapes(file)
+    plan = _plan_detected(shapes, str(file))
+    key, shape = _position_rows(shapes, plan.towers[0]) if len(plan.towers) == 1 else ("", ())
+    if len(shape) != 2 or not MIN_TEXT_POSITIONS <= shape[0] <= MAX_TEXT_POSITIONS:
+        raise CheckpointError(file, f"no usable position table ({key or 'none'} {list(shape)}): a replacement "
+                                    f"text encoder is one tower with {MIN_TEXT_POSITIONS}..{MAX_TEXT_POSITIONS} "
+                                    f"positions")  # fmt: skip
+    return shape[0]
+
+
 def load_replacement_text_encoder(path, family, *, context_width: int | None = None, dtype=None, device="cpu",
                                   tokenizer=None, check_finite: bool = True):  # fmt: skip
     """A text tower from ``path`` in place of the one of a ``family`` model (a name or record): a fine-tuned

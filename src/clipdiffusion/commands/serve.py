@@ -66,7 +66,17 @@ def build_settings(args: argparse.Namespace) -> ServerSettings:
         max_width=args.max_width, max_height=args.max_height, max_steps=args.max_steps,
         max_batch_size=args.max_batch_size, max_prompt_chars=args.max_prompt_chars,
         max_body_bytes=args.max_body_mb * 2**20, queue_size=args.queue_size, preload=True,
-        text_encoder=os.path.abspath(text_encoder) if text_encoder is not None else None)
+        text_encoder=os.path.abspath(text_encoder) if text_encoder is not None else None,
+        text_positions=_text_positions(text_encoder))
+
+
+def _text_positions(text_encoder) -> int:
+    """The replacement tower's window length (77 without one), read from its header for the token counter."""
+    if text_encoder is None:
+        return 77
+    from ..checkpoints.text_encoders import text_encoder_positions
+
+    return text_encoder_positions(text_encoder)
 
 
 def pipeline_factory(settings: ServerSettings):

@@ -64,6 +64,8 @@ class ServerSettings:
     # A replacement text tower (--text-encoder FILE) for every listed model: Pipeline.replace_text_encoder. The
     # path never leaves the server; the generation notes name the file's base name.
     text_encoder: str | None = None
+    # Its window length (from the file's header at startup), so the token counter shows the capacity it has.
+    text_positions: int = 77
 
     def __post_init__(self):
         for name in ("max_width", "max_height", "max_steps", "max_batch_size", "max_n_iter", "max_prompt_chars",
