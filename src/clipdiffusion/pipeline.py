@@ -171,6 +171,41 @@ class Pipeline:
         return (f"text encoder: {label} ({positions} positions, {positions - 2} tokens per window) replaces the "
                 f"model's own (not recorded in the infotext: A1111 has no key for it)",)
 
+    # ---- textual inversion (checkpoints/embeddings.py, text/embeddings.py) -------------------------------------
+
+    def load_textual_inversion(self, path, name=None):
+        """Load one embedding file (A1111 ``.pt``, ``.safetensors`` ``emb_params``, diffusers ``learned_embeds``
+        ``.bin``/``.safetensors``, SDXL ``clip_l``+``clip_g``) under ``name`` (default: the file stem), checked
+        against this model's text towers. Returns the registered ``text.embeddings.Embedding``; an embedding of
+        the same name (or the same token ids) is replaced. Bad files raise ``CheckpointError`` naming the file."""
+        from .checkpoints.embeddings import embedding_for
+
+        embedding = embedding_for(path, self.text_encoder, name=name)
+        self.text_encoder.add_embedding(embedding)
+        return embedding
+
+    def load_embeddings(self, folder):
+        """(Re)load a folder of embeddings (``checkpoints.embeddings.load_folder``): the embeddings an earlier call
+        loaded are dropped first, so this is also the refresh. Returns the ``FolderReport`` (loaded, skipped with
+        reasons), kept as ``embeddings_report``."""
+        from .checkpoints.embeddings import load_folder
+
+        report = load_folder(folder, self.text_encoder)
+        for name in self.__dict__.get("_folder_embeddings", ()):
+            self.text_encoder.remove_embedding(name)
+        for embedding in report.loaded:
+            self.text_encoder.add_embedding(embedding)
+        self.__dict__["_folder_embeddings"] = [e.name for e in report.loaded]
+        self.__dict__["embeddings_report"] = report
+        return report
+
+    def embeddings_info(self) -> dict:
+        """A1111's ``/sdapi/v1/embeddings`` body: every registered embedding under "loaded", and the files the
+        last folder scan skipped (each with its "reason") under "skipped"."""
+        report = self.__dict__.get("embeddings_report")
+        loaded = {e.name: e.info() for e in self.text_encoder.embeddings.embeddings}
+        return {"loaded": loaded, "skipped": dict(report.skipped) if report is not None else {}}
+
     # ---- LoRA (clipdiffusion.lora) -----------------------------------------------------------------------------
 
     @property
@@ -401,7 +436,7 @@ class Pipeline:
         if r.attention_maps:
             # rows and labels from the plan the prompt's first text was encoded with: tokenized once
             token_rows = plan_token_rows(scheduled.first_plan)
-            labels = [self.text_encoder.tokenizer.decode([token]).strip() for _, token in token_rows]
+            labels = [self.text_encoder.prompt_tokenizer.decode([token]).strip() for _, token in token_rows]
             f = self.vae.config.downsample_factor
             context = scheduled.conds[scheduled.first_text].context
             capture = AttentionCapture(denoiser, context, [row for row, _ in token_rows], (height // f, width // f))

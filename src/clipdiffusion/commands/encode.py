@@ -7,6 +7,7 @@ says how it was made. ``safetensors.torch.load_file`` reads it; for diffusers pa
 """
 
 import json
+import sys
 
 from ..text.chunking import LONG_PROMPT_STRATEGIES
 
@@ -33,6 +34,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--no-equalize", action="store_true",
                         help="leave prompt and negative at their own lengths (no empty-prompt padding)")
     parser.add_argument("-o", "--output", required=True, metavar="OUT.safetensors", help="file to write")
+    parser.add_argument("--embeddings", metavar="DIR",
+                        help="a folder of textual-inversion embeddings (.pt .bin .safetensors); each file's stem "
+                             "in the prompt stands for its vectors")
 
 
 def _describe(name, report) -> list:
@@ -49,7 +53,19 @@ def run(args) -> int:
     # Before the encoder loads: a folder, a device or a missing folder as --output fails now, not after the work.
     # save_file writes through a temporary file renamed onto the target, so a failed write keeps an old file.
     target = check_output(args.output, "output")
+    if args.embeddings is not None:
+        from ..checkpoints.embeddings import scan_folder
+
+        scan_folder(args.embeddings)  # a missing folder fails before the encoder loads
     encoder = load_text_encoder(args.text_encoder)
+    if args.embeddings is not None:
+        from ..checkpoints.embeddings import describe_report, load_folder
+
+        report = load_folder(args.embeddings, encoder)
+        for embedding in report.loaded:
+            encoder.add_embedding(embedding)
+        for line in describe_report(report):
+            print(line, file=sys.stderr)
     cond = encoder.encode(
         args.prompt,
         args.negative,

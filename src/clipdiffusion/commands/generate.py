@@ -56,6 +56,9 @@ def add_arguments(parser):
                              "W on the text encoder and UNET_W on the UNet (repeatable; adds to the prompt's tags)")
     parser.add_argument("-o", "--output", default="out.png",
                         help="PNG path; with --batch-size N > 1, NAME-0.png ... NAME-(N-1).png")
+    parser.add_argument("--embeddings", metavar="DIR",
+                        help="a folder of textual-inversion embeddings (.pt .bin .safetensors); each file's stem "
+                             "in the prompt or the negative prompt stands for its vectors")
 
 
 def build_request(args, init_image=None):
@@ -203,9 +206,19 @@ def run(args) -> int:
     for folder in lora_dirs:  # before the model loads
         if not Path(folder).is_dir():
             raise ClipDiffusionError(f"--loras {folder!r}: no such folder")
+    embeddings = getattr(args, "embeddings", None)
+    if embeddings is not None:
+        from ..checkpoints.embeddings import scan_folder
+
+        scan_folder(embeddings)  # a missing folder fails before the model loads
     if args.text_encoder is not None and not Path(args.text_encoder).exists():
         raise ClipDiffusionError(f"--text-encoder {args.text_encoder!r}: no such file or folder")
     pipe = load_pipeline(args.model, args.prediction, args.text_encoder)
+    if embeddings is not None:
+        from ..checkpoints.embeddings import describe_report
+
+        for line in describe_report(pipe.load_embeddings(embeddings)):
+            print(line, file=sys.stderr)
     for folder in lora_dirs:
         pipe.load_loras(folder)
     progress = ProgressBar()

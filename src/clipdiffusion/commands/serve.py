@@ -41,6 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="default %(default)s")
     parser.add_argument("--max-body-mb", type=int, default=_DEFAULTS.max_body_bytes // 2**20,
                         help="largest request body in MiB (default %(default)s)")
+    parser.add_argument("--embeddings", metavar="DIR",
+                        help="a folder of textual-inversion embeddings, loaded into each model; "
+                             "POST /sdapi/v1/refresh-embeddings rescans it")
     parser.add_argument("--queue-size", type=int, default=_DEFAULTS.queue_size,
                         help="jobs that may wait behind the running one before requests get 503 "
                              "(default %(default)s)")
@@ -57,6 +60,13 @@ def build_settings(args: argparse.Namespace) -> ServerSettings:
     for folder in lora_dirs:
         if not os.path.isdir(folder):
             raise ClipDiffusionError(f"--loras {folder!r}: no such folder")
+    embeddings = getattr(args, "embeddings", None)
+    if embeddings is not None and not os.path.isdir(embeddings):
+        raise ClipDiffusionError(f"--embeddings {embeddings!r}: no such folder")
+    lora_dirs = tuple(os.path.abspath(d) for d in getattr(args, "loras", None) or ())
+    for folder in lora_dirs:
+        if not os.path.isdir(folder):
+            raise ClipDiffusionError(f"--loras {folder!r}: no such folder")
     host = args.host or ("0.0.0.0" if args.listen else _DEFAULTS.host)
     if not 0 < args.port < 65536:
         raise ClipDiffusionError(f"--port must be in 1..65535, got {args.port}")
@@ -67,7 +77,8 @@ def build_settings(args: argparse.Namespace) -> ServerSettings:
         max_batch_size=args.max_batch_size, max_prompt_chars=args.max_prompt_chars,
         max_body_bytes=args.max_body_mb * 2**20, queue_size=args.queue_size, preload=True,
         text_encoder=os.path.abspath(text_encoder) if text_encoder is not None else None,
-        text_positions=_text_positions(text_encoder))
+        text_positions=_text_positions(text_encoder),
+        embeddings_dir=os.path.abspath(embeddings) if embeddings is not None else None)
 
 
 def _text_positions(text_encoder) -> int:

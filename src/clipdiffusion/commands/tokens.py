@@ -6,6 +6,10 @@ segments, and every token a strategy drops: truncation is never silent. The prom
 A1111's counter: extra-network tags are taken out (and listed: none is applied yet), ``AND`` parts are split, and
 each part is scheduled over ``--steps``; every text of the schedule is counted and the headline is the largest.
 ``--json`` prints the same as one object (see :func:`prompt_report`).
+
+``--embeddings DIR`` counts textual-inversion embeddings as their vectors (a name becomes one unit of n positions,
+never split across chunks). Shapes come from ``.safetensors`` headers without torch; ``.pt``/``.bin`` files have no
+header, so for them torch is imported (lazily) and the file read through the weights-only unpickler.
 """
 
 import json
@@ -41,6 +45,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--negative", action="store_true",
                         help="count it as a negative prompt: AND and <lora:...> tags are text there, as in A1111")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    parser.add_argument("--embeddings", metavar="DIR",
+                        help="a folder of textual-inversion embeddings: their names count as their vectors "
+                             "(.safetensors read from the header; .pt/.bin need torch)")
 
 
 def _segments(prompt: str, weights: bool) -> list:
@@ -78,6 +85,12 @@ def tokens_report(prompt, *, long_prompt="chunk", weights=True, tokenizer=None) 
     strings = tokenizer.token_strings(ids)
     token_weights = [w for t, w in stream if t != chunking.BREAK_ID]
     out["tokens"] = [{"id": i, "text": s, "weight": w} for i, s, w in zip(ids, strings, token_weights)]
+    locate = getattr(tokenizer, "locate", None)
+    if locate is not None:
+        for token in out["tokens"]:
+            found = locate(token["id"])
+            if found is not None:  # an embedding's k-th vector: the unit is its name and its vector count
+                token.update(embedding=found[0].name, vector=found[1], vectors=found[0].vectors)
     out.update(plan.report.to_dict())
     for info, window in zip(out["chunks"], plan.windows):
         info["ids"] = list(window.tokens)
@@ -257,6 +270,11 @@ def format_report(report: dict) -> str:
     cut = report["truncate_would_drop"]
     if cut:
         lines.append(f"with --long-prompt truncate, {cut['tokens']} tokens would be dropped: {cut['words']!r}")
+    for use in report.get("embeddings", ()):
+        first = use["position"]
+        where = f"position {first}" if use["vectors"] == 1 else f"positions {first}-{first + use['vectors'] - 1}"
+        lines.append(f"embedding {use['name']!r}: {use['vectors']} vector{'s' if use['vectors'] != 1 else ''}, "
+                     f"{noun} {use['chunk'] + 1} {where}")
     lines += _format_program(report)
     return "\n".join(lines)
 
@@ -324,8 +342,16 @@ def run(args) -> int:
     prompt = _read_prompt(args.prompt)
     if not isinstance(prompt, str):
         raise PromptError(f"prompt must be a string, got {type(prompt).__name__}")
+    tokenizer = None
+    if getattr(args, "embeddings", None) is not None:
+        from ..checkpoints.embeddings import counting_tokenizer
+        from ..text.tokenizer import CLIPTokenizer
+
+        tokenizer, folder = counting_tokenizer(CLIPTokenizer(), args.embeddings)
+        for name, entry in folder.skipped.items():
+            print(f"note: embedding {name} skipped: {entry['reason']}", file=sys.stderr)
     report = prompt_report(prompt, steps=args.steps, negative=args.negative, long_prompt=args.long_prompt,
-                           weights=not args.no_weights)
+                           weights=not args.no_weights, tokenizer=tokenizer)
     if args.json:
         print(json.dumps(report, ensure_ascii=False, indent=1))
     else:

@@ -61,6 +61,8 @@ class ServerState:
 
         self.loras = LoraLibrary(settings.lora_dirs)  # one library for every model (torch-free until used)
         pipeline_factory = _with_loras(pipeline_factory, self.loras)
+        if settings.embeddings_dir:
+            pipeline_factory = _with_embeddings(pipeline_factory, settings.embeddings_dir)
         self.worker = Worker(pipeline_factory, settings.queue_size, settings.shutdown_timeout)
         self._lock = threading.Lock()
         self.options = {"sd_model_checkpoint": settings.models[0].name,
@@ -87,7 +89,16 @@ class ServerState:
                 from .tokens import default_tokenizer
 
                 self._tokenizer = (self._tokenizer_factory or default_tokenizer)()
+                if self.settings.embeddings_dir:
+                    from .tokens import with_embeddings
+
+                    self._tokenizer = with_embeddings(self._tokenizer, self.settings.embeddings_dir)
             return self._tokenizer
+
+    def reset_tokenizer(self) -> None:
+        """Forget the tokenizer (after an embeddings refresh, so the counter sees the folder as it is now)."""
+        with self._lock:
+            self._tokenizer = None
 
     def options_snapshot(self) -> dict:
         with self._lock:
@@ -125,6 +136,79 @@ class ServerState:
             raise
         except Exception as exc:
             raise JobFailed(exc) from exc
+
+
+def _with_loras(factory: Callable, library) -> Callable:
+    """The pipeline factory, each model it loads sharing the server's LoRA library (``--loras DIR``)."""
+
+    def load(name: str):
+        pipe = factory(name)
+        if hasattr(pipe, "apply_loras"):
+            pipe.loras = library
+        return pipe
+
+    return load
+
+
+def _lora_routes(app: FastAPI, state: ServerState) -> None:
+    """A1111's ``GET /sdapi/v1/loras`` (``[{name, alias, path, metadata}]``, the path relative to its --loras
+    folder) and ``POST /sdapi/v1/refresh-loras`` (rescan the folders; answers null as A1111's does)."""
+
+    @app.get("/sdapi/v1/loras", tags=["a1111"])
+    async def loras() -> list[dict]:
+        return await run_in_threadpool(lambda: [e.describe() for e in state.loras.entries()])
+
+    @app.post("/sdapi/v1/refresh-loras", tags=["a1111"])
+    async def refresh_loras() -> None:
+        await run_in_threadpool(state.loras.refresh)
+        return None
+
+
+def _with_embeddings(factory: Callable, folder: str) -> Callable:
+    """The pipeline factory, plus loading the embeddings folder into each model it loads."""
+
+    def load(name: str):
+        pipe = factory(name)
+        if getattr(pipe, "text_encoder", None) is not None and hasattr(pipe, "load_embeddings"):
+            report = pipe.load_embeddings(folder)
+            logger.info("embeddings for %s: %d loaded, %d skipped", name, len(report.loaded), len(report.skipped))
+            for skipped, entry in report.skipped.items():
+                logger.info("embedding %s skipped: %s", skipped, entry.get("reason"))
+        return pipe
+
+    return load
+
+
+def _embeddings_info(pipe) -> dict:
+    info = getattr(pipe, "embeddings_info", None)
+    return info() if info is not None and getattr(pipe, "text_encoder", None) is not None else \
+        {"loaded": {}, "skipped": {}}
+
+
+def _embedding_routes(app: FastAPI, state: ServerState) -> None:
+    """A1111's ``GET /sdapi/v1/embeddings`` (the selected model's embeddings: ``{"loaded": {name: {step,
+    sd_checkpoint, sd_checkpoint_name, shape, vectors}}, "skipped": {name: {..., reason}}}``) and ``POST
+    /sdapi/v1/refresh-embeddings`` (rescan the --embeddings folder; answers with the same body). Both run in the
+    model worker, so a rescan never changes the embeddings under a running generation."""
+
+    @app.get("/sdapi/v1/embeddings", tags=["a1111"])
+    async def embeddings() -> dict:
+        model = state.options_snapshot()["sd_model_checkpoint"]
+        return await state.run("embeddings", model, lambda pipe, control: _embeddings_info(pipe), JobControl())
+
+    @app.post("/sdapi/v1/refresh-embeddings", tags=["a1111"])
+    async def refresh_embeddings() -> dict:
+        folder = state.settings.embeddings_dir
+        model = state.options_snapshot()["sd_model_checkpoint"]
+
+        def work(pipe, control):
+            if folder and getattr(pipe, "text_encoder", None) is not None and hasattr(pipe, "load_embeddings"):
+                pipe.load_embeddings(folder)
+            return _embeddings_info(pipe)
+
+        result = await state.run("refresh-embeddings", model, work, JobControl())
+        state.reset_tokenizer()
+        return result
 
 
 def _with_loras(factory: Callable, library) -> Callable:
@@ -250,6 +334,7 @@ def create_app(pipeline_factory: Callable[[str], Any], settings: ServerSettings 
     _install_error_handlers(app)
     _a1111_routes(app, state)
     _own_routes(app, state)
+    _embedding_routes(app, state)
     _lora_routes(app, state)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 

@@ -64,6 +64,9 @@ class ServerSettings:
     # A replacement text tower (--text-encoder FILE) for every listed model: Pipeline.replace_text_encoder. The
     # path never leaves the server; the generation notes name the file's base name.
     text_encoder: str | None = None
+    # A folder of textual-inversion embeddings (--embeddings DIR): loaded into every model when it loads, rescanned
+    # by POST /sdapi/v1/refresh-embeddings, counted by /api/tokenize.
+    embeddings_dir: str | None = None
     # Its window length (from the file's header at startup), so the token counter shows the capacity it has.
     text_positions: int = 77
 

@@ -22,6 +22,14 @@ def default_tokenizer():
     return CLIPTokenizer()
 
 
+def with_embeddings(tokenizer, folder):
+    """``tokenizer`` that also knows the embeddings of ``folder`` (names and vector counts only: safetensors
+    headers, pickles through the weights-only loader), so the counter counts each as its vectors."""
+    from ..checkpoints.embeddings import counting_tokenizer
+
+    return counting_tokenizer(tokenizer, folder)[0]
+
+
 def default_parse(text: str):
     from ..text.prompt import parse_prompt
 

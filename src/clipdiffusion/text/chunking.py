@@ -74,6 +74,9 @@ class TokenReport:
     dropped_tokens: int = 0
     dropped_text: str = ""
     notes: tuple = ()
+    # textual-inversion embeddings placed: ({"name", "vectors", "chunk", "position"}, ...), chunk 0-based, position
+    # the window position (1-based, after BOS) of the first vector; each counts `vectors` tokens
+    embeddings: tuple = ()
 
     def summary(self) -> str:
         """Counts per window, as A1111's token counter shows them: ``"75/75 | 12/75"``."""
@@ -88,6 +91,7 @@ class TokenReport:
             "dropped_tokens": self.dropped_tokens,
             "dropped_text": self.dropped_text,
             "notes": list(self.notes),
+            "embeddings": [dict(e) for e in self.embeddings],
         }
 
 
@@ -135,15 +139,40 @@ def _without_breaks(stream, strategy, notes) -> list:
     return pairs
 
 
-def truncate(stream, *, backtrack=20, stride=60) -> _Layout:
-    """The first 75 tokens, as diffusers and the original SD code do; the rest is dropped (and reported)."""
+def _units(pairs, spans) -> list:
+    """The stream in units: one ``(id, weight)`` pair, or an embedding's whole pseudo-id block (``spans``: first
+    id -> vectors), which no strategy but ``window`` ever splits."""
+    if not spans:
+        return [[p] for p in pairs]
+    units, i = [], 0
+    while i < len(pairs):
+        n = spans.get(pairs[i][0], 1)
+        units.append(pairs[i:i + n])
+        i += len(units[-1])
+    return units
+
+
+def _first_tokens(pairs, limit, spans) -> int:
+    """How many leading pairs fit in ``limit`` positions without cutting an embedding."""
+    taken = 0
+    for unit in _units(pairs, spans):
+        if taken + len(unit) > limit:
+            break
+        taken += len(unit)
+    return taken
+
+
+def truncate(stream, *, backtrack=20, stride=60, spans=None) -> _Layout:
+    """The first 75 tokens, as diffusers and the original SD code do; the rest is dropped (and reported). An
+    embedding that does not fit whole is dropped whole, with everything after it."""
     notes = []
     pairs = _without_breaks(stream, "truncate", notes)
-    windows = [_window(pairs[:CHUNK_TOKENS])]
-    return _Layout(windows, _all_rows(windows), [t for t, _ in pairs[CHUNK_TOKENS:]], notes)
+    kept = _first_tokens(pairs, CHUNK_TOKENS, spans)
+    windows = [_window(pairs[:kept])]
+    return _Layout(windows, _all_rows(windows), [t for t, _ in pairs[kept:]], notes)
 
 
-def chunk(stream, *, backtrack=20, stride=60) -> _Layout:
+def chunk(stream, *, backtrack=20, stride=60, spans=None) -> _Layout:
     """AUTOMATIC1111's chunking (``sd_hijack_clip.py: tokenize_line``, option ``comma_padding_backtrack``).
 
     A chunk closes when its 76th token arrives, so exactly 75 tokens make one chunk. If the chunk is full, the
@@ -151,6 +180,10 @@ def chunk(stream, *, backtrack=20, stride=60) -> _Layout:
     tokens after that comma move to the next chunk (``backtrack=0`` disables this). BREAK closes the current chunk,
     even an empty one, which then becomes an all-padding chunk (``"BREAK a"`` and ``"a BREAK BREAK b"`` give one),
     as in A1111. A trailing BREAK adds nothing. The empty prompt is one all-padding chunk.
+
+    An embedding of n vectors (``spans``) is never split: if the chunk's length + n exceeds 75, the chunk is
+    closed first (EOS-padded), as A1111 does. Comma backtracking moves an embedding's vectors with the other
+    tokens of the tail (A1111 leaves the embedding's vectors behind there, a bug: frontends doc 1.4).
     """
     chunks, current, last_comma = [], [], -1
 
@@ -159,7 +192,8 @@ def chunk(stream, *, backtrack=20, stride=60) -> _Layout:
         chunks.append(current)
         current, last_comma = [], -1
 
-    for token, weight in stream:
+    for unit in _units(stream, spans):
+        token, weight = unit[0]
         if token == BREAK_ID:
             close()
             continue
@@ -172,7 +206,9 @@ def chunk(stream, *, backtrack=20, stride=60) -> _Layout:
             current = tail
         if len(current) == CHUNK_TOKENS:
             close()
-        current.append((token, weight))
+        if len(unit) > 1 and len(current) + len(unit) > CHUNK_TOKENS:
+            close()  # an embedding is never split (A1111)
+        current.extend(unit)
     if current or not chunks:
         close()
     windows = [_window(c) for c in chunks]
@@ -187,7 +223,7 @@ def _window_starts(n: int, stride: int) -> list:
     return starts
 
 
-def window(stream, *, backtrack=20, stride=60) -> _Layout:
+def window(stream, *, backtrack=20, stride=60, spans=None) -> _Layout:
     """Sliding window: windows of 75 tokens starting every ``stride`` tokens (overlap ``75 - stride``).
 
     Merge rule: each token is taken from the window in which it has the most tokens before it, i.e. the earliest
@@ -199,6 +235,9 @@ def window(stream, *, backtrack=20, stride=60) -> _Layout:
     Output rows: BOS (first window), every token once in prompt order, EOS (last window, which has seen the end of
     the prompt), then rows of the empty prompt's encoding at the same positions up to a multiple of 77, so the
     result batches with other prompts. A prompt of up to 75 tokens gives exactly the ``chunk`` output.
+
+    Embeddings: a window may start inside an embedding's vectors (windows are cut by position); each vector is
+    still one output row, taken like any token from the earliest window that holds it.
     """
     notes = []
     pairs = _without_breaks(stream, "window", notes)
@@ -218,14 +257,15 @@ def window(stream, *, backtrack=20, stride=60) -> _Layout:
     return _Layout(windows, rows, [], notes)
 
 
-def stretch(stream, *, backtrack=20, stride=60) -> _Layout:
+def stretch(stream, *, backtrack=20, stride=60, spans=None) -> _Layout:
     """Experimental. Long-CLIP (arXiv 2403.15378): one window of 248 positions whose position table is stretched
     from the 77 learned ones (the text model gets ``position_embedding=stretch_position_embedding(...)``). Up to
     246 tokens; the rest is dropped and reported. The UNet was trained on 77-row contexts; results may suffer."""
     notes = []
     pairs = _without_breaks(stream, "stretch", notes)
-    windows = [_window(pairs[:STRETCH_TOKENS], STRETCH_POSITIONS)]
-    return _Layout(windows, _all_rows(windows), [t for t, _ in pairs[STRETCH_TOKENS:]], notes)
+    kept = _first_tokens(pairs, STRETCH_TOKENS, spans)  # an embedding that does not fit is dropped whole
+    windows = [_window(pairs[:kept], STRETCH_POSITIONS)]
+    return _Layout(windows, _all_rows(windows), [t for t, _ in pairs[kept:]], notes)
 
 
 # name -> strategy; feeds the CLI choices and the error message
@@ -278,14 +318,34 @@ def _first_words(tokenizer, tokens) -> str:
     return text + (" ..." if len(tokens) > REPORT_WORDS else "")
 
 
+def _embedding_uses(layout, spans, tokenizer) -> tuple:
+    """Each placed embedding once: the row that carries its first vector names the window and position."""
+    locate = getattr(tokenizer, "locate", None)
+    if not spans or locate is None:
+        return ()
+    uses = []
+    for w, p in layout.rows:
+        if w == EMPTY_WINDOW or not 1 <= p <= len(layout.windows[w].tokens):
+            continue
+        token = layout.windows[w].tokens[p - 1]
+        if token in spans:
+            embedding, _ = locate(token)
+            uses.append({"name": embedding.name, "vectors": spans[token], "chunk": w, "position": p})
+    return tuple(uses)
+
+
 def plan_stream(stream, tokenizer, strategy="chunk", *, backtrack=20, stride=60) -> Plan:
-    """Lay out a token stream with a named strategy and build its report (``tokenizer`` is used for decoding)."""
+    """Lay out a token stream with a named strategy and build its report (``tokenizer`` is used for decoding).
+
+    A tokenizer with ``embedding_spans`` (``text.embeddings.EmbeddingTokenizer``) marks textual-inversion
+    pseudo-id blocks, which the strategies keep whole (``window`` excepted) and the report lists."""
     check_strategy(strategy)
     if isinstance(backtrack, bool) or not isinstance(backtrack, int) or not 0 <= backtrack <= CHUNK_TOKENS - 1:
         raise PromptError(f"chunk_backtrack={backtrack!r} must be an integer in 0..{CHUNK_TOKENS - 1} (0 disables)")
     if isinstance(stride, bool) or not isinstance(stride, int) or not 1 <= stride <= CHUNK_TOKENS:
         raise PromptError(f"window_stride={stride!r} must be an integer in 1..{CHUNK_TOKENS}")
-    layout = LONG_PROMPT_STRATEGIES[strategy](stream, backtrack=backtrack, stride=stride)
+    spans = getattr(tokenizer, "embedding_spans", None) or None
+    layout = LONG_PROMPT_STRATEGIES[strategy](stream, backtrack=backtrack, stride=stride, spans=spans)
     capacity = layout.windows[0].positions - 2
     chunks = tuple(ChunkInfo(len(w.tokens), capacity, _first_words(tokenizer, w.tokens)) for w in layout.windows)
     total = sum(1 for t, _ in stream if t != BREAK_ID)
@@ -293,7 +353,8 @@ def plan_stream(stream, tokenizer, strategy="chunk", *, backtrack=20, stride=60)
     notes = list(layout.notes)
     if layout.dropped:
         notes.append(f"{len(layout.dropped)} of {total} tokens dropped by long_prompt={strategy!r}: {dropped_text!r}")
-    report = TokenReport(strategy, chunks, total, len(layout.dropped), dropped_text, tuple(notes))
+    report = TokenReport(strategy, chunks, total, len(layout.dropped), dropped_text, tuple(notes),
+                         _embedding_uses(layout, spans, tokenizer))
     return Plan(tuple(layout.windows), tuple(layout.rows), report)
 
 

@@ -22,6 +22,7 @@ from .chunking import (
     check_strategy,
     plan_prompt,
 )
+from .embeddings import VOCAB_SIZE, Embedding, EmbeddingRegistry
 from .weighting import WEIGHTINGS
 
 DEFAULT_WINDOW_STRIDE = 60  # 15 tokens of overlap: the first tokens of a window see a phrase of context
@@ -158,6 +159,8 @@ class TextEncoder:
         self.encoders = encoders
         self._tokenizer = tokenizer
         self._parse = parse
+        # textual-inversion embeddings (text/embeddings.py); replaced, never mutated, so a plan keeps its snapshot
+        self.embeddings = EmbeddingRegistry()
 
     @property
     def tokenizer(self):
@@ -166,6 +169,44 @@ class TextEncoder:
 
             self._tokenizer = CLIPTokenizer()
         return self._tokenizer
+
+    @property
+    def prompt_tokenizer(self):
+        """The tokenizer prompts are planned with: ``tokenizer`` plus the registered embeddings' names."""
+        return self.embeddings.wrap(self.tokenizer)
+
+    def add_embedding(self, embedding: Embedding):
+        """Register a textual-inversion embedding (``embedding.tensors``: one ``[vectors, width]`` tensor per
+        tower, in tower order). Returns the name it replaced (same name, or a name with the same token ids), or
+        None. Shapes and values are checked here against the towers."""
+        tensors = tuple(embedding.tensors)
+        where = embedding.source or embedding.name
+        if len(tensors) != len(self.encoders):
+            towers = ", ".join(f"{e.name} ({e.model.config.width})" for e in self.encoders)
+            raise ClipDiffusionError(f"embedding {where}: has {len(tensors)} tensor(s) but this {self.family} model "
+                                     f"has {len(self.encoders)} text tower(s): {towers}")
+        checked = []
+        for spec, t in zip(self.encoders, tensors):
+            width = spec.model.config.width
+            if not torch.is_tensor(t) or t.dim() != 2 or t.shape[0] != embedding.vectors or t.shape[1] != width:
+                got = tuple(t.shape) if torch.is_tensor(t) else type(t).__name__
+                raise ClipDiffusionError(f"embedding {where}: the {spec.name} tensor is {got}, but this model's "
+                                         f"{spec.name} tower needs [{embedding.vectors}, {width}]")
+            if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
+                raise ClipDiffusionError(f"embedding {where}: the {spec.name} vectors are not finite floats")
+            checked.append(t.detach())
+        import dataclasses
+
+        embedding = dataclasses.replace(embedding, tensors=tuple(checked),
+                                        widths=tuple(e.model.config.width for e in self.encoders))
+        self.embeddings, replaced = self.embeddings.with_embedding(embedding, self.tokenizer)
+        return replaced
+
+    def remove_embedding(self, name: str) -> None:
+        self.embeddings = self.embeddings.without(name)
+
+    def clear_embeddings(self) -> None:
+        self.embeddings = EmbeddingRegistry()
 
     def parse(self, text):
         if self._parse is None:
@@ -192,8 +233,10 @@ class TextEncoder:
         return self
 
     def plan(self, prompt, long_prompt="chunk", weighting="a1111", *, chunk_backtrack=DEFAULT_CHUNK_BACKTRACK,
-             window_stride=DEFAULT_WINDOW_STRIDE, field_name="prompt"):
-        """Parse and lay out one prompt (no torch work): the :class:`chunking.Plan` that ``encode`` would use."""
+             window_stride=DEFAULT_WINDOW_STRIDE, field_name="prompt", embeddings=None):
+        """Parse and lay out one prompt (no torch work): the :class:`chunking.Plan` that ``encode`` would use.
+        ``embeddings``: the registry snapshot to plan with (default: the current one)."""
+        tokenizer = (self.embeddings if embeddings is None else embeddings).wrap(self.tokenizer)
         check_prompt_text(field_name, prompt)
         _check_choice("weighting", weighting, WEIGHTINGS)
         if weighting == "none":
@@ -205,7 +248,7 @@ class TextEncoder:
         if weighting == "ignore":
             # A1111's "Ignore": brackets are parsed away, their weights ignored; BREAK keeps its marker weight
             segments = [(t, w if (t == "BREAK" and w == -1.0) else 1.0) for t, w in segments]
-        return plan_prompt(segments, self.tokenizer, long_prompt, backtrack=chunk_backtrack, stride=window_stride)
+        return plan_prompt(segments, tokenizer, long_prompt, backtrack=chunk_backtrack, stride=window_stride)
 
     def _layer_skips(self, clip_skip) -> list:
         """Per tower, the clip skip to run it at (``None``: each tower's family default)."""
@@ -294,10 +337,12 @@ class TextEncoder:
         _check_choice("weighting", weighting, WEIGHTINGS)
         skips = self._layer_skips(clip_skip)
         zero_negative = self.record.zero_empty_negative and negative_texts == [""]
-        plans = {t: self.plan(t, long_prompt, weighting, **options) for t in texts}
+        registry = self.embeddings  # one snapshot for planning and the extra tables
+        plans = {t: self.plan(t, long_prompt, weighting, embeddings=registry, **options) for t in texts}
         for t in negative_texts:
             if t not in plans:
-                plans[t] = self.plan(t, long_prompt, weighting, field_name="negative_prompt", **options)
+                plans[t] = self.plan(t, long_prompt, weighting, field_name="negative_prompt", embeddings=registry,
+                                     **options)
         encoded = [t for t in plans if t in texts or not zero_negative]
         order = [plans[t] for t in encoded]
         longest = max((len(p.rows) for p in plans.values()), default=0)
@@ -306,7 +351,7 @@ class TextEncoder:
             or (weighting == "comfy" and any(w != 1.0 for p in order for win in p.windows for w in win.weights))
             or (pad and any(len(p.rows) < longest for p in order))
         )
-        contexts, empty_rows, pooled = self._encode_plans(order, skips, weighting, need_empty)
+        contexts, empty_rows, pooled = self._encode_plans(order, skips, weighting, need_empty, registry)
         done = {t: EncodedText(c, None if pooled is None else pooled[i:i + 1], plans[t])
                 for i, (t, c) in enumerate(zip(encoded, contexts))}
         negatives, notes = {}, []
@@ -319,7 +364,7 @@ class TextEncoder:
                 negatives[t] = done[t]
         return EncodedTexts({t: done[t] for t in texts}, negatives, tuple(notes)), empty_rows
 
-    def _encode_plans(self, plans, skips, weighting, need_empty):
+    def _encode_plans(self, plans, skips, weighting, need_empty, registry=None):
         """Every window of every plan (and the empty prompt when needed) through each tower in one batch, weighted
         and assembled: contexts [1, T, D_total] per plan, the empty prompt's rows [1, P, D_total] | None, and the
         pooled vectors of each plan's first window [len(plans), P'] (SDXL) | None."""
@@ -329,7 +374,7 @@ class TextEncoder:
         per_tower, empties, pooled = [], [], None
         for index, (spec, skip) in enumerate(zip(self.encoders, skips)):
             want_pooled = self.record.pooled and index == len(self.encoders) - 1  # SDXL: bigG
-            out = self._run(spec, skip, windows, positions, want_pooled)
+            out = self._run(spec, skip, windows, positions, want_pooled, registry, index)
             empty = out.hidden[-1] if need_empty else None  # (P, D)
             tower = []
             for first, plan in zip(firsts, plans):
@@ -344,7 +389,7 @@ class TextEncoder:
         empty_rows = torch.cat(empties, dim=-1)[None] if need_empty else None  # (1, P, D_total)
         return contexts, empty_rows, pooled
 
-    def _run(self, spec, clip_skip, windows, positions, pooled):
+    def _run(self, spec, clip_skip, windows, positions, pooled, registry=None, tower=0):
         """All windows through one tower in a single batch: hidden [N, P, D] and pooled [N, P'] | None.
 
         ``stretch`` stretches the learned 77-row position table; a tower that already has 248 positions (a
@@ -356,9 +401,27 @@ class TextEncoder:
 
             table = stretch_position_embedding(model.embeddings.position_embedding.weight.detach())
         ids = torch.tensor([w.ids(spec.pad_id) for w in windows], dtype=torch.long)  # (N, P)
+        extra = None
+        if registry and bool((ids >= VOCAB_SIZE).any()):
+            extra = _extra_table(registry, tower, model)
+            if model.config.vocab_size != VOCAB_SIZE:  # pseudo ids follow the model's own vocabulary
+                ids = torch.where(ids >= VOCAB_SIZE, ids - VOCAB_SIZE + model.config.vocab_size, ids)
         with torch.no_grad():
             return model(ids, clip_skip=clip_skip, final_norm=spec.final_norm, pooled=pooled,
-                         position_embedding=table)
+                         position_embedding=table, extra_embeddings=extra)
+
+def _extra_table(registry, tower, model):
+    """The registry's vectors for one tower, in pseudo-id order, on the model's device and dtype (cached on the
+    registry snapshot)."""
+    weight = model.embeddings.token_embedding.weight
+    key = (tower, str(weight.device), str(weight.dtype))
+    table = registry.cache.get(key)
+    if table is None:
+        table = torch.cat([e.tensors[tower] for e in registry.embeddings]).to(device=weight.device,
+                                                                               dtype=weight.dtype)
+        registry.cache[key] = table
+    return table
+
 
 
 def _assemble(z, empty, rows):
