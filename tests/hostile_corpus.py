@@ -269,6 +269,10 @@ def build(root) -> list[Case]:
            mention="clipdiffusion.unet_config")
     edited("meta-family-unknown.safetensors", meta_set("clipdiffusion.family", "sd9"), mention="sd9")
     edited("meta-prediction-unknown.safetensors", meta_set("clipdiffusion.prediction", "x0"), mention="x0")
+    # a text tower with too few positions for a CLIP window (77..1024: CLIP 77, Long-CLIP 248), read from the weights
+    short = files / "text-positions-20.safetensors"
+    _with_tensors(single, short, _cut_positions(20), drop_meta=("clipdiffusion.text_configs",))
+    cases.append(Case(short.name, short, mention="20 positions"))
     # 4. non-finite weights: well-formed files that would draw a black image
     nan, inf = float("nan"), float("inf")
     edited("nan-one-unet-element.safetensors", lambda h, d: _poison(h, d, unet_key, nan), kind="nonfinite",
@@ -319,6 +323,25 @@ def build(root) -> list[Case]:
     # 7. diffusers folders
     cases += _folder_cases(folder, root / "folders")
     return cases
+
+
+def _with_tensors(src: Path, dst: Path, edit, *, drop_meta=()) -> Path:
+    """Copy a safetensors file through the tensor reader and writer, letting ``edit(tensors)`` change it."""
+    from clipdiffusion.checkpoints.safetensors_io import load_file, read_header, save_file
+
+    tensors = load_file(src)
+    edit(tensors)
+    metadata = {k: v for k, v in read_header(src).metadata.items() if k not in drop_meta}
+    save_file(tensors, dst, metadata)
+    return dst
+
+
+def _cut_positions(rows: int):
+    def edit(tensors):
+        key = next(k for k in tensors if k.endswith("position_embedding.weight") and k.startswith("cond_stage_model."))
+        tensors[key] = tensors[key][:rows].clone()
+
+    return edit
 
 
 def _poison_all(header, data, prefix):

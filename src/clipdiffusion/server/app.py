@@ -458,7 +458,8 @@ def _own_routes(app: FastAPI, state: ServerState) -> None:
         from .tokens import token_report
 
         return await run_in_threadpool(lambda: token_report(req.prompt, req.long_prompt, state.tokenizer(),
-                                                            steps=req.steps, negative=req.negative))
+                                                            steps=req.steps, negative=req.negative,
+                                                            positions=settings.text_positions))
 
     @app.post("/api/encode", tags=["clipdiffusion"])
     async def encode(req: EncodeRequest) -> dict:

@@ -39,8 +39,9 @@ def default_parse(text: str):
 DEFAULT_STEPS = 20
 
 
-def _count(text, strategy, tokenizer, parse, chunking) -> dict:
-    report = chunking.plan_stream(chunking.tokenize_segments(parse(text), tokenizer), tokenizer, strategy).report
+def _count(text, strategy, tokenizer, parse, chunking, positions=77) -> dict:
+    report = chunking.plan_stream(chunking.tokenize_segments(parse(text), tokenizer), tokenizer, strategy,
+                                  positions=positions).report
     chunks = report.chunks
     # A1111's number: every closed chunk counts in full, the last one its tokens
     count = sum(c.capacity for c in chunks[:-1]) + chunks[-1].tokens if chunks else 0
@@ -49,23 +50,24 @@ def _count(text, strategy, tokenizer, parse, chunking) -> dict:
 
 
 def token_report(prompt: str, strategy: str, tokenizer, parse=default_parse, *, steps: int = DEFAULT_STEPS,
-                 negative: bool = False) -> dict:
+                 negative: bool = False, positions: int = 77) -> dict:
     """For the *headline* text (the schedule text with the most tokens; a plain prompt's is the prompt itself):
     `TokenReport.to_dict()` plus `tokens`, one entry per token (BREAK included, as a marker) with its text, weight
     and the chunk that carries it (None when the strategy drops it). Plus the prompt language, as
     `schedule.counted_program` gives it: `steps`, `negative`, `text` (the prompt without tags), `texts` (each
     distinct text once, with its `summary` and counts), `headline` (its index there), `schedule` (`part`, `start`,
     `end`, `text_index` per entry), `parts` (`text`, `weight`) and `networks` (each tag with its `status`);
-    `notes` has the headline's chunking notes, then the prompt language's."""
+    `notes` has the headline's chunking notes, then the prompt language's. `positions`: the text encoder's
+    window length (77; a Long-CLIP tower's 248, `ServerSettings.text_positions`)."""
     from ..text.schedule import counted_program, plan_prompt
 
     chunking = _chunking()
     chunking.check_prompt_text("prompt", prompt)
     chunking.check_strategy(strategy)
     program = plan_prompt(prompt, steps, negative=negative)
-    info = counted_program(program, lambda text: _count(text, strategy, tokenizer, parse, chunking))
+    info = counted_program(program, lambda text: _count(text, strategy, tokenizer, parse, chunking, positions))
     stream = chunking.tokenize_segments(parse(info["texts"][info["headline"]]["text"]), tokenizer)
-    plan = chunking.plan_stream(stream, tokenizer, strategy)
+    plan = chunking.plan_stream(stream, tokenizer, strategy, positions=positions)
     report = plan.report.to_dict()
     report["tokens"] = _token_view(stream, plan, tokenizer, chunking)
     report["notes"] += info.pop("notes")

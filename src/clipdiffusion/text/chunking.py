@@ -10,6 +10,10 @@ strategy decides how the token stream is laid out in windows:
 - ``window``: overlapping 75-token windows; every token appears once in the output (see :func:`window`).
 - ``stretch`` (experimental): Long-CLIP's stretched position table, one window of 248 positions (246 tokens).
 
+The window length is the text encoder's (``positions``, default 77; ``TextEncoder.positions`` passes its towers'
+own): a Long-CLIP tower has 248, so ``chunk`` then makes windows of 246 tokens and ``stretch`` is one window of
+its own table (no interpolation; ``max(positions, 248)`` positions).
+
 A window is ``[BOS, tokens..., EOS, pad...]``. The pad id depends on the encoder (EOS for CLIP-L, 0 for OpenCLIP),
 so a window stores only its content and :meth:`Window.ids` lays it out for a given pad id. The same plan can
 therefore feed both SDXL encoders. BOS, EOS and padding positions always have weight 1.0.
@@ -29,6 +33,7 @@ CHUNK_TOKENS = 75
 CHUNK_POSITIONS = CHUNK_TOKENS + 2
 STRETCH_POSITIONS = 248  # Long-CLIP: 4*77 - 3*20
 STRETCH_TOKENS = STRETCH_POSITIONS - 2
+MAX_POSITIONS = 1024  # the longest window a text encoder may have (checkpoints/text_encoders.MAX_TEXT_POSITIONS)
 # A prompt longer than this is a mistake (a pasted file), not a prompt: 10,000 tokens are 134 CLIP chunks.
 MAX_PROMPT_TOKENS = 10_000
 # Checked before tokenizing so that a megabyte of text is rejected without spending seconds on BPE.
@@ -162,17 +167,17 @@ def _first_tokens(pairs, limit, spans) -> int:
     return taken
 
 
-def truncate(stream, *, backtrack=20, stride=60, spans=None) -> _Layout:
+def truncate(stream, *, backtrack=20, stride=60, spans=None, positions=CHUNK_POSITIONS) -> _Layout:
     """The first 75 tokens, as diffusers and the original SD code do; the rest is dropped (and reported). An
     embedding that does not fit whole is dropped whole, with everything after it."""
     notes = []
     pairs = _without_breaks(stream, "truncate", notes)
-    kept = _first_tokens(pairs, CHUNK_TOKENS, spans)
-    windows = [_window(pairs[:kept])]
+    kept = _first_tokens(pairs, positions - 2, spans)
+    windows = [_window(pairs[:kept], positions)]
     return _Layout(windows, _all_rows(windows), [t for t, _ in pairs[kept:]], notes)
 
 
-def chunk(stream, *, backtrack=20, stride=60, spans=None) -> _Layout:
+def chunk(stream, *, backtrack=20, stride=60, spans=None, positions=CHUNK_POSITIONS) -> _Layout:
     """AUTOMATIC1111's chunking (``sd_hijack_clip.py: tokenize_line``, option ``comma_padding_backtrack``).
 
     A chunk closes when its 76th token arrives, so exactly 75 tokens make one chunk. If the chunk is full, the
@@ -186,6 +191,7 @@ def chunk(stream, *, backtrack=20, stride=60, spans=None) -> _Layout:
     tokens of the tail (A1111 leaves the embedding's vectors behind there, a bug: frontends doc 1.4).
     """
     chunks, current, last_comma = [], [], -1
+    size = positions - 2  # 75 tokens for CLIP; 246 for a Long-CLIP tower
 
     def close():
         nonlocal current, last_comma
@@ -199,31 +205,31 @@ def chunk(stream, *, backtrack=20, stride=60, spans=None) -> _Layout:
             continue
         if token == COMMA_ID:
             last_comma = len(current)
-        elif backtrack and len(current) == CHUNK_TOKENS and last_comma != -1 and CHUNK_TOKENS - last_comma <= backtrack:
+        elif backtrack and len(current) == size and last_comma != -1 and size - last_comma <= backtrack:
             tail = current[last_comma + 1:]
             current = current[:last_comma + 1]
             close()
             current = tail
-        if len(current) == CHUNK_TOKENS:
+        if len(current) == size:
             close()
-        if len(unit) > 1 and len(current) + len(unit) > CHUNK_TOKENS:
+        if len(unit) > 1 and len(current) + len(unit) > size:
             close()  # an embedding is never split (A1111)
         current.extend(unit)
     if current or not chunks:
         close()
-    windows = [_window(c) for c in chunks]
+    windows = [_window(c, positions) for c in chunks]
     return _Layout(windows, _all_rows(windows), [], [])
 
 
-def _window_starts(n: int, stride: int) -> list:
+def _window_starts(n: int, stride: int, size: int = CHUNK_TOKENS) -> list:
     starts = [0]
-    while starts[-1] + CHUNK_TOKENS < n:
+    while starts[-1] + size < n:
         # the last window is aligned to the end so it is full and its tokens get the most context
-        starts.append(min(starts[-1] + stride, n - CHUNK_TOKENS))
+        starts.append(min(starts[-1] + stride, n - size))
     return starts
 
 
-def window(stream, *, backtrack=20, stride=60, spans=None) -> _Layout:
+def window(stream, *, backtrack=20, stride=60, spans=None, positions=CHUNK_POSITIONS) -> _Layout:
     """Sliding window: windows of 75 tokens starting every ``stride`` tokens (overlap ``75 - stride``).
 
     Merge rule: each token is taken from the window in which it has the most tokens before it, i.e. the earliest
@@ -241,30 +247,33 @@ def window(stream, *, backtrack=20, stride=60, spans=None) -> _Layout:
     """
     notes = []
     pairs = _without_breaks(stream, "window", notes)
-    if len(pairs) <= CHUNK_TOKENS:
-        windows = [_window(pairs)]
+    size = positions - 2
+    if len(pairs) <= size:
+        windows = [_window(pairs, positions)]
         return _Layout(windows, _all_rows(windows), [], notes)
-    starts = _window_starts(len(pairs), stride)
-    windows = [_window(pairs[s:s + CHUNK_TOKENS]) for s in starts]
+    starts = _window_starts(len(pairs), stride, size)
+    windows = [_window(pairs[s:s + size], positions) for s in starts]
     rows, covered = [(0, 0)], 0
     for w, start in enumerate(starts):
         # tokens before `covered` already came from an earlier window, where they had more context
-        rows += [(w, 1 + i - start) for i in range(covered, start + CHUNK_TOKENS)]
-        covered = start + CHUNK_TOKENS
-    rows.append((len(windows) - 1, CHUNK_TOKENS + 1))
-    total = math.ceil(len(rows) / CHUNK_POSITIONS) * CHUNK_POSITIONS
-    rows += [(EMPTY_WINDOW, r % CHUNK_POSITIONS) for r in range(len(rows), total)]
+        rows += [(w, 1 + i - start) for i in range(covered, start + size)]
+        covered = start + size
+    rows.append((len(windows) - 1, size + 1))
+    total = math.ceil(len(rows) / positions) * positions
+    rows += [(EMPTY_WINDOW, r % positions) for r in range(len(rows), total)]
     return _Layout(windows, rows, [], notes)
 
 
-def stretch(stream, *, backtrack=20, stride=60, spans=None) -> _Layout:
+def stretch(stream, *, backtrack=20, stride=60, spans=None, positions=CHUNK_POSITIONS) -> _Layout:
     """Experimental. Long-CLIP (arXiv 2403.15378): one window of 248 positions whose position table is stretched
     from the 77 learned ones (the text model gets ``position_embedding=stretch_position_embedding(...)``). Up to
-    246 tokens; the rest is dropped and reported. The UNet was trained on 77-row contexts; results may suffer."""
+    246 tokens; the rest is dropped and reported. The UNet was trained on 77-row contexts; results may suffer.
+    An encoder with 248 or more positions of its own (Long-CLIP) gets one window of its own length, unstretched."""
     notes = []
     pairs = _without_breaks(stream, "stretch", notes)
-    kept = _first_tokens(pairs, STRETCH_TOKENS, spans)  # an embedding that does not fit is dropped whole
-    windows = [_window(pairs[:kept], STRETCH_POSITIONS)]
+    length = max(positions, STRETCH_POSITIONS)
+    kept = _first_tokens(pairs, length - 2, spans)  # an embedding that does not fit is dropped whole
+    windows = [_window(pairs[:kept], length)]
     return _Layout(windows, _all_rows(windows), [t for t, _ in pairs[kept:]], notes)
 
 
@@ -334,7 +343,7 @@ def _embedding_uses(layout, spans, tokenizer) -> tuple:
     return tuple(uses)
 
 
-def plan_stream(stream, tokenizer, strategy="chunk", *, backtrack=20, stride=60) -> Plan:
+def plan_stream(stream, tokenizer, strategy="chunk", *, backtrack=20, stride=60, positions=CHUNK_POSITIONS) -> Plan:
     """Lay out a token stream with a named strategy and build its report (``tokenizer`` is used for decoding).
 
     A tokenizer with ``embedding_spans`` (``text.embeddings.EmbeddingTokenizer``) marks textual-inversion
@@ -342,10 +351,15 @@ def plan_stream(stream, tokenizer, strategy="chunk", *, backtrack=20, stride=60)
     check_strategy(strategy)
     if isinstance(backtrack, bool) or not isinstance(backtrack, int) or not 0 <= backtrack <= CHUNK_TOKENS - 1:
         raise PromptError(f"chunk_backtrack={backtrack!r} must be an integer in 0..{CHUNK_TOKENS - 1} (0 disables)")
-    if isinstance(stride, bool) or not isinstance(stride, int) or not 1 <= stride <= CHUNK_TOKENS:
-        raise PromptError(f"window_stride={stride!r} must be an integer in 1..{CHUNK_TOKENS}")
+    if isinstance(positions, bool) or not isinstance(positions, int) or not 3 <= positions <= MAX_POSITIONS:
+        raise PromptError(f"positions={positions!r} (the text encoder's window length) must be an integer in "
+                          f"3..{MAX_POSITIONS}")
+    if isinstance(stride, bool) or not isinstance(stride, int) or not 1 <= stride <= positions - 2:
+        raise PromptError(f"window_stride={stride!r} must be an integer in 1..{positions - 2}")
     spans = getattr(tokenizer, "embedding_spans", None) or None
-    layout = LONG_PROMPT_STRATEGIES[strategy](stream, backtrack=backtrack, stride=stride, spans=spans)
+    # the window length goes only to strategies that need another than CLIP's 77 (an older strategy knows 77 only)
+    sized = {} if positions == CHUNK_POSITIONS else {"positions": positions}
+    layout = LONG_PROMPT_STRATEGIES[strategy](stream, backtrack=backtrack, stride=stride, spans=spans, **sized)
     capacity = layout.windows[0].positions - 2
     chunks = tuple(ChunkInfo(len(w.tokens), capacity, _first_words(tokenizer, w.tokens)) for w in layout.windows)
     total = sum(1 for t, _ in stream if t != BREAK_ID)
@@ -358,7 +372,9 @@ def plan_stream(stream, tokenizer, strategy="chunk", *, backtrack=20, stride=60)
     return Plan(tuple(layout.windows), tuple(layout.rows), report)
 
 
-def plan_prompt(segments, tokenizer, strategy="chunk", *, backtrack=20, stride=60) -> Plan:
-    """``parse_prompt`` output -> :class:`Plan`. See the module docstring for the strategies."""
+def plan_prompt(segments, tokenizer, strategy="chunk", *, backtrack=20, stride=60,
+                positions=CHUNK_POSITIONS) -> Plan:  # fmt: skip
+    """``parse_prompt`` output -> :class:`Plan`. See the module docstring for the strategies; ``positions`` is
+    the text encoder's window length (77 for CLIP, 248 for Long-CLIP)."""
     stream = tokenize_segments(segments, tokenizer)
-    return plan_stream(stream, tokenizer, strategy, backtrack=backtrack, stride=stride)
+    return plan_stream(stream, tokenizer, strategy, backtrack=backtrack, stride=stride, positions=positions)

@@ -14,7 +14,6 @@ from ..errors import ClipDiffusionError
 from ..families import get_family
 from .chunking import (
     EMPTY_WINDOW,
-    STRETCH_POSITIONS,
     Plan,
     TokenReport,
     Window,
@@ -227,6 +226,12 @@ class TextEncoder:
     def default_clip_skip(self) -> int:
         return self.encoders[0].default_clip_skip
 
+    @property
+    def positions(self) -> int:
+        """The window length prompts are planned in: the towers' position count (CLIP 77; a Long-CLIP tower 248,
+        whose windows then hold 246 tokens). ``stretch`` uses ``max(positions, 248)``."""
+        return min(e.model.config.max_positions for e in self.encoders)
+
     def to(self, device=None, dtype=None) -> "TextEncoder":
         for spec in self.encoders:
             spec.model.to(device=device, dtype=dtype)
@@ -248,7 +253,8 @@ class TextEncoder:
         if weighting == "ignore":
             # A1111's "Ignore": brackets are parsed away, their weights ignored; BREAK keeps its marker weight
             segments = [(t, w if (t == "BREAK" and w == -1.0) else 1.0) for t, w in segments]
-        return plan_prompt(segments, tokenizer, long_prompt, backtrack=chunk_backtrack, stride=window_stride)
+        return plan_prompt(segments, tokenizer, long_prompt, backtrack=chunk_backtrack, stride=window_stride,
+                           positions=self.positions)
 
     def _layer_skips(self, clip_skip) -> list:
         """Per tower, the clip skip to run it at (``None``: each tower's family default)."""
@@ -396,10 +402,13 @@ class TextEncoder:
         converted Long-CLIP, ``max_position_embeddings: 248``) uses its own table."""
         model = spec.model
         table = None
-        if positions == STRETCH_POSITIONS and model.config.max_positions < STRETCH_POSITIONS:
+        if positions > model.config.max_positions:  # stretch on a tower shorter than its window
             from .clip import stretch_position_embedding
 
-            table = stretch_position_embedding(model.embeddings.position_embedding.weight.detach())
+            table = stretch_position_embedding(model.embeddings.position_embedding.weight.detach())[:positions]
+            if table.shape[0] < positions:
+                raise ClipDiffusionError(f"long_prompt='stretch' needs {positions} positions; the {spec.name} "
+                                         f"tower's {model.config.max_positions} stretch to {table.shape[0]} only")
         ids = torch.tensor([w.ids(spec.pad_id) for w in windows], dtype=torch.long)  # (N, P)
         extra = None
         if registry and bool((ids >= VOCAB_SIZE).any()):
