@@ -412,8 +412,13 @@ def test_standalone_text_encoder_folder_with_hostile_config_or_dtypes(sources, t
 
     folder = folder_copy(sources[1], tmp_path / "f") / "text_encoder"
     (folder / "config.json").unlink()
-    (folder / "config.json").write_text("[" * 100_000 + "]" * 100_000)  # only hidden_act is read from it: ignored
-    assert load_text_encoder(folder).family == "sd1"
+    # the config beside the weights gives activation, heads, eps and positions: an unreadable one is refused, by name
+    (folder / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    refused(lambda: load_text_encoder(folder), str(folder / "config.json"), "unreadable")
+    (folder / "config.json").write_text(json.dumps({"num_attention_heads": "12", "hidden_act": "gelu"}))
+    refused(lambda: load_text_encoder(folder), "num_attention_heads='12'")
+    (folder / "config.json").write_text(json.dumps({"text_config": {"hidden_act": "gelu"}}))  # a CLIPModel's
+    assert load_text_encoder(folder).encoders[0].model.config.activation == "gelu"
     weights = folder / "model.safetensors"
     weights.unlink()
     retyped(sources[1] / "text_encoder" / "model.safetensors", weights, "text_model.final_layer_norm.bias",
