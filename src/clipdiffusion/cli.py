@@ -18,6 +18,8 @@ COMMANDS = {
     "serve": ("clipdiffusion.commands.serve", "run the HTTP API and web page"),
     "train-tiny": ("clipdiffusion.commands.train_tiny", "train the embedded tiny model from scratch"),
     "eval": ("clipdiffusion.commands.eval", "measure prompt adherence of a model on the synthetic world"),
+    "train-embedding": ("clipdiffusion.commands.train_embedding",
+                        "learn a new word (textual-inversion embedding) with the model frozen"),
 }
 
 

@@ -116,10 +116,18 @@ def _open_image(raw: bytes, field_name: str, text: Any, max_pixels: int | None):
 def decode_image(text: Any, field_name: str, max_pixels: int, *, load: bool = True):
     """A base64 image (optionally a data: URL) -> RGB PIL image, or RequestError naming the field. The declared
     size is checked before any pixel is decoded. `load=False` validates the header only (returns None)."""
+    return decode_image_bytes(_b64_payload(text, field_name), field_name, max_pixels, load=load, shown=text)
+
+
+def decode_image_bytes(raw: bytes, field_name: str, max_pixels: int, *, load: bool = True, shown: Any = None):
+    """An image file's bytes -> RGB PIL image with the upload checks of `decode_image` (the formats clients send,
+    the declared size against `max_pixels` before any pixel is decoded, PNG text chunks never inflated), or
+    RequestError naming `field_name` and `shown` (default: the field's bytes, cut short). `load=False` validates
+    the header only (returns None). For image files on disk (``train-embedding --images``)."""
     from PIL import Image
 
-    raw = _without_png_text(_b64_payload(text, field_name))
-    image = _open_image(raw, field_name, text, max_pixels)
+    shown = raw[:40] if shown is None else shown
+    image = _open_image(_without_png_text(raw), field_name, shown, max_pixels)
     if not load:
         return None
     try:
@@ -127,7 +135,7 @@ def decode_image(text: Any, field_name: str, max_pixels: int, *, load: bool = Tr
         return image.convert("RGB")
     except (OSError, ValueError, SyntaxError, MemoryError, Image.DecompressionBombError,
             Image.DecompressionBombWarning) as exc:
-        raise RequestError(field_name, text, f"not a readable image ({type(exc).__name__})") from None
+        raise RequestError(field_name, shown, f"not a readable image ({type(exc).__name__})") from None
 
 
 def _inflate(data: bytes, budget: int, field_name: str, key: str) -> bytes:
