@@ -188,7 +188,7 @@ def test_bad_input(tok):
         chunking.check_prompt_text("prompt", 3)
     with pytest.raises(PromptError, match="characters"):
         chunking.check_prompt_text("negative_prompt", "x" * (chunking.MAX_PROMPT_CHARS + 1))
-    assert set(LONG_PROMPT_STRATEGIES) == {"truncate", "chunk", "window", "stretch"}
+    assert set(LONG_PROMPT_STRATEGIES) == {"truncate", "chunk", "window", "stretch", "summarize"}
     assert BREAK_ID < 0
 
 

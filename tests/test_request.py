@@ -71,7 +71,8 @@ def test_limits_and_choices_agree_with_the_engine():
     assert LIMITS.seed_limit == pipeline.SEED_LIMIT == 2**64
     assert LIMITS.max_prompt_chars == prompt.MAX_PROMPT_CHARS == chunking.MAX_PROMPT_CHARS
     assert WEIGHTINGS == tuple(conditioning.WEIGHTINGS)
-    assert LONG_PROMPTS == tuple(chunking.LONG_PROMPT_STRATEGIES) == ("truncate", "chunk", "window", "stretch")
+    assert LONG_PROMPTS == tuple(chunking.LONG_PROMPT_STRATEGIES) == ("truncate", "chunk", "window", "stretch",
+                                                                      "summarize")
 
 
 def test_frozen_hashable_and_images_compare_by_identity():

@@ -87,13 +87,13 @@ def test_near_duplicates_by_token_overlap_without_encoder():
 
 def test_a_long_segment_is_cut_but_embedding_vectors_stay_together():
     s = [(320, 1.0)] * 74 + [(49408, 1.2), (49409, 1.2)] + [(321, 1.0)] * 10
-    segments, notes = split_segments(s, 75)
+    segments, notes = split_segments(s, 75, {49408: 2})
     assert all(len(x) <= 75 for x in segments)
     for x in segments:  # both vectors in one piece
         ids = [t for t, _ in x.tokens]
         assert (49408 in ids) == (49409 in ids)
     assert notes
-    out = summarize(s, 75)
+    out = summarize(s, 75, spans={49408: 2})
     assert len(out.stream) <= 75
 
 
@@ -101,3 +101,92 @@ def test_deterministic():
     s = stream(", ".join(f"tag{i % 17} item{i}" for i in range(60)))
     assert summarize(s, 75) == summarize(s, 75)
     assert PositionJudge().importance([1, 2, 3]) == [0.0, -1.0, -2.0]
+
+
+# ---- with an encoder (tiny random towers) -------------------------------------------------------------------------
+
+import pytest  # noqa: E402
+
+from clipdiffusion.testing import tiny_pipeline  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    import torch
+
+    torch.set_num_threads(1)
+    return tiny_pipeline(0).text_encoder
+
+
+def long_prompt(n=30):
+    return ", ".join(f"word{i} item{i} thing{i}" for i in range(n)) + ", (a red circle:1.3)"
+
+
+def test_summarize_gives_one_window_and_reports_every_dropped_segment(encoder):
+    prompt = long_prompt()
+    c = encoder.encode(prompt, long_prompt="summarize")
+    assert c.context.shape[1] == 77
+    report = c.report.prompt
+    assert report.strategy == "summarize" and len(report.chunks) == 1
+    assert report.dropped_segments and all(d["reason"] in ("duplicate", "near-duplicate", "importance")
+                                           for d in report.dropped_segments)
+    assert sum(d["tokens"] for d in report.dropped_segments) == report.dropped_tokens
+    assert report.chunks[0].tokens + report.dropped_tokens == report.total_tokens
+    assert any("rule encoder" in n for n in report.notes)
+    assert encoder.encode(prompt, long_prompt="summarize").context.equal(c.context)  # deterministic
+
+
+def test_importance_is_the_leave_one_out_change_of_the_chunked_encoding(encoder):
+    """The judge's scores against an independent computation through the public encode()."""
+    import torch
+
+    from clipdiffusion.text.conditioning import SummaryJudge
+    from clipdiffusion.text.summarize import split_segments
+
+    texts = ["a red circle,", " a blue square at the top,", " hdr,", " a green triangle"]
+    tok = encoder.embeddings.wrap(encoder.tokenizer)
+    stream = [(t, 1.0) for x in texts for t in tok.encode(x)]
+    segments, _ = split_segments(stream, 75)
+    assert len(segments) == 4
+    judge = SummaryJudge(encoder, tok, "a1111", encoder.embeddings)
+    scores = judge.importance(segments)
+
+    def vector(text):
+        c = encoder.encode(text, long_prompt="chunk").context[0]
+        n = len(tok.encode(text))
+        return c[1:1 + n].mean(0)
+
+    full = vector("".join(texts))
+    for i, score in enumerate(scores):
+        without = vector("".join(t for k, t in enumerate(texts) if k != i))
+        expected = 1 - torch.nn.functional.cosine_similarity(full, without, dim=0)
+        assert score == pytest.approx(float(expected), abs=1e-5)
+    assert judge.passes == 5  # one batch: the prompt and four leave-one-out texts, one window each
+
+
+def test_summarize_keeps_weights_and_the_kept_order(encoder):
+    prompt = long_prompt()
+    window = encoder.plan(prompt, "summarize").windows[0]
+    full = [p for w in encoder.plan(prompt, "chunk", chunk_backtrack=0).windows for p in zip(w.tokens, w.weights)]
+    kept = list(zip(window.tokens, window.weights))
+    it = iter(full)
+    assert all(p in it for p in kept)  # a subsequence of the prompt's (token, weight) pairs, in order
+    assert 1.3 in window.weights  # the weighted object survives with its weight
+
+
+def test_a_fitting_prompt_is_untouched_by_summarize(encoder):
+    prompt = "a red circle, a red circle, hdr"
+    a = encoder.encode(prompt, long_prompt="summarize")
+    b = encoder.encode(prompt, long_prompt="chunk")
+    assert a.context.equal(b.context) and a.report.prompt.dropped_segments == ()
+
+
+def test_tokens_command_uses_the_position_rule_and_says_so(capsys):
+    from clipdiffusion.cli import main
+
+    assert main(["tokens", "--long-prompt", "summarize", "--json", long_prompt()]) == 0
+    import json
+
+    out = json.loads(capsys.readouterr().out)
+    text = json.dumps(out)
+    assert "rule position" in text and "dropped_segments" in text

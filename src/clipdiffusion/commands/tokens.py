@@ -245,7 +245,7 @@ def _weight(w: float) -> str:
 def format_report(report: dict) -> str:
     """The text the command prints for a :func:`tokens_report` dict."""
     chunks = report["chunks"]
-    noun = "window" if report["long_prompt"] in ("window", "stretch", "truncate") else "chunk"
+    noun = "window" if report["long_prompt"] in ("window", "stretch", "truncate", "summarize") else "chunk"
     lines = [
         f"{report['total_tokens']} tokens, {len(chunks)} {noun}{'s' if len(chunks) != 1 else ''} "
         f"(long_prompt={report['long_prompt']}): {report['summary']}"

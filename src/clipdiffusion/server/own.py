@@ -19,7 +19,7 @@ from .settings import ServerSettings
 class TokenizeRequest(JSONRequest):
     model_config = ConfigDict(extra="forbid")
     prompt: Text = ""
-    long_prompt: Text = Field("chunk", description="truncate | chunk | window | stretch")
+    long_prompt: Text = Field("chunk", description="truncate | chunk | window | stretch | summarize")
     steps: Int = Field(20, description="steps that [from:to:when] and [a|b] are scheduled over, as A1111's counter")
     negative: bool = Field(False, description="a negative prompt: AND and <lora:...> tags are text, as in A1111")
 

@@ -8,6 +8,8 @@ strategy decides how the token stream is laid out in windows:
 - ``chunk``: AUTOMATIC1111's rule (``modules/sd_hijack_clip.py: tokenize_line``): 75-token chunks, comma
   backtracking, BREAK; the output is the chunks concatenated along tokens (77*k rows).
 - ``window``: overlapping 75-token windows; every token appears once in the output (see :func:`window`).
+- ``summarize``: one window of the prompt's most informative segments (``text/summarize.py``); the rest is
+  dropped segment by segment, each reported with its reason and score.
 - ``stretch`` (experimental): Long-CLIP's stretched position table, one window of 248 positions (246 tokens).
 
 The window length is the text encoder's (``positions``, default 77; ``TextEncoder.positions`` passes its towers'
@@ -82,6 +84,8 @@ class TokenReport:
     # textual-inversion embeddings placed: ({"name", "vectors", "chunk", "position"}, ...), chunk 0-based, position
     # the window position (1-based, after BOS) of the first vector; each counts `vectors` tokens
     embeddings: tuple = ()
+    # summarize: each dropped segment ({"index", "text", "tokens", "reason", "score", "of"}), in prompt order
+    dropped_segments: tuple = ()
 
     def summary(self) -> str:
         """Counts per window, as A1111's token counter shows them: ``"75/75 | 12/75"``."""
@@ -97,6 +101,7 @@ class TokenReport:
             "dropped_text": self.dropped_text,
             "notes": list(self.notes),
             "embeddings": [dict(e) for e in self.embeddings],
+            "dropped_segments": [dict(d) for d in self.dropped_segments],
         }
 
 
@@ -127,6 +132,7 @@ class _Layout:
     rows: list
     dropped: list  # dropped token ids, in prompt order
     notes: list
+    summary: object = None  # summarize: the text/summarize.py Summary
 
 
 def _all_rows(windows) -> list:
@@ -277,8 +283,27 @@ def stretch(stream, *, backtrack=20, stride=60, spans=None, positions=CHUNK_POSI
     return _Layout(windows, _all_rows(windows), [t for t, _ in pairs[kept:]], notes)
 
 
+def summarize(stream, *, backtrack=20, stride=60, spans=None, positions=CHUNK_POSITIONS, judge=None,
+              decode=None) -> _Layout:
+    """The seed's summarization: one window holding the prompt's most informative segments, in their order, with
+    their weights and embeddings (``text/summarize.py``). ``judge`` ranks segments (``TextEncoder`` passes one that
+    runs the text encoder; without one, the position rule). Every dropped segment is reported."""
+    from .summarize import describe, summarize as choose
+
+    result = choose(stream, positions - 2, judge, spans)
+    windows = [_window(result.stream, positions)]
+    notes = list(result.notes)
+    if result.dropped:
+        notes.append(f"summarize: rule {result.rule}; kept {result.segments - len(result.dropped)} of "
+                     f"{result.segments} segments")
+        if decode is not None:
+            notes += describe(result, decode)
+    return _Layout(windows, _all_rows(windows), [t for d in result.dropped for t, _ in d.tokens], notes, result)
+
+
 # name -> strategy; feeds the CLI choices and the error message
-LONG_PROMPT_STRATEGIES = {"truncate": truncate, "chunk": chunk, "window": window, "stretch": stretch}
+LONG_PROMPT_STRATEGIES = {"truncate": truncate, "chunk": chunk, "window": window, "stretch": stretch,
+                          "summarize": summarize}
 
 
 def check_strategy(name) -> str:
@@ -343,7 +368,8 @@ def _embedding_uses(layout, spans, tokenizer) -> tuple:
     return tuple(uses)
 
 
-def plan_stream(stream, tokenizer, strategy="chunk", *, backtrack=20, stride=60, positions=CHUNK_POSITIONS) -> Plan:
+def plan_stream(stream, tokenizer, strategy="chunk", *, backtrack=20, stride=60, positions=CHUNK_POSITIONS,
+                judge=None) -> Plan:
     """Lay out a token stream with a named strategy and build its report (``tokenizer`` is used for decoding).
 
     A tokenizer with ``embedding_spans`` (``text.embeddings.EmbeddingTokenizer``) marks textual-inversion
@@ -359,6 +385,8 @@ def plan_stream(stream, tokenizer, strategy="chunk", *, backtrack=20, stride=60,
     spans = getattr(tokenizer, "embedding_spans", None) or None
     # the window length goes only to strategies that need another than CLIP's 77 (an older strategy knows 77 only)
     sized = {} if positions == CHUNK_POSITIONS else {"positions": positions}
+    if strategy == "summarize":  # the judge (an encoder, or the position rule) and the decoder for its report
+        sized.update(judge=judge, decode=tokenizer.decode)
     layout = LONG_PROMPT_STRATEGIES[strategy](stream, backtrack=backtrack, stride=stride, spans=spans, **sized)
     capacity = layout.windows[0].positions - 2
     chunks = tuple(ChunkInfo(len(w.tokens), capacity, _first_words(tokenizer, w.tokens)) for w in layout.windows)
@@ -367,14 +395,20 @@ def plan_stream(stream, tokenizer, strategy="chunk", *, backtrack=20, stride=60,
     notes = list(layout.notes)
     if layout.dropped:
         notes.append(f"{len(layout.dropped)} of {total} tokens dropped by long_prompt={strategy!r}: {dropped_text!r}")
+    segments = ()
+    if layout.summary is not None:
+        from .summarize import dropped_segments
+
+        segments = dropped_segments(layout.summary, tokenizer.decode)
     report = TokenReport(strategy, chunks, total, len(layout.dropped), dropped_text, tuple(notes),
-                         _embedding_uses(layout, spans, tokenizer))
+                         _embedding_uses(layout, spans, tokenizer), segments)
     return Plan(tuple(layout.windows), tuple(layout.rows), report)
 
 
 def plan_prompt(segments, tokenizer, strategy="chunk", *, backtrack=20, stride=60,
-                positions=CHUNK_POSITIONS) -> Plan:  # fmt: skip
+                positions=CHUNK_POSITIONS, judge=None) -> Plan:  # fmt: skip
     """``parse_prompt`` output -> :class:`Plan`. See the module docstring for the strategies; ``positions`` is
     the text encoder's window length (77 for CLIP, 248 for Long-CLIP)."""
     stream = tokenize_segments(segments, tokenizer)
-    return plan_stream(stream, tokenizer, strategy, backtrack=backtrack, stride=stride, positions=positions)
+    return plan_stream(stream, tokenizer, strategy, backtrack=backtrack, stride=stride, positions=positions,
+                       judge=judge)

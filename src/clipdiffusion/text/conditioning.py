@@ -20,6 +20,7 @@ from .chunking import (
     check_prompt_text,
     check_strategy,
     plan_prompt,
+    plan_stream,
 )
 from .embeddings import VOCAB_SIZE, Embedding, EmbeddingRegistry
 from .weighting import WEIGHTINGS
@@ -253,8 +254,12 @@ class TextEncoder:
         if weighting == "ignore":
             # A1111's "Ignore": brackets are parsed away, their weights ignored; BREAK keeps its marker weight
             segments = [(t, w if (t == "BREAK" and w == -1.0) else 1.0) for t, w in segments]
+        judge = None
+        if long_prompt == "summarize":  # the text encoder itself ranks the segments (torch work)
+            judge = SummaryJudge(self, tokenizer, weighting, self.embeddings if embeddings is None else embeddings,
+                                 chunk_backtrack)
         return plan_prompt(segments, tokenizer, long_prompt, backtrack=chunk_backtrack, stride=window_stride,
-                           positions=self.positions)
+                           positions=self.positions, judge=judge)
 
     def _layer_skips(self, clip_skip) -> list:
         """Per tower, the clip skip to run it at (``None``: each tower's family default)."""
@@ -419,6 +424,68 @@ class TextEncoder:
             return model(ids, clip_skip=clip_skip, final_norm=spec.final_norm, pooled=pooled,
                          position_embedding=table, extra_embeddings=extra)
 
+
+class SummaryJudge:
+    """The ``summarize`` strategy's judge (``text/summarize.py``) backed by the text encoder.
+
+    A text's *encoding vector* is the mean of its content rows (no BOS, EOS or padding) in its full chunked context
+    (A1111 chunking, the default clip skip, the request's weighting), all towers concatenated. A segment's
+    importance is ``1 - cos`` between the prompt's vector and the vector of the prompt without that segment
+    (near-duplicates are the lexical rule of ``text/summarize.py``). All the texts of
+    one question go through the encoder in batches of ``BATCH`` texts. Above ``MAX_WINDOWS`` windows in all (a
+    prompt of several hundred tokens cut into hundreds of segments), importance falls back to the position rule
+    and says so."""
+
+    BATCH = 64
+    MAX_WINDOWS = 4096
+
+    def __init__(self, encoder, tokenizer, weighting, registry, backtrack=DEFAULT_CHUNK_BACKTRACK):
+        self.encoder, self.tokenizer, self.weighting = encoder, tokenizer, weighting
+        self.registry, self.backtrack = registry, backtrack
+        self.rule = "encoder (1 - cosine between the prompt's encoding with and without the segment)"
+        self.passes = 0  # windows encoded, for the cost report
+
+    def _plans(self, streams):
+        return [plan_stream(s, self.tokenizer, "chunk", backtrack=self.backtrack, positions=self.encoder.positions)
+                for s in streams]
+
+    def vectors(self, streams) -> torch.Tensor:
+        """[len(streams), D_total] encoding vectors."""
+        plans = self._plans(streams)
+        skips = self.encoder._layer_skips(None)
+        out = []
+        for start in range(0, len(plans), self.BATCH):
+            group = plans[start:start + self.BATCH]
+            need_empty = any(p.uses_empty_window for p in group)
+            contexts, _, _ = self.encoder._encode_plans(group, skips, self.weighting, need_empty, self.registry)
+            self.passes += sum(len(p.windows) for p in group)
+            for plan, context in zip(group, contexts):
+                rows = [r for r, (w, pos) in enumerate(plan.rows)
+                        if w >= 0 and 1 <= pos <= len(plan.windows[w].tokens)]
+                out.append(context[0, rows].float().mean(0) if rows else context[0].float().new_zeros(context.shape[-1]))
+        return torch.stack(out)
+
+    def importance(self, segments) -> list:
+        from .summarize import PositionJudge
+
+        full = [p for s in segments for p in s.tokens]
+        windows = len(self._plans([full])[0].windows)
+        if (len(segments) + 1) * windows > self.MAX_WINDOWS:
+            self.rule = (f"position ({len(segments)} segments x {windows} windows exceed the encoder judge's "
+                         f"{self.MAX_WINDOWS} windows)")
+            return PositionJudge().importance(segments)
+        streams = [full] + [[p for k, s in enumerate(segments) if k != i for p in s.tokens]
+                            for i in range(len(segments))]
+        v = self.vectors(streams)
+        cos = torch.nn.functional.cosine_similarity(v[1:], v[:1].expand_as(v[1:]), dim=-1)
+        return [float(1.0 - c) for c in cos]
+
+    def near_duplicates(self, segments) -> list:
+        from .summarize import near_duplicates
+
+        return near_duplicates(segments)  # lexical: see text/summarize.py for why not the encoder
+
+
 def _extra_table(registry, tower, model):
     """The registry's vectors for one tower, in pseudo-id order, on the model's device and dtype (cached on the
     registry snapshot)."""
@@ -430,7 +497,6 @@ def _extra_table(registry, tower, model):
                                                                                dtype=weight.dtype)
         registry.cache[key] = table
     return table
-
 
 
 def _assemble(z, empty, rows):

@@ -23,8 +23,7 @@ from dataclasses import dataclass, field
 
 SEPARATOR_IDS = frozenset({267, 269, 282})  # ",</w>", ".</w>", ";</w>" in the CLIP vocabulary
 BREAK_ID = -1  # as in chunking.py
-NEAR_DUPLICATE = 0.95  # encoder judge: cosine similarity of two segments' encodings
-NEAR_DUPLICATE_OVERLAP = 0.8  # no encoder: Jaccard overlap of two segments' token multisets
+NEAR_DUPLICATE_OVERLAP = 1.0  # Jaccard overlap of two segments' token multisets: 1.0 = same tokens, any order
 
 
 @dataclass(frozen=True)
@@ -61,8 +60,23 @@ class Summary:
     scores: dict = field(default_factory=dict)  # index -> importance, when ranked
 
 
+def near_duplicates(segments) -> list:
+    """``(i, j, overlap)`` for segments i < j of 2+ tokens whose token multisets overlap by at least
+    ``NEAR_DUPLICATE_OVERLAP`` (Jaccard)."""
+    bags = [Counter(s.key) for s in segments]
+    pairs = []
+    for j in range(len(segments)):
+        for i in range(j):
+            a, b = bags[i], bags[j]
+            if a.total() >= 2 and b.total() >= 2:
+                overlap = (a & b).total() / (a | b).total()
+                if overlap >= NEAR_DUPLICATE_OVERLAP:
+                    pairs.append((i, j, overlap))
+    return pairs
+
+
 class PositionJudge:
-    """No encoder: earlier segments matter more; near-duplicates by token overlap."""
+    """No encoder: earlier segments matter more."""
 
     rule = "position (no encoder at hand: deduplicate, then keep whole segments from the start)"
 
@@ -70,25 +84,22 @@ class PositionJudge:
         return [-float(i) for i in range(len(segments))]
 
     def near_duplicates(self, segments) -> list:
-        bags = [Counter(s.key) for s in segments]
-        pairs = []
-        for j in range(len(segments)):
-            for i in range(j):
-                a, b = bags[i], bags[j]
-                if a.total() >= 2 and b.total() >= 2:
-                    overlap = (a & b).total() / (a | b).total()
-                    if overlap >= NEAR_DUPLICATE_OVERLAP:
-                        pairs.append((i, j, overlap))
-        return pairs
+        return near_duplicates(segments)
 
 
-def _is_embedding(token: int) -> bool:
-    return token >= 49408  # textual-inversion pseudo ids lie above the CLIP vocabulary
+def _units(pairs, spans) -> list:
+    """Pairs grouped so that an embedding's vectors (``spans``: first pseudo id -> vector count) form one unit."""
+    units, i = [], 0
+    while i < len(pairs):
+        n = (spans or {}).get(pairs[i][0], 1)
+        units.append(pairs[i:i + n])
+        i += len(units[-1])
+    return units
 
 
-def split_segments(stream, capacity: int) -> tuple:
+def split_segments(stream, capacity: int, spans=None) -> tuple:
     """``(segments, notes)``. A segment longer than ``capacity`` is cut into pieces of at most ``capacity``
-    tokens, never between two embedding vectors."""
+    tokens, never inside an embedding (``spans``: first pseudo id -> vector count)."""
     segments, current, notes, breaks = [], [], [], 0
 
     def close():
@@ -110,26 +121,29 @@ def split_segments(stream, capacity: int) -> tuple:
         notes.append(f"summarize: {breaks} BREAK(s) ignored (the summary is one window)")
     pieces = []
     for seg in segments:
-        while len(seg) > capacity:
-            cut = capacity
-            while cut > 1 and _is_embedding(seg[cut - 1][0]) and _is_embedding(seg[cut][0]):
-                cut -= 1
-            pieces.append(seg[:cut])
-            seg = seg[cut:]
-        pieces.append(seg)
+        if len(seg) <= capacity:
+            pieces.append(seg)
+            continue
+        piece = []
+        for unit in _units(seg, spans):
+            if piece and len(piece) + len(unit) > capacity:
+                pieces.append(piece)
+                piece = []
+            piece = piece + unit
+        pieces.append(piece)
     if len(pieces) > len(segments):
-        notes.append(f"summarize: segments longer than {capacity} tokens were cut into {capacity}-token pieces")
+        notes.append(f"summarize: segments longer than {capacity} tokens were cut into pieces of at most {capacity}")
     return [Segment(i, tuple(p)) for i, p in enumerate(pieces)], notes
 
 
-def summarize(stream, capacity: int = 75, judge=None) -> Summary:
+def summarize(stream, capacity: int = 75, judge=None, spans=None) -> Summary:
     """Choose the segments of ``stream`` (``(id, weight)`` pairs, BREAK as ``(-1, -1.0)``) that fit in
     ``capacity`` tokens. ``judge`` has ``importance(segments) -> [float]`` (higher = keep) and
     ``near_duplicates(segments) -> [(i, j, similarity)]`` (positions in the list given, i < j); default
     :class:`PositionJudge`."""
     judge = judge or PositionJudge()
     stream = list(stream)
-    segments, notes = split_segments(stream, capacity)
+    segments, notes = split_segments(stream, capacity, spans)
     total = sum(len(s) for s in segments)
     rule = getattr(judge, "rule", type(judge).__name__)
     if total <= capacity:
@@ -161,7 +175,7 @@ def summarize(stream, capacity: int = 75, judge=None) -> Summary:
         order = sorted(range(len(alive)), key=lambda k: (-values[k], k))
         room, keep = capacity, set()
         for k in order:
-            if len(alive[k]) <= room:
+            if len(alive[k]) <= room:  # an embedding longer than the window never fits: dropped, reported
                 keep.add(k)
                 room -= len(alive[k])
         for k, seg in enumerate(alive):
@@ -174,11 +188,17 @@ def summarize(stream, capacity: int = 75, judge=None) -> Summary:
     return Summary(kept, len(segments), tuple(dropped), rule, tuple(notes), scores)
 
 
+def dropped_segments(summary: Summary, decode) -> tuple:
+    """The report's record of each dropped segment: ``{"index", "text", "tokens", "reason", "score", "of"}``."""
+    return tuple({"index": d.index, "text": decode([t for t, _ in d.tokens]).strip(), "tokens": len(d.tokens),
+                  "reason": d.reason, "score": d.score, "of": d.of} for d in summary.dropped)
+
+
 def describe(summary: Summary, decode) -> list:
-    """One line per dropped segment, for the report: ``decode(ids) -> text``."""
+    """One line per dropped segment, for the report: ``decode(ids) -> text`` (pseudo ids included)."""
     lines = []
     for d in summary.dropped:
-        text = decode([t for t, _ in d.tokens if not _is_embedding(t)]).strip() or "(embedding)"
+        text = decode([t for t, _ in d.tokens]).strip()
         if d.reason == "duplicate":
             lines.append(f"dropped segment {d.index} {text!r}: duplicate of segment {d.of}")
         elif d.reason == "near-duplicate":
