@@ -11,7 +11,7 @@ import numpy as np
 
 from ..errors import ClipDiffusionError
 
-STUDIES = ("main", "long", "clipskip", "clipscore", "schedule")
+STUDIES = ("main", "long", "clipskip", "clipscore", "schedule", "embedding")
 REFERENCES = ("ground-truth", "noise")
 
 
@@ -29,6 +29,10 @@ def add_arguments(parser):
     parser.add_argument("--per-prompt", type=int, default=10,
                         help="schedule study: images per prompt, one batch of consecutive seeds (fewer: more "
                              "independent prompts per cell, slower)")
+    parser.add_argument("--embedding", metavar="FILE",
+                        help="embedding study: a file from `train-embedding --describe` (its word is the file stem)")
+    parser.add_argument("--untrained-word", default="wug",
+                        help="embedding study: the made-up word that gets the run's initial vectors (default wug)")
     parser.add_argument("--out", default="eval/latest", help="report folder")
 
 
@@ -134,6 +138,8 @@ def run(args) -> int:
         lines += [f"| {k.replace('_', ' ')} | {v:.2f} |" for k, v in scores.items()] + [""]
     if "schedule" in studies:
         _schedule_study(pipe, args, gen, out, lines, results)
+    if "embedding" in studies:
+        _embedding_study(pipe, args, gen, out, lines, results)
     _write(out, lines, results)
     print(f"wrote {out / 'report.md'}", file=sys.stderr)
     return 0
@@ -210,3 +216,73 @@ def _schedule_study(pipe, args, gen, out, lines, results):
     res["partial"] = False
     es.plot_swap_png(res["swap"], out / "schedule.png")
     lines += _schedule_lines(res, args.per_count, args.per_prompt, args.steps, False)
+
+
+def _embedding_study(pipe, args, gen, out, lines, results):
+    """Issue 17: a learned word against the object's description, an untrained word and the bare word
+    (``tiny/eval_embedding.py``); the report is rewritten after every arm (PARTIAL until done)."""
+    from ..checkpoints.safetensors_io import read_shapes
+    from ..embedding_data import parse_description
+    from ..embedding_training import EmbeddingSettings, TrainedEmbedding, check_name, init_vectors, save_embedding
+    from ..tiny import eval_embedding as ee
+
+    if not args.embedding or getattr(pipe, "text_encoder", None) is None:
+        raise ClipDiffusionError("studies: embedding needs --embedding FILE and a model (not a --reference)")
+    if not 1 <= args.per_prompt <= 64:
+        raise ClipDiffusionError(f"per-prompt: {args.per_prompt} is outside 1..64")
+    path = Path(args.embedding)
+    word, untrained = check_name(path.stem), check_name(args.untrained_word)
+    if word.lower() == untrained.lower():
+        raise ClipDiffusionError(f"untrained-word: {untrained!r} is the embedding's own word")
+    _, _, meta = read_shapes(path)
+    source = meta.get("source", "")
+    if not source.startswith("describe:"):
+        raise ClipDiffusionError(f"embedding: {str(path)!r} was not trained with --describe (metadata source "
+                                 f"{source!r}), so the study does not know which object it should draw")
+    description = source.removeprefix("describe:")
+    target = parse_description(description)
+    phrase = " ".join(w for w in target if w)
+    # the untrained word: the run's initial vectors (init text, vector count) in a file of its own
+    settings = EmbeddingSettings(vectors=int(meta.get("vectors", "1")), init_text=meta.get("init_text", "*"))
+    start_vectors = init_vectors(pipe.text_encoder, settings.init_text, settings.vectors)
+    untrained_path = out / f"{untrained}.safetensors"
+    save_embedding(untrained_path, TrainedEmbedding(untrained, start_vectors, start_vectors, 0, settings=settings),
+                   model=pipe.name, family=pipe.family, extra_metadata={"source": "untrained (init vectors)"})
+    res: dict = {"word": word, "description": phrase, "untrained_word": untrained, "per_prompt": args.per_prompt,
+                 "embedding_metadata": meta, "arms": {}, "partial": True}
+    results["embedding"] = res
+    start = time.perf_counter()
+    head = ["## A learned word against the description, an untrained word and the bare word", "",
+            f"Embedding `{path.name}` ({meta.get('vectors')} vectors, {meta.get('step')} steps from "
+            f"{meta.get('init_text')!r}); taught object: {phrase}. Template `{ee.TEMPLATE}` over 9 positions x 3 "
+            f"backgrounds, {args.per_prompt} seeds each (the same seeds in every arm). Cells: share ± binomial SE "
+            "(between-prompt SE). object = the prompt's cell holds an object of the taught colour, shape and size; "
+            "strict = that, the right background and nothing elsewhere.", ""]  # fmt: skip
+
+    def save(partial=True):
+        res["seconds"] = time.perf_counter() - start
+        res["partial"] = partial
+        res["comparisons"] = ee.comparisons(res["arms"])
+        body = head + (["**PARTIAL: the run has not finished; the arms below are the ones done so far.**", ""]
+                       if partial else []) + [ee.table(res["arms"]), ""]  # fmt: skip
+        if res["comparisons"]:
+            body += [ee.comparison_table(res["comparisons"]), ""]
+        _write(out, lines + body, results)
+        return body
+
+    def arm(name, text):
+        def progress(i, n):
+            print(f"\r  {name}: {i}/{n} prompts ({time.perf_counter() - start:.0f} s)", end="", file=sys.stderr,
+                  flush=True)
+
+        res["arms"][name] = ee.run_arm(pipe, text, target, per_prompt=args.per_prompt, progress=progress, **gen)
+        print(file=sys.stderr)
+        save()
+
+    arm("description", phrase)
+    arm("plain", word)  # before the embedding is loaded: the made-up word as CLIP's BPE reads it
+    pipe.load_textual_inversion(path)
+    pipe.load_textual_inversion(untrained_path)
+    arm("word", word)
+    arm("untrained", untrained)
+    lines += save(partial=False)
