@@ -188,8 +188,29 @@ def test_half_precision_weights_merge_in_float32_and_restore_exactly(tmp_path):
     before = _state(pipe)
     pipe.apply_loras([("half", 1.0, 0.75)])
     up, down = (tensors[f"{KOHYA_ATTN2_K}.lora_{p}.weight"].float() for p in ("up", "down"))
-    expected = (before[f"unet.{ATTN2_K}"].float() + 0.75 * up @ down).half()
-    assert torch.equal(pipe.unet.get_parameter(ATTN2_K).detach(), expected)  # one rounding, from float32
+    exact = before[f"unet.{ATTN2_K}"].float() + 0.75 * up @ down
+    got = pipe.unet.get_parameter(ATTN2_K).detach()
+    assert got.dtype == torch.float16
+    # one rounding from float32: within half a float16 ulp of the exact sum (2**-11 relative)
+    assert bool(((got.float() - exact).abs() <= exact.abs() * 2**-11 + 2**-25).all())
+    pipe.apply_loras(())
+    assert _same_bits(before, _state(pipe))
+
+
+def test_channels_last_weights_merge_and_restore_exactly(tmp_path):
+    pipe = tiny_pipeline(0)
+    pipe.unet.to(memory_format=torch.channels_last)
+    conv = "input_blocks.1.0.in_layers.2.weight"
+    assert not pipe.unet.get_parameter(conv).is_contiguous()
+    tensors = random_lora(pipe, rank=2, seed=9, select=lambda p: p == conv, text=False)
+    pipe.load_lora(_write(tmp_path, "nhwc", tensors))
+    before = _state(pipe)
+    pipe.apply_loras([("nhwc", 1.0, 1.0)])
+    key = "lora_unet_down_blocks_0_resnets_0_conv1"
+    up, down = tensors[f"{key}.lora_up.weight"], tensors[f"{key}.lora_down.weight"]
+    w = before[f"unet.{conv}"]
+    expected = w + (up.flatten(1) @ down.flatten(1)).reshape(w.shape)
+    torch.testing.assert_close(pipe.unet.get_parameter(conv).detach(), expected, rtol=0, atol=1e-6)
     pipe.apply_loras(())
     assert _same_bits(before, _state(pipe))
 
@@ -249,8 +270,8 @@ def test_an_unchanged_set_does_no_work(tmp_path, sd1, monkeypatch):
     sd1.load_lora(_write(tmp_path, "same", random_lora(sd1, rank=2, seed=30)))
     sd1.apply_loras([("same", 1.0, 1.0)])
     calls = []
-    real = lora_module.lora_delta
-    monkeypatch.setattr(lora_module, "lora_delta", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = lora_module.add_delta
+    monkeypatch.setattr(lora_module, "add_delta", lambda *a, **k: calls.append(1) or real(*a, **k))
     sd1.apply_loras([("same", 1.0, 1.0)])
     assert calls == []
     sd1.apply_loras([("same", 1.0, 0.5)])
@@ -263,6 +284,21 @@ def test_negative_prompt_tags_are_text_and_only_positive_tags_apply(tmp_path, sd
     plain = sd1.generate("x", "<lora:neg:1> y", **KW).pixels
     assert not sd1._lora_engine().backups  # the negative's tag applied nothing
     assert np.abs(sd1.generate("x <lora:neg:1>", "<lora:neg:1> y", **KW).pixels - plain).max() > 0
+
+
+def test_infotext_records_a1111_lora_hashes(tmp_path, sd1):
+    import hashlib
+
+    path = _write(tmp_path, "hashed", random_lora(sd1, rank=2, seed=33))
+    sd1.load_lora(path)
+    data = path.read_bytes()
+    addnet = hashlib.sha256(data[8 + int.from_bytes(data[:8], "little"):]).hexdigest()[:12]  # after the header
+    from clipdiffusion.request import GenerationRequest
+
+    r = sd1.generate(GenerationRequest(prompt="x <lora:hashed:0.5>", n_iter=2, **KW))
+    assert len(r.infotexts) == 2
+    assert all(t.endswith(f', Lora hashes: "hashed: {addnet}"') for t in r.infotexts)
+    assert "Lora hashes" not in sd1.generate("x", **KW).infotexts[0]
 
 
 def test_unknown_names_error_or_note(tmp_path, sd1):

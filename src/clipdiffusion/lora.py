@@ -9,7 +9,8 @@ validated on first use (``checkpoints.lora.read_lora``), or at once by ``Pipelin
 ``LoraEngine``: merge in place with exact restore (A1111's and ComfyUI's design). ``apply(pipe, wanted)`` with
 ``wanted`` a tuple of ``ActiveLora(name, te, unet, dyn)``: when the set differs from the applied one, every weight
 the old or the new set touches is first restored from its backup (a copy taken before its first change), then
-each active LoRA's delta is added, computed in float32 from the backup and cast once to the weight's dtype. A
+each active LoRA's delta is added in float32 (one fused ``addmm_`` per factor pair, straight into a float32
+weight; for fp16/bf16 weights into a float32 copy of the backup, cast once). A
 weight the new set leaves alone is restored and its backup dropped, so the model without LoRAs holds exactly the
 tensors it was loaded with (bit for bit) and backups cost memory only while a LoRA touches the weight. An
 unchanged set costs nothing.
@@ -228,7 +229,7 @@ class LoraEngine:
         """Make ``wanted`` [(ActiveLora, LoraFile)] the applied set on ``pipe``'s weights."""
         import torch
 
-        from .checkpoints.lora import is_text_component, lora_delta
+        from .checkpoints.lora import add_delta, is_text_component
 
         key = tuple((a, lora) for a, lora in wanted)  # LoraFile compares by identity
         if key == self.applied:
@@ -249,10 +250,16 @@ class LoraEngine:
                 original = self.backups.get(target)
                 if original is None:
                     original = self.backups[target] = param.detach().clone()
-                total = original.float() if original.dtype != torch.float32 else original.clone()
+                elif param.dtype == torch.float32:
+                    param.copy_(original)
+                if param.dtype == torch.float32 and param.is_contiguous():
+                    total = param  # the deltas go straight into the weight, float32 already
+                else:
+                    total = original.to(torch.float32, copy=True).contiguous()  # summed in float32, cast once
                 for w, multiplier, dyn in items:
-                    total += lora_delta(w, multiplier, dyn=dyn, device=total.device)
-                param.copy_(total.to(param.dtype))
+                    add_delta(total, w, multiplier, dyn=dyn)
+                if total is not param:
+                    param.copy_(total)
         self.applied = key
 
     def restore(self, pipe) -> None:

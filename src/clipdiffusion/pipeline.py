@@ -250,7 +250,7 @@ class Pipeline:
 
         if missing not in MISSING:
             raise ClipDiffusionError(f"missing_loras={missing!r}: choose from {', '.join(MISSING)}")
-        notes, wanted = [], []
+        notes, wanted, entries = [], [], []
         for item in loras:
             active = item if isinstance(item, ActiveLora) else ActiveLora(*item)
             if active.te == 0 and active.unet == 0:
@@ -263,9 +263,19 @@ class Pipeline:
                 notes.append(f"Lora not found: {active.name}")
                 continue
             wanted.append((active, self.loras.read(entry)))
+            entries.append(entry)
         if wanted or self.__dict__.get("_lora_engine_state") is not None:
             self._lora_engine().apply(self, wanted)
+        self.__dict__["_lora_entries"] = entries
         return notes
+
+    def _lora_infotexts(self, infotexts) -> list:
+        """The infotexts with A1111's ``Lora hashes: "name: 12-hex, ..."`` for the applied LoRAs."""
+        entries = self.__dict__.get("_lora_entries") or []
+        if not entries:
+            return list(infotexts)
+        hashes = ", ".join(dict.fromkeys(f"{e.name}: {e.shorthash}" for e in entries))
+        return [f'{text}, Lora hashes: "{hashes}"' for text in infotexts]
 
     # ---- helpers -----------------------------------------------------------------------------------------------
 
@@ -405,9 +415,9 @@ class Pipeline:
                 break
             results.append(self._generate(request.for_iteration(iteration), callback, should_stop))
         if len(results) == 1:
-            return dataclasses.replace(results[0], notes=notes)
+            return dataclasses.replace(results[0], notes=notes, infotexts=self._lora_infotexts(results[0].infotexts))
         return GenerationResult([im for r in results for im in r.images], [s for r in results for s in r.seeds],
-                                [t for r in results for t in r.infotexts], results[0].attention,
+                                self._lora_infotexts([t for r in results for t in r.infotexts]), results[0].attention,
                                 np.concatenate([r.pixels for r in results]), any(r.interrupted for r in results),
                                 notes)
 

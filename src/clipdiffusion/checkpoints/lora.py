@@ -347,3 +347,15 @@ def lora_delta(weight: LoraWeight, multiplier: float, *, dyn: int | None = None,
     else:
         delta = torch.einsum("oa,abkl,bi->oikl", up, mid.to(device).float(), down)
     return (delta * factor).reshape(weight.target.shape)
+
+
+def add_delta(target, weight: LoraWeight, multiplier: float, *, dyn: int | None = None) -> None:
+    """``target`` (a float32 tensor of the weight's shape, changed in place) += the delta of ``lora_delta``, as one
+    fused ``addmm_`` on its [out, in*kh*kw] view when there is no ``mid`` (no full-size temporary)."""
+    if weight.mid is not None:
+        target += lora_delta(weight, multiplier, dyn=dyn, device=target.device)
+        return
+    up, down = weight.up.to(target.device).float(), weight.down.to(target.device).float()
+    if dyn is not None:
+        up, down = up[:, :dyn], down[:dyn]
+    target.view(target.shape[0], -1).addmm_(up, down, alpha=multiplier * weight.scale)
