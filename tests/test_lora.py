@@ -487,6 +487,14 @@ def test_server_lists_refreshes_and_applies_loras(tmp_path):
         assert _pixels(missing.json()) == _pixels(plain)  # and the model is back as it was
         ours = client.post("/api/generate", json={"prompt": "a cat <lora:nope:1>", "steps": 1})
         assert ours.status_code == 422 and "'nope' not found" in ours.text
+        own = {"prompt": "a cat", "steps": 1, "seed": 4, "width": 16, "height": 16}
+        field = client.post("/api/generate", json={**own, "loras": [["style", 1, 1]]})
+        tag = client.post("/api/generate", json={**own, "prompt": "a cat <lora:style:1>"})
+        assert field.status_code == 200 and _pixels(field.json()) == _pixels(tag.json()) == _pixels(tagged)
+        bad = client.post("/api/generate", json={**own, "loras": [["style", "x", 1]]})
+        assert bad.status_code == 422 and "loras" in bad.text
+        unknown = client.post("/api/generate", json={**own, "loras": [["nope", 1, 1]]})
+        assert unknown.status_code == 422 and "'nope' not found; available: style" in unknown.text
         _write(folder, "later", random_lora(pipe, rank=2, seed=52))
         assert [e["name"] for e in client.get("/sdapi/v1/loras").json()] == ["style"]
         assert client.post("/sdapi/v1/refresh-loras").status_code == 200

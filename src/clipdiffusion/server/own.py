@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import io
+from typing import Any
 
 from pydantic import ConfigDict, Field
 
@@ -50,6 +51,8 @@ class GenerateRequest(JSONRequest):
     weighting: Text = "a1111"
     batch_size: Int = 1
     attention_maps: bool = Field(False, description="return one heatmap per prompt token (first image)")
+    loras: list[Any] = Field(default_factory=list, description="[[name, te_weight, unet_weight], ...] of the "
+                             "server's --loras (added to the prompt's <lora:...> tags); an unknown name is a 422")
     model: Text | None = None
 
 
@@ -61,7 +64,7 @@ def generate_plan(req: GenerateRequest, settings: ServerSettings, model: str, sa
         settings.limits, prompt=req.prompt, negative_prompt=req.negative_prompt, steps=req.steps,
         guidance=req.guidance, seed=req.seed, sampler=sampler, schedule=schedule, width=req.width, height=req.height,
         clip_skip=req.clip_skip, long_prompt=req.long_prompt, weighting=req.weighting, batch_size=req.batch_size,
-        attention_maps=req.attention_maps)
+        attention_maps=req.attention_maps, loras=req.loras)
     return GenerationPlan(model=model, request=request.resolve_seed(), sampler_label=sampler)
 
 
