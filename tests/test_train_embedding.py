@@ -324,3 +324,60 @@ def test_cli_needs_exactly_one_source(monkeypatch, capsys):
         assert exc.value.code == 2
     code, io_ = _cli(["bad name", "--describe", "red circle"], monkeypatch, capsys)
     assert code == 2 and "not a valid embedding name" in io_.err
+
+
+# ---- the study ---------------------------------------------------------------------------------------------------
+
+
+def test_study_reads_the_taught_object_and_compares_arms():
+    from clipdiffusion.tiny import eval_embedding as ee
+    from clipdiffusion.tiny.world import ObjectSpec, SceneSpec, render_spec
+
+    target = ("large", "purple", "triangle")
+    right = render_spec(SceneSpec((ObjectSpec("purple", "triangle", 2, "large"),), "gray"), 1)
+    wrong = render_spec(SceneSpec((ObjectSpec("purple", "circle", 2, "large"),
+                                   ObjectSpec("red", "square", 6, "small")), "gray"), 1)  # fmt: skip
+    assert all(ee.read(right, 2, "gray", target).values())
+    assert ee.read(right, 5, "gray", target)["position"] is False
+    got = ee.read(wrong, 2, "gray", target)
+    assert got["position"] and got["color"] and not got["shape"] and not got["object"] and not got["strict"]
+    assert len(ee.prompts("blicket")) == 27 and ee.prompts("blicket")[0][0].startswith("a blicket at the top left")
+    rows = [(i // 4, {m: i % 4 != 0 for m in ee.METRICS}) for i in range(108)]
+    s = ee.summarise(rows)
+    assert s["object"]["p"] == 0.75 and s["object"]["n"] == 108 and s["object"]["se_prompt"] == 0.0
+    assert abs(s["object"]["se"] - math.sqrt(0.75 * 0.25 / 108)) < 1e-12
+    low = ee.summarise([(i // 4, {m: i % 2 == 0 for m in ee.METRICS}) for i in range(108)])
+    diff = ee.comparisons({"word": {"summary": s}, "untrained": {"summary": low}})["untrained"]["object"]
+    assert abs(diff["difference"] - 0.25) < 1e-12 and diff["z"] > 2 and diff["outside_noise"]
+
+
+def test_eval_embedding_study_runs_through_the_public_path(tmp_path, monkeypatch, capsys):
+    import json
+
+    from clipdiffusion import cli
+    from clipdiffusion.commands import eval as eval_command
+
+    pipe = tiny_pipeline(0)
+    trained = EmbeddingTrainer(pipe, NAME, _examples(1), EmbeddingSettings(vectors=2, steps=1, batch_size=1)).run()
+    path = tmp_path / f"{NAME}.safetensors"
+    save_embedding(path, trained, extra_metadata={"source": "describe:large purple triangle"})
+    from clipdiffusion.tiny import eval_embedding as ee
+
+    monkeypatch.setattr(eval_command, "_load", lambda args: pipe)
+    every = ee.prompts
+    monkeypatch.setattr(ee, "prompts", lambda word: every(word)[::9])  # 3 of the 27 prompts: seconds, not a minute
+    out = tmp_path / "report"
+    code = cli.main(["eval", "--studies", "embedding", "--embedding", str(path), "--per-prompt", "1", "--steps", "1",
+                     "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())["embedding"]
+    assert not report["partial"] and set(report["arms"]) == {"description", "plain", "word", "untrained"}
+    assert report["arms"]["word"]["summary"]["object"]["n"] == 3
+    assert report["arms"]["word"]["example"] == "a zorblat at the top left on a black background"
+    assert set(report["comparisons"]) == {"description", "untrained", "plain"}
+    untrained = load_file(out / "wug.safetensors")["emb_params"]
+    assert torch.equal(untrained, trained.init_vectors["clip_l"])
+    plain = tmp_path / "plain.safetensors"
+    save_embedding(plain, trained)  # trained on images: the study does not know the object
+    code = cli.main(["eval", "--studies", "embedding", "--embedding", str(plain), "--out", str(out)])
+    assert code == 2 and "not trained with --describe" in capsys.readouterr().err

@@ -16,11 +16,12 @@ from pathlib import Path
 
 from ..errors import ClipDiffusionError
 
-# Sized on the shipped tiny model (eval/tiny-embedding/report.md): 2.4-2.6 steps/s at batch 4 with one torch thread
-# on the shared 2-core machine (other jobs running), so 400 steps and the setup take under 3 minutes, inside the
-# issue's 5. One thread is the default because on a busy 2-core machine two threads were 30x slower (0.07 steps/s,
-# the threads waiting for each other), not faster; --threads 2 helps only on an otherwise idle machine.
-DEFAULTS = {"vectors": 3, "init_text": "*", "steps": 400, "lr": 1e-2, "batch_size": 4, "seed": 0, "threads": 1}
+# Sized on the shipped tiny model (eval/tiny-embedding/train.log): about 2.6 steps/s at batch 4 with one torch thread
+# on the shared 2-core machine (other jobs running), so 700 steps and the setup took 282 s, inside the 5
+# minutes (400 steps learned the shape and size but only half the colour: eval/tiny-embedding/steps-400). One
+# thread is the default because on a busy 2-core machine two threads were 30x slower (0.07 steps/s, the threads
+# waiting for each other), not faster; --threads 2 may help on an otherwise idle machine.
+DEFAULTS = {"vectors": 3, "init_text": "*", "steps": 700, "lr": 1e-2, "batch_size": 4, "seed": 0, "threads": 1}
 
 
 def add_arguments(parser):

@@ -47,6 +47,7 @@ def read(image, cell: int, background: str, target: tuple) -> dict:
     out["object"] = out["position"] and out["color"] and out["shape"] and out["size"]
     extra = sum(1 for o in seen.objects if o.cell != cell)
     out["strict"] = out["object"] and extra == 0 and seen.background == background
+    out["seen"] = "nothing" if found is None else f"{found.size} {found.color} {found.shape}"
     return out
 
 
@@ -62,6 +63,11 @@ def summarise(rows: list) -> dict:
         per = [hits[[g == key for g in groups]].mean() for key in dict.fromkeys(groups)]
         se_prompt = float(np.std(per, ddof=1) / np.sqrt(len(per))) if len(per) > 1 else float("nan")
         out[m] = {"p": p, "se": binomial_se(p, len(hits)), "se_prompt": se_prompt, "n": len(hits)}
+    seen: dict = {}
+    for _, r in rows:
+        if "seen" in r:
+            seen[r["seen"]] = seen.get(r["seen"], 0) + 1
+    out["seen"] = dict(sorted(seen.items(), key=lambda kv: -kv[1]))  # what the prompt's cell held, most common first
     return out
 
 
@@ -102,6 +108,11 @@ def table(arms: dict) -> str:
         s = arms[name]["summary"]
         cells = " | ".join(f"{s[m]['p']:.3f} ± {s[m]['se']:.3f} ({s[m]['se_prompt']:.3f})" for m in METRICS)
         lines.append(f"| {name} | `{arms[name]['example']}` | {cells} |")
+    lines += ["", "What the prompt's cell held (most common first):", ""]
+    for name in ARMS:
+        if name in arms and arms[name]["summary"].get("seen"):
+            seen = arms[name]["summary"]["seen"]
+            lines.append(f"- {name}: " + ", ".join(f"{k} {v}" for k, v in list(seen.items())[:5]))
     return "\n".join(lines)
 
 
