@@ -109,7 +109,7 @@ def test_only_the_new_vectors_change_and_runs_are_reproducible():
     assert not torch.equal(c.vectors["clip_l"], learned)
 
 
-def test_sdxl_learns_both_towers_and_the_file_has_both():
+def test_sdxl_learns_both_towers_and_the_file_has_both(tmp_path):
     pipe = tiny_pipeline(0, family="sdxl")
     before = _state(pipe)
     trained = EmbeddingTrainer(pipe, NAME, _examples(2), EmbeddingSettings(vectors=2, steps=2, batch_size=2)).run()
@@ -118,6 +118,14 @@ def test_sdxl_learns_both_towers_and_the_file_has_both():
     for name, v in trained.vectors.items():
         assert not torch.equal(v, trained.init_vectors[name])
     assert set(trained.tensors()) == {"clip_l", "clip_g"}
+    path = tmp_path / f"{NAME}.safetensors"
+    save_embedding(path, trained, model=pipe.name, family=pipe.family)
+    from clipdiffusion.checkpoints.embeddings import embedding_for
+
+    embedding = embedding_for(path, pipe.text_encoder)
+    assert embedding.widths == (16, 16) and embedding.vectors == 2
+    for tensor, tower in zip(embedding.tensors, ("clip_l", "clip_g")):
+        assert torch.equal(tensor, trained.vectors[tower])
 
 
 def test_init_text_vectors_cycle_and_empty_is_zeros():
@@ -308,6 +316,8 @@ def test_cli_trains_and_saves_with_time_limit(tmp_path, monkeypatch, capsys):
     (["--describe", "red circle", "--lr", "-1"], "lr"),
     (["--describe", "red circle", "--time-limit", "-5"], "time_limit"),
     (["--describe", "red circle", "--threads", "0"], "threads"),
+    (["--describe", "red circle", "--scenes", "0"], "scenes"),
+    (["--images", ".", "--scenes", "5"], "scenes"),
     (["--images", "/nonexistent/folder"], "does not exist"),
 ])  # fmt: skip
 def test_cli_argument_errors(args, match, monkeypatch, capsys, tmp_path):

@@ -85,8 +85,8 @@ def run(args) -> int:
     if args.caption is not None and args.images is None:
         raise ClipDiffusionError("caption: --caption is for --images (--describe captions come from the world's "
                                  "caption grammar)")
-    if args.images is None and args.scenes != 64 and not 1 <= args.scenes <= 10_000:
-        raise ClipDiffusionError(f"scenes: {args.scenes} is outside 1..10000")
+    if args.images is not None and args.scenes != 64:
+        raise ClipDiffusionError("scenes: --scenes is for --describe (--images trains on every image of the folder)")
     settings = EmbeddingSettings(vectors=args.vectors, init_text=args.init_text, steps=args.steps, lr=args.lr,
                                  batch_size=args.batch_size, seed=args.seed, time_limit=args.time_limit)
     out = Path(args.out if args.out is not None else f"{name}.safetensors")
