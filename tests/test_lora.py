@@ -99,6 +99,20 @@ def test_sdxl_kohya_ldm_names_and_peft_names_reach_both_towers(tmp_path):
     assert _same_bits(before, _state(pipe))
 
 
+def test_sd2_openclip_tower_takes_kohya_text_names(tmp_path):
+    """SD2's OpenCLIP-H tower is held in transformers names, which is what kohya writes for it (``lora_te_``)."""
+    pipe = tiny_pipeline(0, "sd2")
+    tensors = random_lora(pipe, rank=2, seed=2, unet=False)
+    assert all(k.startswith("lora_te_text_model_encoder_layers_") for k in tensors)
+    pipe.load_lora(_write(tmp_path, "sd2", tensors))
+    before = _state(pipe)
+    pipe.apply_loras([("sd2", 1.0, 1.0)])
+    changed = {k for k, v in _state(pipe).items() if not torch.equal(v, before[k])}
+    assert changed and all(k.startswith("te0.encoder.layers.") for k in changed)
+    assert len(changed) == len(tensors) // 2
+    pipe.apply_loras(())
+
+
 def test_kohya_and_ldm_spellings_and_peft_give_the_same_weights(tmp_path, sd1):
     """One set of factors written three ways (diffusers-path kohya, LDM-path kohya, PEFT) merges identically."""
     results = []
