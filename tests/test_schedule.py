@@ -511,8 +511,8 @@ def test_plan_positive_prompt():
     assert info["schedule"][-1] == {"part": 1, "start": 1, "end": 4, "text_index": 2}
     assert info["parts"] == [{"text": "a  [cat|dog]", "weight": 1.0}, {"text": " hat", "weight": 0.5}]
     lora, foo = info["networks"]
-    assert (lora["te"], lora["unet"], lora["dyn"], lora["applied"]) == (0.8, 0.8, None, False)
-    assert lora["status"] == networks.NOT_APPLIED and "issue 17" in lora["status"]
+    assert (lora["te"], lora["unet"], lora["dyn"], lora["applied"]) == (0.8, 0.8, None, True)  # issue 17
+    assert lora["status"] == networks.APPLIED
     assert foo["status"].startswith("not applied: unknown extra network kind 'foo'")
 
 
