@@ -1,5 +1,6 @@
 """The judge must be right on fresh ground-truth renders before its verdicts count."""
 
+import pytest
 import numpy as np
 
 from clipdiffusion.tiny.judge import judge, validate, verdict
@@ -156,3 +157,21 @@ def test_ground_truth_with_a_tokenizer_loses_objects_past_75_tokens_when_truncat
     pipe = ev.GroundTruthPipeline(tokenizer=tok)
     assert ev.evaluate(pipe, cases, long_prompt="truncate").accuracy["recall"][0] == 0.0
     assert ev.evaluate(pipe, cases, long_prompt="chunk").accuracy["recall"][0] == 1.0
+
+
+def test_long_cell_standard_errors_are_per_prompt():
+    """Recall's error treats a prompt's objects as one cluster; a hand computation of the ratio estimator."""
+    from types import SimpleNamespace as NS
+
+    def outcome(objects, ok):
+        case = NS(spec=NS(objects=[None] * objects))
+        return case, None, NS(objects_ok=[True] * ok + [False] * (objects - ok), success=ok == objects)
+
+    outcomes = [outcome(1, 1), outcome(2, 1), outcome(3, 3), outcome(3, 0)]
+    cell = ev.long_cell(outcomes)
+    hits, sizes = [1, 1, 3, 0], [1, 2, 3, 3]
+    r = 5 / 9
+    expected = (4 / 3 * sum((h - r * k) ** 2 for h, k in zip(hits, sizes))) ** 0.5 / 9
+    assert cell["recall"] == pytest.approx(r) and cell["recall_se"] == pytest.approx(expected)
+    assert cell["success"] == 0.5 and cell["success_se"] == pytest.approx((0.25 / 4) ** 0.5)
+    assert (cell["prompts"], cell["objects"]) == (4, 9)

@@ -24,7 +24,9 @@ def add_arguments(parser):
     parser.add_argument("--guidance", type=float, default=7.0)
     parser.add_argument("--sampler", default="euler")
     parser.add_argument("--studies", default="main", help=f"comma list of {', '.join(STUDIES)}")
-    parser.add_argument("--lengths", default="0,40,60,90,120,150", help="long-prompt study: style-tag tokens")
+    parser.add_argument("--lengths", default="0,40,60,90,120,150,225", help="long-prompt study: style-tag tokens")
+    parser.add_argument("--strategies", default="truncate,chunk,window,stretch,summarize",
+                        help="long-prompt study: comma list of long_prompt strategies")
     parser.add_argument("--clip-heads", help="tiny-clip-heads.safetensors from training (for the clipscore study)")
     parser.add_argument("--per-prompt", type=int, default=10,
                         help="schedule study: images per prompt, one batch of consecutive seeds (fewer: more "
@@ -99,16 +101,30 @@ def run(args) -> int:
         lines.append("")
         print(report.table())
     if "long" in studies:
+        from ..text.chunking import check_strategy
+
+        strategies = tuple(check_strategy(s.strip()) for s in args.strategies.split(",") if s.strip())
+        cells: dict = {}
+        per = max(1, args.per_count // 5)
         table = ev.long_prompt_study(
-            pipe, _tokenizer(pipe), lengths=lengths, per_count=max(1, args.per_count // 5),
+            pipe, _tokenizer(pipe), lengths=lengths, strategies=strategies, per_count=per, cells=cells,
             progress=lambda s, n, r: print(f"  {s:9s} {n:4d} tokens: recall {r:.3f}", file=sys.stderr), **gen,
         )  # fmt: skip
         ev.plot_png(table, out / "long_prompt.png")
         results["long_prompt"] = table
+        results["long_prompt_cells"] = cells
         header = "| strategy | " + " | ".join(f"{n} tok" for n in lengths) + " |"
-        lines += ["## Long prompts: object recall after N tokens of style tags", "", header,
-                  "|---" * (len(lengths) + 1) + "|"]  # fmt: skip
-        lines += [f"| {s} | " + " | ".join(f"{t[n]:.3f}" for n in lengths) + " |" for s, t in table.items()]
+        rule = "|---" * (len(lengths) + 1) + "|"
+        lines += [f"## Long prompts: objects after N tokens of style tags ({3 * per} prompts per cell)", "",
+                  "Object recall (± standard error between prompts):", "", header, rule]
+        lines += [f"| {s} | " + " | ".join(f"{c[n]['recall']:.3f} ± {c[n]['recall_se']:.3f}" for n in lengths)
+                  + " |" for s, c in cells.items()]
+        lines += ["", "Prompt success (every object right; ± binomial standard error):", "", header, rule]
+        lines += [f"| {s} | " + " | ".join(f"{c[n]['success']:.3f} ± {c[n]['success_se']:.3f}" for n in lengths)
+                  + " |" for s, c in cells.items()]
+        lines += ["", "Seconds per cell (generation and judging):", "", header, rule]
+        lines += [f"| {s} | " + " | ".join(f"{c[n]['seconds']:.0f}" for n in lengths) + " |"
+                  for s, c in cells.items()]
         lines += ["", "![long prompts](long_prompt.png)", ""]
     heads = None
     if "clipscore" in studies:

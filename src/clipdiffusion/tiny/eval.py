@@ -77,6 +77,13 @@ def evaluate(pipe, cases: list[PromptCase], *, steps=20, guidance=7.0, sampler="
              long_prompt="chunk", progress=None, images=None) -> EvalReport:  # fmt: skip
     """Generate one image per case and score it. ``progress(i, n)`` is called after each image; the images are
     appended to ``images`` when a list is given."""
+    return score(judged_cases(pipe, cases, steps=steps, guidance=guidance, sampler=sampler, clip_skip=clip_skip,
+                              long_prompt=long_prompt, progress=progress, images=images))
+
+
+def judged_cases(pipe, cases: list[PromptCase], *, steps=20, guidance=7.0, sampler="euler", clip_skip=1,
+                 long_prompt="chunk", progress=None, images=None) -> list:  # fmt: skip
+    """``[(case, judgement, verdict)]``, one image per case (``evaluate`` without the aggregation)."""
     outcomes = []
     for i, case in enumerate(cases):
         result = pipe.generate(case.prompt, seed=case.seed, steps=steps, guidance=guidance, sampler=sampler,
@@ -87,7 +94,7 @@ def evaluate(pipe, cases: list[PromptCase], *, steps=20, guidance=7.0, sampler="
         outcomes.append((case, seen, verdict(case.spec, seen)))
         if progress is not None:
             progress(i + 1, len(cases))
-    return score(outcomes)
+    return outcomes
 
 
 def score(outcomes) -> EvalReport:
@@ -154,6 +161,7 @@ class GroundTruthPipeline:
         self.tokenizer = tokenizer
 
     def generate(self, prompt, *, seed=0, long_prompt="chunk", **_ignored):
+        # summarize keeps a choice of segments, not a prefix: drawn as chunk (its ceiling is the full prompt)
         limit = {"truncate": 75, "stretch": 246}.get(long_prompt)
         if self.tokenizer is not None and limit is not None:
             prompt = self.tokenizer.decode(self.tokenizer.encode(prompt)[:limit])
@@ -207,15 +215,45 @@ def long_prompt_cases(tokenizer, n_tokens: int, per_count: int = 10, seed: int =
     return cases
 
 
-def long_prompt_study(pipe, tokenizer, *, lengths=(0, 40, 60, 90, 120, 150),
-                      strategies=("truncate", "chunk", "window", "stretch"), per_count=10, progress=None, **gen):
-    """Object recall per (strategy, prefix length). Returns {strategy: {length: recall}}."""  # fmt: skip
+LONG_STRATEGIES = ("truncate", "chunk", "window", "stretch", "summarize")
+LONG_LENGTHS = (0, 40, 60, 90, 120, 150, 225)
+
+
+def long_cell(outcomes) -> dict:
+    """Object recall and prompt success of one (strategy, length) cell with standard errors. Objects of one
+    prompt share an image, so recall's error is the cluster (per-prompt) one: the ratio estimator's
+    ``sqrt(n/(n-1) * sum((hits_i - R * objects_i)^2)) / sum(objects_i)``; success's is binomial over prompts."""
+    hits = [sum(v.objects_ok) for _, _, v in outcomes]
+    sizes = [len(case.spec.objects) for case, _, _ in outcomes]
+    wins = [int(v.success) for _, _, v in outcomes]
+    n, total = len(outcomes), sum(sizes)
+    recall = sum(hits) / total if total else float("nan")
+    spread = sum((h - recall * k) ** 2 for h, k in zip(hits, sizes))
+    recall_se = (n / (n - 1) * spread) ** 0.5 / total if n > 1 else float("nan")
+    success = sum(wins) / n if n else float("nan")
+    success_se = (success * (1 - success) / n) ** 0.5 if n else float("nan")
+    return {"recall": recall, "recall_se": recall_se, "success": success, "success_se": success_se,
+            "prompts": n, "objects": total}
+
+
+def long_prompt_study(pipe, tokenizer, *, lengths=LONG_LENGTHS, strategies=LONG_STRATEGIES, per_count=10,
+                      progress=None, cells=None, **gen):
+    """Object recall per (strategy, prefix length): ``{strategy: {length: recall}}``. The prompts of one length
+    are the same for every strategy (3 * ``per_count`` of them: 1, 2 and 3 objects). ``cells``, a dict, receives
+    ``{strategy: {length: long_cell(...) + seconds}}``."""  # fmt: skip
+    import time
+
     table: dict = {s: {} for s in strategies}
     for length in lengths:
         cases = long_prompt_cases(tokenizer, length, per_count)
         for strategy in strategies:
-            report = evaluate(pipe, cases, long_prompt=strategy, **gen)
-            table[strategy][length] = report.accuracy["recall"][0]
+            start = time.perf_counter()
+            outcomes = judged_cases(pipe, cases, long_prompt=strategy, **gen)
+            cell = long_cell(outcomes)
+            cell["seconds"] = time.perf_counter() - start
+            table[strategy][length] = cell["recall"]
+            if cells is not None:
+                cells.setdefault(strategy, {})[length] = cell
             if progress is not None:
                 progress(strategy, length, table[strategy][length])
     return table
