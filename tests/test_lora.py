@@ -315,6 +315,17 @@ def test_infotext_records_a1111_lora_hashes(tmp_path, sd1):
     assert "Lora hashes" not in sd1.generate("x", **KW).infotexts[0]
 
 
+def test_request_field_loras_are_written_as_tags_and_the_infotext_reproduces_the_image(tmp_path, sd1):
+    from clipdiffusion.infotext import from_infotext
+
+    sd1.load_lora(_write(tmp_path, "field", random_lora(sd1, rank=2, seed=34, std=0.2)))
+    first = sd1.generate("x", loras=[("field", 0.7, 0.4)], seed=5, **{k: v for k, v in KW.items() if k != "seed"})
+    text = first.infotexts[0]
+    assert text.startswith("x <lora:field:0.7:0.4>\n")
+    again = sd1.generate(from_infotext(text))
+    np.testing.assert_array_equal(again.pixels, first.pixels)
+
+
 def test_unknown_names_error_or_note(tmp_path, sd1):
     sd1.load_lora(_write(tmp_path, "known", random_lora(sd1, rank=2, seed=32)))
     with pytest.raises(LoraNotFound, match=r"'nope' not found; available: .*known"):

@@ -204,8 +204,10 @@ def to_infotext(request: GenerationRequest, *, seed: int | None = None, model: s
     ``width``/``height`` the size used (default the request's), ``default_clip_skip`` the model family's (a clip
     skip equal to it is left out, as A1111 and Pipeline.generate do).
 
+    The request's ``loras`` (given outside the prompt: ``--lora``, the API field) are written into the prompt as
+    ``<lora:name:te[:unet]>`` tags, as A1111 users have them, so that reading the infotext back applies them.
     Not recorded: init_image and mask (images), n_iter and attention_maps (they change no image), the mask options,
-    resize_mode, styles and loras; "Denoising strength" is ``strength`` unless hires fix is on (then
+    resize_mode and styles; "Denoising strength" is ``strength`` unless hires fix is on (then
     ``hr_strength``, as in A1111), written for txt2img only when not the default. A one-sided size (width or
     height None) is recorded only when ``width`` and ``height`` are given. "Batch size" is written when above 1.
     """
@@ -222,8 +224,10 @@ def to_infotext(request: GenerationRequest, *, seed: int | None = None, model: s
                 extra[key] = names.get(value, value)
         if r.hr_resize_x or r.hr_resize_y:
             extra["Hires resize"] = f"{r.hr_resize_x}x{r.hr_resize_y}"
+    prompt = r.prompt + "".join(
+        f" <lora:{name}:{te:g}>" if te == unet else f" <lora:{name}:{te:g}:{unet:g}>" for name, te, unet in r.loras)
     return format_infotext(GenerationParameters(
-        prompt=r.prompt, negative_prompt=r.negative_prompt, steps=r.steps, sampler=r.sampler, schedule=r.schedule,
+        prompt=prompt, negative_prompt=r.negative_prompt, steps=r.steps, sampler=r.sampler, schedule=r.schedule,
         guidance=r.guidance, seed=r.seed if seed is None else seed, width=r.width if width is None else width,
         height=r.height if height is None else height, model=model, strength=strength,
         clip_skip=None if r.clip_skip == default_clip_skip else r.clip_skip, long_prompt=r.long_prompt,
