@@ -450,3 +450,17 @@ def test_parity_with_diffusers_encode_prompt(tok, parse, tmp_path):
     cond = enc.encode(prompt, negative, clip_skip=2, long_prompt="truncate", weighting="none")
     torch.testing.assert_close(cond.context, want_skip, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(cond.negative_context, want_neg_skip, rtol=1e-5, atol=1e-5)  # skip on negative too
+
+
+def test_repeated_windows_are_encoded_once_and_land_in_every_row(sd1, monkeypatch):
+    """'a cat BREAK a dog BREAK a cat': three chunks, two distinct, plus the empty negative's window; the tower
+    sees three windows, not four, and the context equals the single-chunk encodings side by side."""
+    calls = []
+    real = sd1._run
+    monkeypatch.setattr(sd1, "_run", lambda spec, skip, windows, *a, **k: calls.append(len(windows))
+                        or real(spec, skip, windows, *a, **k))
+    both = sd1.encode("a cat BREAK a dog BREAK a cat").context
+    assert calls == [3]
+    monkeypatch.setattr(sd1, "_run", real)
+    cat, dog = sd1.encode("a cat").context, sd1.encode("a dog").context
+    torch.testing.assert_close(both, torch.cat([cat, dog, cat], dim=1), rtol=0, atol=1e-6)

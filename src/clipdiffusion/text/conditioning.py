@@ -382,20 +382,29 @@ class TextEncoder:
         positions = plans[0].positions
         windows = [w for p in plans for w in p.windows] + ([Window((), (), positions)] if need_empty else [])
         firsts = [sum(len(p.windows) for p in plans[:k]) for k in range(len(plans))]
+        # a window's hidden states depend on its tokens only (weights apply afterwards): each distinct token
+        # sequence goes through the tower once (repeated chunks, a prompt equal to its negative, the summarize
+        # judge's leave-one-out texts, which share every chunk before the segment they leave out)
+        slot, unique = [], {}
+        for w in windows:
+            slot.append(unique.setdefault((w.tokens, w.positions), len(unique)))
+        distinct = [Window(tokens, (), p) for tokens, p in unique]
+        gather = torch.tensor(slot)
         per_tower, empties, pooled = [], [], None
         for index, (spec, skip) in enumerate(zip(self.encoders, skips)):
             want_pooled = self.record.pooled and index == len(self.encoders) - 1  # SDXL: bigG
-            out = self._run(spec, skip, windows, positions, want_pooled, registry, index)
-            empty = out.hidden[-1] if need_empty else None  # (P, D)
+            out = self._run(spec, skip, distinct, positions, want_pooled, registry, index)
+            hidden = out.hidden if len(distinct) == len(windows) else out.hidden[gather]
+            empty = hidden[-1] if need_empty else None  # (P, D)
             tower = []
             for first, plan in zip(firsts, plans):
-                z = out.hidden[first:first + len(plan.windows)]  # (N, P, D)
+                z = hidden[first:first + len(plan.windows)]  # (N, P, D)
                 weights = torch.tensor([w.position_weights() for w in plan.windows], dtype=z.dtype, device=z.device)
                 tower.append(_assemble(WEIGHTINGS[weighting](z, weights, empty), empty, plan.rows))
             per_tower.append(tower)
             empties.append(empty)
             if want_pooled:
-                pooled = out.pooled[firsts]  # (len(plans), P')
+                pooled = out.pooled[gather[firsts]]  # (len(plans), P')
         contexts = [torch.cat(parts, dim=-1) for parts in zip(*per_tower)]  # SDXL: (1, T, 768 + 1280)
         empty_rows = torch.cat(empties, dim=-1)[None] if need_empty else None  # (1, P, D_total)
         return contexts, empty_rows, pooled
@@ -432,7 +441,8 @@ class SummaryJudge:
     (A1111 chunking, the default clip skip, the request's weighting), all towers concatenated. A segment's
     importance is ``1 - cos`` between the prompt's vector and the vector of the prompt without that segment
     (near-duplicates are the lexical rule of ``text/summarize.py``). All the texts of
-    one question go through the encoder in batches of ``BATCH`` texts. Above ``MAX_WINDOWS`` windows in all (a
+    one question go through the encoder in batches of ``BATCH`` texts, each distinct window once (``passes`` counts
+them). Above ``MAX_WINDOWS`` windows in all (a
     prompt of several hundred tokens cut into hundreds of segments), importance falls back to the position rule
     and says so."""
 
@@ -458,7 +468,7 @@ class SummaryJudge:
             group = plans[start:start + self.BATCH]
             need_empty = any(p.uses_empty_window for p in group)
             contexts, _, _ = self.encoder._encode_plans(group, skips, self.weighting, need_empty, self.registry)
-            self.passes += sum(len(p.windows) for p in group)
+            self.passes += len({(w.tokens, w.positions) for p in group for w in p.windows}) + need_empty
             for plan, context in zip(group, contexts):
                 rows = [r for r, (w, pos) in enumerate(plan.rows)
                         if w >= 0 and 1 <= pos <= len(plan.windows[w].tokens)]
