@@ -15,6 +15,8 @@ Facts, with their sources (see ../shared/reference/checkpoints.md and prompt-enc
   diffusers ``force_zeros_for_empty_prompt``).
 - A1111's "Clip skip" setting (``CLIP_stop_at_last_layers``) moves SD1 text encoders only: A1111 always uses the
   penultimate layer on SD2 and SDXL (the latter unless its ``sdxl_clip_l_skip`` option is set).
+- The SDXL VAE overflows in fp16 (its decoder's activations pass 65504: diffusers sets ``force_upcast`` in its
+  config and runs it in fp32; the community "sdxl-vae-fp16-fix" exists for that reason); SD1/SD2 VAEs do not.
 - ``tiny``: the embedded miniature model (CLIP-L-shaped tower, 64 px), which behaves like SD1.
 
 Torch-free.
@@ -51,6 +53,7 @@ class ModelFamily:
     a1111_clip_skip: bool  # A1111's "Clip skip" setting moves this family's text encoder
     zero_empty_negative: bool  # an empty negative prompt is encoded as zeros
     eps_native_size: int | None = None  # the native size of the family's eps models, when it differs
+    vae_fp16_overflows: bool = False  # its VAE's activations overflow fp16 (Inf/NaN): devices.resolve upcasts it
 
     @property
     def default_clip_skip(self) -> int:
@@ -84,7 +87,7 @@ SD2 = ModelFamily("sd2", 768, "v", ("cond_stage_model.model.", "conditioner.embe
 SDXL = ModelFamily("sdxl", 1024, "eps", ("conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."),
                    (TowerRecipe("clip_l", pad_id=EOS_ID, final_norm=False, default_clip_skip=2),
                     TowerRecipe("clip_g", pad_id=0, final_norm=False, default_clip_skip=2)),
-                   a1111_clip_skip=False, zero_empty_negative=True)  # fmt: skip
+                   a1111_clip_skip=False, zero_empty_negative=True, vae_fp16_overflows=True)  # fmt: skip
 TINY = ModelFamily("tiny", 64, "eps", ("cond_stage_model.transformer.",), (_CLIP_L_SD1,), a1111_clip_skip=True,
                    zero_empty_negative=False)  # fmt: skip
 

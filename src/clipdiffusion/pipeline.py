@@ -79,6 +79,7 @@ class Pipeline:
         self.name = name
         self.default_size = default_size or record.native_size_for(prediction)
         self.alphas_cumprod = alphas_cumprod
+        self.placement = None  # a devices.Placement once placed (from_* with device/dtype, or place())
 
     # ---- construction ------------------------------------------------------------------------------------------
 
@@ -88,31 +89,71 @@ class Pipeline:
                    name=name, default_size=loaded.default_size)
 
     @classmethod
-    def from_file(cls, path, *, prediction: str | None = None, text_encoder=None, **load_options) -> "Pipeline":
-        """A single-file checkpoint (.safetensors). ``prediction`` overrides what the loader detected;
-        ``text_encoder`` (a file or folder) replaces its text tower (``replace_text_encoder``)."""
-        from .checkpoints.load import load_checkpoint
+    def _load_placed(cls, loader, source, name, prediction, text_encoder, device, dtype, load_options):
+        """Load with ``loader`` and place the model (``devices.resolve(device, dtype, family=...)``). A placement
+        that is one dtype the family cannot change loads straight onto the device in that dtype (cpu/fp32: as
+        before placements existed); otherwise the stored weights load on the CPU and each component is cast and
+        moved once the family is known. ``dtype=None`` keeps the stored dtypes (the loaders' own meaning)."""
+        from . import devices
 
-        pipe = cls._from_loaded(load_checkpoint(path, **load_options), Path(path).stem, prediction)
+        if dtype is None:
+            plan = devices.resolve(device, devices.DEFAULT_DTYPE)
+            pipe = cls._from_loaded(loader(source, dtype=None, device=plan.device, **load_options), name, prediction)
+        else:
+            plan = devices.resolve(device, dtype)
+            direct = plan.uniform and not devices.family_sensitive(plan)
+            loaded = loader(source, dtype=plan.torch_dtype("unet") if direct else None,
+                            device=plan.device if direct else "cpu", **load_options)  # fmt: skip
+            pipe = cls._from_loaded(loaded, name, prediction)
+            pipe.place(device, dtype)
         if text_encoder is not None:
-            pipe.replace_text_encoder(text_encoder)
+            pipe.replace_text_encoder(text_encoder)  # in the placed tower's dtype and device
         return pipe
 
     @classmethod
-    def from_pretrained(cls, folder, *, prediction: str | None = None, text_encoder=None,
-                        **load_options) -> "Pipeline":  # fmt: skip
-        """A diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/); ``text_encoder`` as in
-        ``from_file``."""
+    def from_file(cls, path, *, prediction: str | None = None, text_encoder=None, device="cpu", dtype="fp32",
+                  **load_options) -> "Pipeline":  # fmt: skip
+        """A single-file checkpoint (.safetensors). ``prediction`` overrides what the loader detected;
+        ``text_encoder`` (a file or folder) replaces its text tower (``replace_text_encoder``). ``device`` ("cpu",
+        "cuda[:n]", "auto") and ``dtype`` ("fp32", "bf16", "fp16", "auto", or a torch dtype) place the model as
+        ``place`` does (``devices.resolve``); the default is cpu/fp32."""
+        from .checkpoints.load import load_checkpoint
+
+        return cls._load_placed(load_checkpoint, path, Path(path).stem, prediction, text_encoder, device, dtype,
+                                load_options)  # fmt: skip
+
+    @classmethod
+    def from_pretrained(cls, folder, *, prediction: str | None = None, text_encoder=None, device="cpu",
+                        dtype="fp32", **load_options) -> "Pipeline":  # fmt: skip
+        """A diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/); ``text_encoder``,
+        ``device`` and ``dtype`` as in ``from_file``."""
         from .checkpoints.load import load_diffusers
 
-        pipe = cls._from_loaded(load_diffusers(folder, **load_options), Path(folder).name, prediction)
-        if text_encoder is not None:
-            pipe.replace_text_encoder(text_encoder)
-        return pipe
+        return cls._load_placed(load_diffusers, folder, Path(folder).name, prediction, text_encoder, device, dtype,
+                                load_options)  # fmt: skip
+
+    def place(self, device="auto", dtype="auto"):
+        """Move the model to ``devices.resolve(device, dtype, family=<this family>)``: each component to the
+        device in its own dtype (auto: fp16 on a GPU with the SDXL VAE in bf16; bf16 on a CPU with bf16 matrix
+        units, text encoder fp32; else fp32). Returns the ``Placement`` (also ``self.placement``); generations
+        name it in their notes unless it is plain cpu/fp32. Merged LoRAs stay merged (their float32 backups
+        restore into any dtype)."""
+        from .devices import place_modules, resolve
+
+        placement = resolve(device, dtype, family=self.model_family)
+        place_modules(placement, text_encoder=self.text_encoder, unet=self.unet, vae=self.vae)
+        self.placement = placement
+        return placement
+
+    def _placement_notes(self) -> tuple:
+        placement = self.placement
+        if placement is None or (placement.is_default and placement.reason == "as asked"):
+            return ()
+        return (f"placement: {placement.describe()}; not in the infotext (A1111 has no key for it)",)
 
     @classmethod
     def default(cls, **load_options) -> "Pipeline":
-        """The embedded tiny model shipped in ``clipdiffusion/tiny/data``."""
+        """The embedded tiny model shipped in ``clipdiffusion/tiny/data``; ``device``/``dtype`` as in ``from_file``."""
         files = sorted(TINY_DATA.glob("*.safetensors")) if TINY_DATA.is_dir() else []
         if not files:
             raise ClipDiffusionError(
@@ -404,7 +445,7 @@ class Pipeline:
         from .conditioning_schedule import prompt_notes
 
         notes = prompt_notes(request)  # before any model work: a prompt the planner refuses fails here
-        notes = self._text_encoder_notes() + notes
+        notes = self._placement_notes() + self._text_encoder_notes() + notes
         from .lora import request_loras
 
         wanted, lora_notes = request_loras(request, missing=missing_loras)

@@ -103,10 +103,13 @@ class DiagonalGaussian:
         self.std = torch.exp(0.5 * self.logvar)
 
     def sample(self, generator=None):
-        # Noise drawn on the generator's device (CPU for the project's seeds), then moved: same image everywhere.
+        # Noise drawn in fp32 on the generator's device (CPU for the project's seeds), then moved: the same draw on
+        # every device and dtype. A half-precision VAE's sample comes back in fp32.
         device = generator.device if generator is not None else self.mean.device
-        noise = torch.randn(self.mean.shape, generator=generator, device=device, dtype=self.mean.dtype)
-        return self.mean + self.std * noise.to(self.mean.device)
+        noise = torch.randn(self.mean.shape, generator=generator, device=device, dtype=torch.float32)
+        if self.mean.dtype in (torch.float16, torch.bfloat16):
+            return self.mean.float() + self.std.float() * noise.to(self.mean.device)
+        return self.mean + self.std * noise.to(self.mean.device, self.mean.dtype)
 
     def mode(self):
         return self.mean
