@@ -74,7 +74,7 @@ class Placement:
         return getattr(torch, _TORCH_NAMES[getattr(self, f"{component}_dtype")])
 
     def describe(self) -> str:
-        """One line: ``cpu: UNet bf16, text encoder fp32, VAE bf16 (auto: ...)``."""
+        """One line: ``cpu UNet bf16, text encoder fp32, VAE bf16 (auto: ...)``."""
         if self.uniform:
             dtypes = f"{self.unet_dtype}"
         else:
@@ -148,7 +148,7 @@ def cpu_bf16() -> tuple[bool, str]:
     """(native bf16 matrix units?, which flags say so / that none do)."""
     found = [f for f in CPU_BF16_FLAGS if f in cpu_flags()]
     if found:
-        return True, f"CPU flags {', '.join(found)}"
+        return True, f"CPU flag {' and '.join(found)}"
     return False, f"no {' or '.join(CPU_BF16_FLAGS)} CPU flag"
 
 
@@ -184,7 +184,7 @@ def resolve(device="auto", dtype="auto", *, family=None) -> Placement:
     gpus, gpu_bf16 = (0, False) if dev == "cpu" else _cuda()
     if dev == "auto":
         dev = "cuda:0" if gpus else "cpu"
-        notes.append("auto device: a CUDA GPU" if gpus else "auto device: no CUDA GPU, so the CPU")
+        notes.append("auto: a CUDA GPU is here" if gpus else "auto: no CUDA GPU, so the CPU")
     elif dev.startswith("cuda"):
         index = int(dev.split(":")[1])
         if not gpus:
@@ -197,21 +197,21 @@ def resolve(device="auto", dtype="auto", *, family=None) -> Placement:
     if want == "auto":
         if on_gpu:
             unet = text = vae = "fp16"
-            notes.append("auto dtype: fp16 on the GPU")
+            notes.append("auto: fp16 on a GPU")
         else:
             native, why = cpu_bf16()
             if native:
                 unet, text, vae = "bf16", "fp32", "bf16"
-                notes.append(f"auto dtype: bf16 UNet and VAE ({why}: native bf16 matrix units), fp32 text encoder")
+                notes.append(f"auto: bf16 UNet and VAE on the CPU's native bf16 matrix units, {why}; fp32 text encoder")
             else:
                 unet = text = vae = "fp32"
-                notes.append(f"auto dtype: fp32 ({why}: bf16 would be emulated, slower than fp32)")
+                notes.append(f"auto: fp32, {why}, so bf16 would be emulated and slower")
     else:
         unet = text = vae = want
         if not on_gpu and want == "fp16":
-            notes.append("fp16 on the CPU works but is slow (no fp16 matrix units); bf16 or fp32 is faster")
+            notes.append("fp16 on the CPU works but is slow, with no fp16 matrix units; bf16 or fp32 is faster")
         elif not on_gpu and want == "bf16" and not cpu_bf16()[0]:
-            notes.append(f"bf16 asked for; this CPU has {cpu_bf16()[1]}, so bf16 is emulated (slower than fp32)")
+            notes.append(f"bf16 as asked, but {cpu_bf16()[1]}, so bf16 is emulated and slower than fp32")
     if vae == "fp16" and on_gpu and record is not None and record.vae_fp16_overflows:
         vae = "bf16" if gpu_bf16 else "fp32"
         notes.append(f"the {record.name} VAE overflows in fp16, so it runs in {vae}")
@@ -234,3 +234,22 @@ def place_modules(placement: Placement, *, text_encoder=None, unet=None, vae=Non
         vae.to(device=placement.device, dtype=placement.torch_dtype("vae"))
     if text_encoder is not None:
         text_encoder.to(device=placement.device, dtype=placement.torch_dtype("text"))
+
+
+# ---- the command line (generate, serve, eval): the commands call these; the flags mean the same everywhere ------
+
+def add_arguments(parser) -> None:
+    """``--device`` and ``--dtype`` on an argparse parser (defaults cpu/fp32; validated by ``from_args``)."""
+    parser.add_argument("--device", default=DEFAULT_DEVICE, metavar="auto|cpu|cuda[:N]",
+                        help="where the model runs (default %(default)s); auto: a CUDA GPU when there is one, "
+                             "else the CPU")
+    parser.add_argument("--dtype", default=DEFAULT_DTYPE, metavar="auto|fp32|bf16|fp16",
+                        help="weights' precision (default %(default)s); auto: fp16 on a GPU (the SDXL VAE in bf16), "
+                             "bf16 on a CPU with bf16 matrix units (AMX or AVX512-BF16; text encoder fp32), else fp32")
+
+
+def from_args(args) -> tuple[str, str]:
+    """(device, dtype) of parsed ``--device``/``--dtype``, each checked (errors name the flag and the value)."""
+    device = check_device(getattr(args, "device", DEFAULT_DEVICE), "--device")
+    dtype = check_dtype(getattr(args, "dtype", DEFAULT_DTYPE), "--dtype")
+    return device, dtype

@@ -36,6 +36,9 @@ def add_arguments(parser):
     parser.add_argument("--untrained-word", default="wug",
                         help="embedding study: the made-up word that gets the run's initial vectors (default wug)")
     parser.add_argument("--out", default="eval/latest", help="report folder")
+    from .. import devices
+
+    devices.add_arguments(parser)
 
 
 def _load(args):
@@ -47,9 +50,13 @@ def _load(args):
         return GroundTruthPipeline(tokenizer=CLIPTokenizer())
     if args.reference == "noise":
         return NoisePipeline()
+    from ..devices import from_args
     from ..pipeline import Pipeline
 
-    return Pipeline.from_file(args.model) if args.model else Pipeline.default()
+    device, dtype = from_args(args)
+    if args.model:
+        return Pipeline.from_file(args.model, device=device, dtype=dtype)
+    return Pipeline.default(device=device, dtype=dtype)
 
 
 def _tokenizer(pipe):
@@ -74,6 +81,9 @@ def run(args) -> int:
         lengths = tuple(int(v) for v in args.lengths.split(","))
     except ValueError:
         raise ClipDiffusionError(f"lengths: {args.lengths!r} is not a comma list of integers") from None
+    from ..devices import from_args
+
+    from_args(args)  # --device/--dtype checked before the report folder is made
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     pipe = _load(args)
@@ -86,6 +96,11 @@ def run(args) -> int:
              + f"{args.steps} steps, guidance {args.guidance}, sampler {args.sampler}",
              f"command: `clipdiffusion {command}`", ""]  # fmt: skip
     results: dict = {"model": name, **gen}
+    placement = getattr(pipe, "placement", None)
+    if placement is not None:
+        results["placement"] = placement.to_dict()
+        if not (placement.is_default and placement.reason == "as asked"):
+            lines[-1:-1] = [f"placement: {placement.describe()}"]
 
     def progress(i, n):
         print(f"\r  {i}/{n}", end="", file=sys.stderr, flush=True)

@@ -26,6 +26,9 @@ def add_arguments(parser):
                                        "--loras)")
     parser.add_argument("--model", metavar="FILE|FOLDER",
                         help="a .safetensors checkpoint or a diffusers folder (default: the embedded tiny model)")
+    from .. import devices
+
+    devices.add_arguments(parser)
     parser.add_argument("--text-encoder", metavar="FILE|FOLDER",
                         help="replace the model's text tower (SD1/SD2): a fine-tuned CLIP-L or Long-CLIP (248 "
                              "positions: one window of up to 246 tokens) as .safetensors/.pt (weights only), "
@@ -92,18 +95,19 @@ def parse_lora_args(items) -> tuple:
     return tuple(out)
 
 
-def load_pipeline(model, prediction=None, text_encoder=None):
+def load_pipeline(model, prediction=None, text_encoder=None, *, device="cpu", dtype="fp32"):
     from ..pipeline import Pipeline
 
+    place = {"device": device, "dtype": dtype}
     if model is None:
-        pipe = Pipeline.default(text_encoder=text_encoder)
+        pipe = Pipeline.default(text_encoder=text_encoder, **place)
         if prediction is not None:
             pipe.prediction = prediction
         return pipe
     path = Path(model)
     if path.is_dir():
-        return Pipeline.from_pretrained(path, prediction=prediction, text_encoder=text_encoder)
-    return Pipeline.from_file(path, prediction=prediction, text_encoder=text_encoder)
+        return Pipeline.from_pretrained(path, prediction=prediction, text_encoder=text_encoder, **place)
+    return Pipeline.from_file(path, prediction=prediction, text_encoder=text_encoder, **place)
 
 
 class ProgressBar:
@@ -202,6 +206,9 @@ def run(args) -> int:
     check_outputs(paths)
     init_image = read_init_image(args.init_image) if args.init_image else None
     request = build_request(args, init_image)
+    from ..devices import from_args
+
+    device, dtype = from_args(args)  # checked before the model loads
     lora_dirs = getattr(args, "loras", None) or ()
     for folder in lora_dirs:  # before the model loads
         if not Path(folder).is_dir():
@@ -213,7 +220,7 @@ def run(args) -> int:
         scan_folder(embeddings)  # a missing folder fails before the model loads
     if args.text_encoder is not None and not Path(args.text_encoder).exists():
         raise ClipDiffusionError(f"--text-encoder {args.text_encoder!r}: no such file or folder")
-    pipe = load_pipeline(args.model, args.prediction, args.text_encoder)
+    pipe = load_pipeline(args.model, args.prediction, args.text_encoder, device=device, dtype=dtype)
     if embeddings is not None:
         from ..checkpoints.embeddings import describe_report
 

@@ -227,6 +227,9 @@ def format_text(info: dict) -> str:
             if k.startswith(("clipdiffusion.", "modelspec.")) and not k.endswith(("_config", "_configs"))}  # fmt: skip
     lines += [f"metadata:   {k} = {v}" for k, v in ours.items()]
     lines += _check_lines(info.get("check"))
+    auto = info.get("auto_placement")
+    if auto is not None:
+        lines.append(f"auto:       {auto['describe']} (what --device auto --dtype auto picks on this machine)")
     return "\n".join(lines)
 
 
@@ -254,6 +257,10 @@ def _check_lines(check) -> list:
 
 def run(args) -> int:
     info = describe(args.path, args.prediction, args.variant)
+    from ..devices import resolve
+
+    auto = resolve("auto", "auto", family=info["family"])
+    info["auto_placement"] = {**auto.to_dict(), "describe": auto.describe()}
     if getattr(args, "check", False):
         info["check"] = {"scanned": True, **scan_nonfinite(args.path, args.variant)}
     else:

@@ -24,6 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text-encoder", metavar="FILE|FOLDER",
                         help="replace the text tower of every served model (SD1/SD2): a fine-tuned CLIP-L or "
                              "Long-CLIP (248 positions), as for generate --text-encoder")
+    from .. import devices
+
+    devices.add_arguments(parser)
     parser.add_argument("--host", default=None, help="address to bind (default 127.0.0.1; 0.0.0.0 with --listen)")
     parser.add_argument("--port", type=int, default=_DEFAULTS.port, help="port (default %(default)s)")
     parser.add_argument("--listen", action="store_true", help="accept connections from other machines")
@@ -67,6 +70,9 @@ def build_settings(args: argparse.Namespace) -> ServerSettings:
     for folder in lora_dirs:
         if not os.path.isdir(folder):
             raise ClipDiffusionError(f"--loras {folder!r}: no such folder")
+    from ..devices import from_args
+
+    device, dtype = from_args(args)
     host = args.host or ("0.0.0.0" if args.listen else _DEFAULTS.host)
     if not 0 < args.port < 65536:
         raise ClipDiffusionError(f"--port must be in 1..65535, got {args.port}")
@@ -78,7 +84,7 @@ def build_settings(args: argparse.Namespace) -> ServerSettings:
         max_body_bytes=args.max_body_mb * 2**20, queue_size=args.queue_size, preload=True,
         text_encoder=os.path.abspath(text_encoder) if text_encoder is not None else None,
         text_positions=_text_positions(text_encoder),
-        embeddings_dir=os.path.abspath(embeddings) if embeddings is not None else None)
+        embeddings_dir=os.path.abspath(embeddings) if embeddings is not None else None, device=device, dtype=dtype)
 
 
 def _text_positions(text_encoder) -> int:
@@ -100,11 +106,12 @@ def pipeline_factory(settings: ServerSettings):
         if entry is None:  # the app validates names first; this guards the factory on its own
             raise ClipDiffusionError(f"model {name!r} is not listed")
         te = settings.text_encoder
+        place = {"device": settings.device, "dtype": settings.dtype}
         if entry.source is None:
-            return Pipeline.default(text_encoder=te)
+            return Pipeline.default(text_encoder=te, **place)
         if os.path.isdir(entry.source):
-            return Pipeline.from_pretrained(entry.source, text_encoder=te)
-        return Pipeline.from_file(entry.source, text_encoder=te)
+            return Pipeline.from_pretrained(entry.source, text_encoder=te, **place)
+        return Pipeline.from_file(entry.source, text_encoder=te, **place)
 
     return load
 

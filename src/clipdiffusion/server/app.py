@@ -445,7 +445,12 @@ def _own_routes(app: FastAPI, state: ServerState) -> None:
         from ..text.chunking import LONG_PROMPT_STRATEGIES
 
         limits = settings.limits
+        from ..devices import resolve
+
+        placement = await run_in_threadpool(resolve, settings.device, settings.dtype)
         return {"models": [m.name for m in settings.models], "options": state.options_snapshot(),
+                "placement": {"device": settings.device, "dtype": settings.dtype, "resolved": placement.to_dict(),
+                              "note": "per model, its family may upcast the VAE (SDXL's overflows in fp16)"},
                 "samplers": list(samplers), "schedules": list(schedules),
                 "long_prompt": list(LONG_PROMPT_STRATEGIES), "weighting": await run_in_threadpool(weightings),
                 "limits": {"max_width": limits.max_width, "max_height": limits.max_height,

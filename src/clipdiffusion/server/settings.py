@@ -69,6 +69,10 @@ class ServerSettings:
     embeddings_dir: str | None = None
     # Its window length (from the file's header at startup), so the token counter shows the capacity it has.
     text_positions: int = 77
+    # Where every model runs (--device/--dtype): requests for devices.resolve, applied per model with its family
+    # (Pipeline.from_*(device=, dtype=)). Defaults cpu/fp32; "auto" picks per machine.
+    device: str = "cpu"
+    dtype: str = "fp32"
 
     def __post_init__(self):
         for name in ("max_width", "max_height", "max_steps", "max_batch_size", "max_n_iter", "max_prompt_chars",
@@ -81,6 +85,10 @@ class ServerSettings:
         names = [m.name for m in self.models]
         if len(set(names)) != len(names):
             raise ClipDiffusionError(f"models must have distinct names, got {names!r}")
+        from ..devices import check_device, check_dtype
+
+        check_device(self.device, "device")
+        check_dtype(self.dtype, "dtype")
         self.limits  # a limit looser than the engine's is an error here, not in the first request
 
     @functools.cached_property
