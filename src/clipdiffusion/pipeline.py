@@ -146,7 +146,7 @@ class Pipeline:
         return placement
 
     def _placement_notes(self) -> tuple:
-        placement = self.placement
+        placement = self.__dict__.get("placement")  # subclasses that skip __init__ (test stand-ins) have none
         if placement is None or (placement.is_default and placement.reason == "as asked"):
             return ()
         return (f"placement: {placement.describe()}; not in the infotext (A1111 has no key for it)",)
