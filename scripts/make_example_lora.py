@@ -245,26 +245,9 @@ class TrainedLora:
 
 def frozen(pipe):
     """Every network of ``pipe`` in eval mode with ``requires_grad`` off, restored on exit."""
-    import contextlib
+    from clipdiffusion.embedding_training import frozen as frozen_model
 
-    modules = [spec.model for spec in pipe.text_encoder.encoders] + [pipe.unet, pipe.vae]
-
-    @contextlib.contextmanager
-    def manager():
-        flags = [[p.requires_grad for p in m.parameters()] for m in modules]
-        modes = [m.training for m in modules]
-        try:
-            for m in modules:
-                m.eval()
-                m.requires_grad_(False)
-            yield
-        finally:
-            for m, f, mode in zip(modules, flags, modes):
-                for p, flag in zip(m.parameters(), f):
-                    p.requires_grad_(flag)
-                m.train(mode)
-
-    return manager()
+    return frozen_model(pipe)
 
 
 def denoising_loss(pipe, hooks, batch, t, noise, posterior_noise):

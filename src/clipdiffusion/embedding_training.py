@@ -313,27 +313,7 @@ class EmbeddingTrainer:
     def frozen(self):
         """A context manager: every module of the pipeline in eval mode with ``requires_grad`` off, restored on
         exit (the model's parameters are never written)."""
-        import contextlib
-
-        pipe = self.pipe
-        modules = [spec.model for spec in pipe.text_encoder.encoders] + [pipe.unet, pipe.vae]
-
-        @contextlib.contextmanager
-        def manager():
-            flags = [[p.requires_grad for p in m.parameters()] for m in modules]
-            modes = [m.training for m in modules]
-            try:
-                for m in modules:
-                    m.eval()
-                    m.requires_grad_(False)
-                yield
-            finally:
-                for m, f, mode in zip(modules, flags, modes):
-                    for p, flag in zip(m.parameters(), f):
-                        p.requires_grad_(flag)
-                    m.train(mode)
-
-        return manager()
+        return frozen(self.pipe)
 
     def run(self, *, should_stop=None) -> TrainedEmbedding:
         """Train for ``settings.steps`` steps (fewer when the time limit, ``should_stop()`` or Ctrl-C stops it)."""
@@ -411,3 +391,28 @@ def save_embedding(path, trained: TrainedEmbedding, *, model: str = "", family: 
     }
     metadata.update({k: str(v) for k, v in (extra_metadata or {}).items()})
     save_file(trained.tensors(vectors), path, metadata=metadata)
+
+
+def frozen(pipe):
+    """A context manager: every network of ``pipe`` (text towers, UNet, VAE) in eval mode with ``requires_grad``
+    off, both restored on exit. Used by every trainer that learns something beside a frozen model."""
+    import contextlib
+
+    modules = [spec.model for spec in pipe.text_encoder.encoders] + [pipe.unet, pipe.vae]
+
+    @contextlib.contextmanager
+    def manager():
+        flags = [[p.requires_grad for p in m.parameters()] for m in modules]
+        modes = [m.training for m in modules]
+        try:
+            for m in modules:
+                m.eval()
+                m.requires_grad_(False)
+            yield
+        finally:
+            for m, f, mode in zip(modules, flags, modes):
+                for p, flag in zip(m.parameters(), f):
+                    p.requires_grad_(flag)
+                m.train(mode)
+
+    return manager()

@@ -211,32 +211,6 @@ def _embedding_routes(app: FastAPI, state: ServerState) -> None:
         return result
 
 
-def _with_loras(factory: Callable, library) -> Callable:
-    """The pipeline factory, each model it loads sharing the server's LoRA library (``--loras DIR``)."""
-
-    def load(name: str):
-        pipe = factory(name)
-        if hasattr(pipe, "apply_loras"):
-            pipe.loras = library
-        return pipe
-
-    return load
-
-
-def _lora_routes(app: FastAPI, state: ServerState) -> None:
-    """A1111's ``GET /sdapi/v1/loras`` (``[{name, alias, path, metadata}]``, the path relative to its --loras
-    folder) and ``POST /sdapi/v1/refresh-loras`` (rescan the folders; answers null as A1111's does)."""
-
-    @app.get("/sdapi/v1/loras", tags=["a1111"])
-    async def loras() -> list[dict]:
-        return await run_in_threadpool(lambda: [e.describe() for e in state.loras.entries()])
-
-    @app.post("/sdapi/v1/refresh-loras", tags=["a1111"])
-    async def refresh_loras() -> None:
-        await run_in_threadpool(state.loras.refresh)
-        return None
-
-
 def _generate_work(plan: a1111.GenerationPlan, pipe, control: JobControl):
     """Runs in the worker: the request's n_iter engine calls, seeds consecutive across the whole batch as in A1111
     (the plan's seed is already resolved). The results' notes (prompt tags not applied, ...) go to `plan.notes`."""
