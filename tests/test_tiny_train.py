@@ -437,3 +437,67 @@ def test_train_cli_ends_with_a_note_when_slower_than_the_shipped_run(tmp_path, m
     monkeypatch.setattr(train, "shipped_run", lambda: None)  # no shipped file to compare with: no note
     assert main([*args, "--out", str(tmp_path / "plain")]) == 0
     assert "note:" not in capsys.readouterr().err
+
+
+def test_window_layouts_match_inference_encoding(trained):
+    # the UNet trains on sliding-window contexts exactly as inference builds them (empty-prompt padding rows too)
+    trainer, _ = trained
+    long = ", ".join(["masterpiece, best quality, highly detailed"] * 12) + ", a red circle at the top left"
+    captions = [long, "a blue square on the left", long + ", a green square at the bottom"]
+    strategies = ["window", "window", "chunk"]
+    for members, ctx in ContextBuilder(trainer.text_encoder)(captions, strategies):
+        for row, i in enumerate(members):
+            expected = trainer.text_encoder.encode(captions[i], long_prompt=strategies[i]).context[0]
+            torch.testing.assert_close(ctx[row], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_deep_captions_put_objects_at_every_depth(trained):
+    from clipdiffusion.tiny.batches import deep_caption
+
+    trainer, _ = trained
+    tokenizer = trainer.text_encoder.tokenizer
+    rng = np.random.default_rng(0)
+    spec = SceneSpec((ObjectSpec("red", "circle", 0, "large"),), "white")
+    depths = []
+    for _ in range(200):
+        text = deep_caption(spec, rng, tokenizer, max_prefix=240)
+        assert "red circle" in text
+        depths.append(len(tokenizer.encode(text[: text.index("red circle")])))
+    depths = np.array(depths)
+    # uniform prefix length: every quarter of 0-240 tokens is well represented, deep windows included
+    counts = np.histogram(depths, bins=[0, 60, 120, 180, 260])[0]
+    assert counts.min() > 25, counts
+    assert (depths % 75 > 40).mean() > 0.25  # objects deep inside a 75-token window, not only at its start
+
+
+def test_init_from_fine_tunes_a_finished_model(trained, tmp_path):
+    # a run started from a finished model: its text tower and VAE stay, the UNet continues (its steps only), the
+    # scale factor and the base run's record carry over
+    from clipdiffusion.checkpoints.safetensors_io import read_shapes
+
+    trainer, path = trained
+    settings = _settings(init_from=str(path), phase_steps=(0, 0, 1, 2), deep_objects=1.0, window_share=1.0)
+    tuned = Trainer(tmp_path / "ft", settings, log=lambda line: None)
+    base = Trainer(tmp_path / "base", _settings(), log=lambda line: None)  # the same preset, fresh weights
+    for name in ("text", "vae", "unet"):
+        loaded = tuned.models[name].state_dict()
+        exported = {k: v.half().float() for k, v in trainer.models["ema" if name == "unet" else name].state_dict().items()}
+        for k, v in loaded.items():
+            torch.testing.assert_close(v.float(), exported[k], rtol=0, atol=0)
+        assert any(not torch.equal(v, base.models[name].state_dict()[k]) for k, v in loaded.items())
+    out = tuned.run()
+    assert tuned.state["step"] == {"clip": 0, "vae": 0, "pool": 1, "unet": 2}
+    assert tuned.state["scale_factor"] == pytest.approx(trainer.state["scale_factor"], rel=1e-3)
+    _, _, meta = read_shapes(out)
+    assert json.loads(meta["clipdiffusion.tiny.base_steps"]) == trainer.state["step"]
+    assert json.loads(meta["clipdiffusion.tiny.train_settings"])["init_from"] == str(path)
+    assert all(len(trainer.text_encoder.tokenizer.encode(c)) >= 0 for c in tuned.pool["captions"])
+    assert set(tuned.pool["strategies"]) <= {"chunk", "window"}
+
+
+def test_init_from_refuses_a_model_of_another_size(trained, tmp_path):
+    from clipdiffusion.pipeline import TINY_DATA
+
+    shipped = next(TINY_DATA.glob("*.safetensors"))
+    with pytest.raises(ClipDiffusionError, match="init_from"):
+        Trainer(tmp_path / "x", _settings(init_from=str(shipped)), log=lambda line: None)

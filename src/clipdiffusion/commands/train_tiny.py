@@ -34,6 +34,16 @@ def add_arguments(parser):
     parser.add_argument("--clip-readout", type=float, default=None, metavar="W",
                         help="weight of the tiny CLIP's cell-readout loss (its context must name each cell's "
                              "colour, shape and size to a cross-attention probe); 0: contrastive only")  # fmt: skip
+    parser.add_argument("--deep-objects", type=float, default=None, metavar="P",
+                        help="share of the UNet's captions with objects after 0-240 tokens of style tags "
+                             "(objects at every depth of a window; default 0)")  # fmt: skip
+    parser.add_argument("--window-share", type=float, default=None, metavar="P",
+                        help="share of captions past 75 tokens laid out by the window strategy (default 0: chunk)")
+    parser.add_argument("--init-from", default=None, metavar="MODEL",
+                        help="start from this tiny model's text tower, VAE and UNet; with --phase-steps 0,0,P,U "
+                             "it fine-tunes the UNet alone")  # fmt: skip
+    parser.add_argument("--lr-floor", type=float, default=None, metavar="F",
+                        help="cosine-decay each phase's learning rate to this share of its base (default: constant)")
     parser.add_argument("--eval", type=int, default=0, metavar="N",
                         help="afterwards, evaluate the result on N prompts per object count")  # fmt: skip
 
@@ -58,8 +68,15 @@ def run(args) -> int:
     hard = None if args.clip_hard_negatives is None else args.clip_hard_negatives == "on"
     options = (("size_named", args.size_named), ("unet_lr", args.unet_lr), ("pool_captions", args.pool_captions),
                ("phase_steps", phase_steps), ("clip_hard_negatives", hard),
-               ("clip_readout", args.clip_readout))  # fmt: skip
+               ("clip_readout", args.clip_readout), ("deep_objects", args.deep_objects),
+               ("window_share", args.window_share), ("lr_floor", args.lr_floor))  # fmt: skip
     extra = {k: v for k, v in options if v is not None}
+    if args.init_from is not None:
+        from pathlib import Path
+
+        if not Path(args.init_from).is_file():
+            raise ClipDiffusionError(f"init-from: {args.init_from!r} is not a file")
+        extra["init_from"] = str(args.init_from)
     settings = TrainSettings(model=args.model, minutes=args.minutes, seed=args.seed, pool_size=args.pool_size, **extra)
     trainer = Trainer(args.out, settings, resume=args.resume, log=lambda line: print(line, file=sys.stderr))
     path = trainer.run()

@@ -90,6 +90,14 @@ def caption(spec: SceneSpec, rng: np.random.Generator, *, p_tags: float = 0.3, m
     return text
 
 
+def tag_prefix(tokenizer, n_tokens: int, rng: np.random.Generator) -> list[str]:
+    """Style tags whose comma-joined text (plus the comma before the objects) is at least ``n_tokens`` tokens."""
+    tags: list[str] = []
+    while n_tokens > 0 and len(tokenizer.encode(", ".join(tags) + ",")) < n_tokens:
+        tags.extend(style_tags(rng, 1))
+    return tags
+
+
 def long_caption(spec: SceneSpec, rng: np.random.Generator, prefix_tags: list[str]) -> str:
     """Objects after a given run of style tags (the long-prompt study places them 60-150 tokens in)."""
     return ", ".join(prefix_tags) + ", " + caption(spec, rng, p_tags=0.0)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .captions import caption, long_caption, parse_caption, style_tags
+from .captions import caption, long_caption, parse_caption, tag_prefix  # noqa: F401 (tag_prefix: re-export)
 from .judge import judge, verdict
 from .world import SceneSpec, render_spec, sample_spec
 
@@ -194,14 +194,6 @@ class NoisePipeline:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Studies
-
-
-def tag_prefix(tokenizer, n_tokens: int, rng: np.random.Generator) -> list[str]:
-    """Style tags whose comma-joined text (plus the comma before the objects) is at least ``n_tokens`` tokens."""
-    tags: list[str] = []
-    while n_tokens > 0 and len(tokenizer.encode(", ".join(tags) + ",")) < n_tokens:
-        tags.extend(style_tags(rng, 1))
-    return tags
 
 
 def long_prompt_cases(tokenizer, n_tokens: int, per_count: int = 10, seed: int = EVAL_SEED + 1):

@@ -64,6 +64,17 @@ class TrainSettings:
     # (run 3, the first shipped model: contrastive only). On run 3's VAE, a UNet of 3,720 steps learns 0.71 /
     # 0.69 / 0.57 on such a CLIP against 0.42 / 0.15 / 0.01 on run 3's own (eval/training.md, session 6)
     clip_readout: float = 1.0
+    # share of the pool's captions whose objects follow a run of style tags of uniform length 0-240 tokens
+    # (batches.deep_caption): objects at every depth of a window and in every chunk. 0: the shipped run E's
+    # captions, where a few tags sit between the objects and nearly every object starts in a window's first 30
+    # positions (eval/longpos)
+    deep_objects: float = 0.0
+    # share of the pool's captions past 75 tokens laid out by the window strategy instead of chunk (the UNet then
+    # learns the sliding-window layout as well)
+    window_share: float = 0.0
+    # a tiny-model .safetensors whose text tower, VAE (with its scale factor) and UNet start the run: with
+    # phase_steps 0,0,P,U it continues the UNet alone on a new pool (fine-tuning)
+    init_from: str | None = None
 
     def __post_init__(self):
         if self.model not in PRESETS:
@@ -83,6 +94,9 @@ class TrainSettings:
             raise ClipDiffusionError(f"lr_floor: {self.lr_floor!r} is outside [0, 1] (a share of the base rate)")
         if not 0 <= self.pool_captions <= 64:
             raise ClipDiffusionError(f"pool_captions: {self.pool_captions!r} is outside [0, 64]")
+        for name in ("deep_objects", "window_share"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ClipDiffusionError(f"{name}: {getattr(self, name)!r} is outside [0, 1] (a share)")
         if self.phase_steps is not None and (len(self.phase_steps) != len(PHASES) or min(self.phase_steps) < 0):
             raise ClipDiffusionError(f"phase_steps: {self.phase_steps!r} needs {len(PHASES)} non-negative counts")
 
@@ -140,8 +154,10 @@ def shipped_run():
         return None
     with safe_open(str(files[0]), "np") as f:
         meta = f.metadata() or {}
+    # a fine-tuned model (init_from) records the from-scratch run it started from: that run sets the pace
+    prefix = "clipdiffusion.tiny.base_" if "clipdiffusion.tiny.base_steps" in meta else "clipdiffusion.tiny."
     try:
-        run = (json.loads(meta["clipdiffusion.tiny.train_settings"]), json.loads(meta["clipdiffusion.tiny.steps"]))
+        run = (json.loads(meta[prefix + "train_settings"]), json.loads(meta[prefix + "steps"]))
     except (KeyError, ValueError):
         return None
     return run if all(isinstance(part, dict) for part in run) else None

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ClipDiffusionError
-from .batches import POOL_BATCH, ContextBuilder, Scenes, cell_targets, described_pair, loose_caption
+from .batches import POOL_BATCH, ContextBuilder, Scenes, cell_targets, deep_caption, described_pair, loose_caption
 from .models import build_models, to_pixels
 from .settings import PHASES, TrainSettings, phase_seconds
 from .world import BACKGROUNDS, Scene, SceneObject, render
@@ -86,7 +86,10 @@ class Trainer:
         self.torch_rng = torch.Generator().manual_seed(settings.seed)
         self.pool = None
         self._empty = None  # the empty caption's context, encoded at the first UNet step
+        self._base_run = None  # the (settings, steps) metadata of the init_from model's own run
         state_path = self.out / "state.pt"
+        if settings.init_from is not None and not resume:
+            self._init_from(settings.init_from)
         if resume:
             if not state_path.exists():
                 raise ClipDiffusionError(f"resume: no training state in {str(self.out)!r} (state.pt is missing)")
@@ -97,6 +100,30 @@ class Trainer:
         from .eval import held_out_keys
 
         self.scenes = Scenes(self.rng, held_out_keys())
+
+    def _init_from(self, path):
+        """Start from a finished tiny model's text tower, VAE (and scale factor) and UNet (also the EMA's start)."""
+        from safetensors import safe_open
+
+        from ..pipeline import Pipeline
+
+        pipe = Pipeline.from_file(path)
+        if pipe.family != "tiny":
+            raise ClipDiffusionError(f"init_from: {str(path)!r} is a {pipe.family!r} model, not a tiny one")
+        try:
+            self.models["text"].load_state_dict(pipe.text_encoder.encoders[0].model.state_dict())
+            self.models["vae"].load_state_dict(pipe.vae.state_dict())
+            self.models["unet"].load_state_dict(pipe.unet.state_dict())
+            self.models["ema"].load_state_dict(pipe.unet.state_dict())
+        except RuntimeError as e:
+            raise ClipDiffusionError(f"init_from: {str(path)!r} does not fit preset {self.settings.model!r} "
+                                     f"({str(e)[:200]})") from None  # fmt: skip
+        self.state["scale_factor"] = float(pipe.vae.config.scale_factor)
+        with safe_open(str(path), "np") as f:
+            meta = f.metadata() or {}
+        base = (meta.get("clipdiffusion.tiny.base_train_settings") or meta.get("clipdiffusion.tiny.train_settings"),
+                meta.get("clipdiffusion.tiny.base_steps") or meta.get("clipdiffusion.tiny.steps"))  # fmt: skip
+        self.state["base_run"] = list(base) if all(base) else None
 
     # ---- persistence ----------------------------------------------------------------------------------------
 
@@ -112,7 +139,8 @@ class Trainer:
             # the encoded contexts (~1 GB) are not saved: resuming encodes the saved captions again
             "pool": None if self.pool is None else {
                 "scenes": [(sc.background, [dataclasses.astuple(o) for o in sc.objects]) for sc in self.pool["scenes"]],
-                "latents": self.pool["latents"], "captions": self.pool["captions"]},
+                "latents": self.pool["latents"], "captions": self.pool["captions"],
+                "strategies": self.pool.get("strategies", [])},
         }
         tmp = self.out / "state.pt.tmp"
         torch.save(blob, tmp)
@@ -155,11 +183,14 @@ class Trainer:
             if len(captions) != self.settings.pool_captions * len(scenes):
                 raise ValueError(f"{len(captions)} pooled captions for {len(scenes)} scenes at pool_captions "
                                  f"{self.settings.pool_captions}")  # fmt: skip
-            pool = {"scenes": scenes, "latents": pool["latents"], "captions": captions, "contexts": []}
+            strategies = list(pool.get("strategies") or ["chunk"] * len(captions))  # older states: all chunked
+            pool = {"scenes": scenes, "latents": pool["latents"], "captions": captions, "strategies": strategies,
+                    "contexts": []}  # fmt: skip
             # in the pool phase's batches, so the contexts come out bit-identical to the ones the run had
             per_batch = POOL_BATCH * self.settings.pool_captions
             for start in range(0, len(pool["captions"]), per_batch or 1):
-                pool["contexts"] += self._encode(pool["captions"][start : start + per_batch])
+                end = start + (per_batch or 1)
+                pool["contexts"] += self._encode(pool["captions"][start:end], pool["strategies"][start:end])
         self.pool = pool
 
     def _record(self, phase, **values):
@@ -212,7 +243,9 @@ class Trainer:
         return self.export(self.out / "tiny-sd.safetensors")
 
     def _finish(self, phase):
-        if phase == "vae":
+        if phase == "vae" and self.settings.init_from is not None and not self.state["step"]["vae"]:
+            self._record("vae", scale_factor=self.state["scale_factor"])  # kept from init_from
+        elif phase == "vae":
             self.state["scale_factor"] = self._measure_scale_factor()
             self._record("vae", scale_factor=self.state["scale_factor"], judged_right=self._vae_round_trip())
         if phase == "pool":
@@ -298,23 +331,35 @@ class Trainer:
     def _pool_step(self):
         s = self.settings
         if self.pool is None:
-            self.pool = {"scenes": [], "latents": [], "captions": [], "contexts": []}
+            self.pool = {"scenes": [], "latents": [], "captions": [], "strategies": [], "contexts": []}
         scenes = self.scenes.draw(min(POOL_BATCH, s.pool_size - len(self.pool["scenes"])))
         pixels = to_pixels([render(sc, self.config.image.canvas) for sc in scenes]).to(self.device)
         latents = self.models["vae"].encode(pixels).mean * self.state["scale_factor"]  # [b, 4, h, w]
         self.pool["scenes"] += scenes
         self.pool["latents"].append(latents.half().cpu())
         # scene i's captions are captions[i * pool_captions : (i + 1) * pool_captions]
-        captions = [loose_caption(sc.spec(), self.rng, s.p_tags, s.size_named)
-                    for sc in scenes for _ in range(s.pool_captions)]  # fmt: skip
+        captions = [self._pool_caption(sc) for sc in scenes for _ in range(s.pool_captions)]
+        strategies = ["chunk"] * len(captions)
+        if s.window_share:
+            tokenizer = self.text_encoder.tokenizer
+            strategies = ["window" if len(tokenizer.encode(c)) > 75 and self.rng.random() < s.window_share else "chunk"
+                          for c in captions]  # fmt: skip
         self.pool["captions"] += captions
-        self.pool["contexts"] += self._encode(captions)
+        self.pool["strategies"] += strategies
+        self.pool["contexts"] += self._encode(captions, strategies)
         return len(self.pool["scenes"]) >= s.pool_size
 
-    def _encode(self, captions) -> list:
-        """captions -> their cross-attention contexts [T, D], fp16 on the CPU, in order."""
+    def _pool_caption(self, scene) -> str:
+        s = self.settings
+        if s.deep_objects and self.rng.random() < s.deep_objects:
+            return deep_caption(scene.spec(), self.rng, self.text_encoder.tokenizer, s.size_named)
+        return loose_caption(scene.spec(), self.rng, s.p_tags, s.size_named)
+
+    def _encode(self, captions, strategies=None) -> list:
+        """captions -> their cross-attention contexts [T, D], fp16 on the CPU, in order (``strategies``: the
+        long-prompt layout of each, chunk by default)."""
         contexts = [None] * len(captions)
-        for members, context in ContextBuilder(self.text_encoder)(captions):
+        for members, context in ContextBuilder(self.text_encoder)(captions, strategies):
             for i, row in zip(members, context.half().cpu()):
                 contexts[i] = row
         return contexts
@@ -412,6 +457,8 @@ class Trainer:
 
         meta = {"clipdiffusion.tiny.train_settings": json.dumps(self.state["settings"]),
                 "clipdiffusion.tiny.steps": json.dumps(self.state["step"])}  # fmt: skip
+        if self.state.get("base_run"):  # a fine-tuned model keeps the record of the run it started from
+            meta["clipdiffusion.tiny.base_train_settings"], meta["clipdiffusion.tiny.base_steps"] = self.state["base_run"]
         path = save_checkpoint(self.pipeline(), path, meta, dtype=torch.float16)
         self.log(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
         self.export_heads(Path(path).with_name("tiny-clip-heads.safetensors"))
