@@ -31,6 +31,9 @@ _SCHEDULE_BY_NAME = {**{v: k for k, v in SCHEDULE_NAMES.items()}, "Uniform": "no
 _PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 _SIZE = re.compile(r"^(\d+)x(\d+)$")
 
+# A separate VAE file (Pipeline.replace_vae): A1111 writes these after "Model" (sd_vae.get_loaded_vae_hash/_name)
+VAE_KEYS = ("VAE hash", "VAE")
+
 _DEFAULT_LONG_PROMPT = "chunk"
 _DEFAULT_WEIGHTING = "a1111"
 
@@ -98,6 +101,9 @@ def format_infotext(p: GenerationParameters) -> str:
         pairs.append(("Size", f"{p.width}x{p.height}"))
     if p.model:
         pairs.append(("Model", p.model))
+    # A1111 writes the VAE file right after the model ("VAE hash", "VAE"); they live in ``extra``
+    vae_keys = [k for k in VAE_KEYS if p.extra.get(k) not in (None, "")]
+    pairs.extend((k, p.extra[k]) for k in vae_keys)
     if p.strength is not None:
         pairs.append(("Denoising strength", _number(p.strength)))
     if p.clip_skip is not None:
@@ -106,7 +112,7 @@ def format_infotext(p: GenerationParameters) -> str:
         pairs.append(("Long prompt", p.long_prompt))
     if p.weighting != _DEFAULT_WEIGHTING:
         pairs.append(("Weighting", p.weighting))
-    pairs.extend(p.extra.items())
+    pairs.extend((k, v) for k, v in p.extra.items() if k not in vae_keys)
     lines = [p.prompt]
     if p.negative_prompt:
         lines.append(f"Negative prompt: {p.negative_prompt}")
@@ -199,10 +205,12 @@ _HIRES = {"hr_scale": ("Hires upscale", {}, float), "hr_second_pass_steps": ("Hi
 
 
 def to_infotext(request: GenerationRequest, *, seed: int | None = None, model: str | None = None,
-                width: int | None = None, height: int | None = None, default_clip_skip: int | None = None) -> str:
+                width: int | None = None, height: int | None = None, default_clip_skip: int | None = None,
+                vae: str | None = None, vae_hash: str | None = None) -> str:
     """The A1111 infotext of one image of ``request``: ``seed`` is that image's (default ``request.seed``),
     ``width``/``height`` the size used (default the request's), ``default_clip_skip`` the model family's (a clip
-    skip equal to it is left out, as A1111 and Pipeline.generate do).
+    skip equal to it is left out, as A1111 and Pipeline.generate do). ``vae``/``vae_hash``: a separate VAE file's
+    base name and A1111 hash, written as "VAE hash" and "VAE" after "Model" (None: the model's own VAE, nothing).
 
     The request's ``loras`` (given outside the prompt: ``--lora``, the API field) are written into the prompt as
     ``<lora:name:te[:unet]>`` tags, as A1111 users have them, so that reading the infotext back applies them.
@@ -212,7 +220,7 @@ def to_infotext(request: GenerationRequest, *, seed: int | None = None, model: s
     height None) is recorded only when ``width`` and ``height`` are given. "Batch size" is written when above 1.
     """
     r = request
-    extra: dict = {}
+    extra: dict = {key: value for key, value in zip(VAE_KEYS, (vae_hash, vae)) if value}
     if r.batch_size > 1:
         extra["Batch size"] = r.batch_size
     strength = r.strength if r.init_image is not None or r.strength != DEFAULTS["strength"] else None

@@ -89,7 +89,7 @@ class Pipeline:
                    name=name, default_size=loaded.default_size)
 
     @classmethod
-    def _load_placed(cls, loader, source, name, prediction, text_encoder, device, dtype, load_options):
+    def _load_placed(cls, loader, source, name, prediction, text_encoder, device, dtype, load_options, vae=None):
         """Load with ``loader`` and place the model (``devices.resolve(device, dtype, family=...)``). A placement
         that is one dtype the family cannot change loads straight onto the device in that dtype (cpu/fp32: as
         before placements existed); otherwise the stored weights load on the CPU and each component is cast and
@@ -108,29 +108,32 @@ class Pipeline:
             pipe.place(device, dtype)
         if text_encoder is not None:
             pipe.replace_text_encoder(text_encoder)  # in the placed tower's dtype and device
+        if vae is not None:
+            pipe.replace_vae(vae)  # in the placed VAE's dtype and device
         return pipe
 
     @classmethod
     def from_file(cls, path, *, prediction: str | None = None, text_encoder=None, device="cpu", dtype="fp32",
-                  **load_options) -> "Pipeline":  # fmt: skip
+                  vae=None, **load_options) -> "Pipeline":  # fmt: skip
         """A single-file checkpoint (.safetensors). ``prediction`` overrides what the loader detected;
         ``text_encoder`` (a file or folder) replaces its text tower (``replace_text_encoder``). ``device`` ("cpu",
         "cuda[:n]", "auto") and ``dtype`` ("fp32", "bf16", "fp16", "auto", or a torch dtype) place the model as
-        ``place`` does (``devices.resolve``); the default is cpu/fp32."""
+        ``place`` does (``devices.resolve``); the default is cpu/fp32. ``vae`` (a VAE file or folder) replaces
+        its VAE (``replace_vae``)."""
         from .checkpoints.load import load_checkpoint
 
         return cls._load_placed(load_checkpoint, path, Path(path).stem, prediction, text_encoder, device, dtype,
-                                load_options)  # fmt: skip
+                                load_options, vae=vae)  # fmt: skip
 
     @classmethod
     def from_pretrained(cls, folder, *, prediction: str | None = None, text_encoder=None, device="cpu",
-                        dtype="fp32", **load_options) -> "Pipeline":  # fmt: skip
+                        dtype="fp32", vae=None, **load_options) -> "Pipeline":  # fmt: skip
         """A diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/); ``text_encoder``,
-        ``device`` and ``dtype`` as in ``from_file``."""
+        ``device``, ``dtype`` and ``vae`` as in ``from_file``."""
         from .checkpoints.load import load_diffusers
 
         return cls._load_placed(load_diffusers, folder, Path(folder).name, prediction, text_encoder, device, dtype,
-                                load_options)  # fmt: skip
+                                load_options, vae=vae)  # fmt: skip
 
     def place(self, device="auto", dtype="auto"):
         """Move the model to ``devices.resolve(device, dtype, family=<this family>)``: each component to the
@@ -203,6 +206,64 @@ class Pipeline:
             encoder.embeddings = self.text_encoder.embeddings
         self.text_encoder = encoder
         self.text_encoder_name = label
+
+    # ---- a separate VAE file (checkpoints/vae_files.py) --------------------------------------------------------
+
+    def replace_vae(self, source, *, name: str | None = None) -> None:
+        """Decode (and encode, for img2img) with another VAE: a file or folder (``vae_files.load_vae_file``: SD's
+        ft-MSE VAE in LDM layout, with or without ``first_stage_model.``, ``.safetensors`` or a weights-only
+        ``.ckpt``/``.pt``; a diffusers ``AutoencoderKL``; SDXL's VAE), checked against this model's VAE config and
+        built in the current VAE's dtype and device, or an ``AutoencoderKL`` of the same structure. ``None``
+        restores the checkpoint's own VAE, the very module it loaded (bit-exact). The model's scale factor is kept,
+        as A1111 does. Generations record A1111's "VAE" (the file's base name) and "VAE hash" (first 10 hex of the
+        file's SHA-256) in the infotext; their notes name the file."""
+        own = self.__dict__.get("_own_vae")
+        if source is None:
+            if own is not None:
+                current = next(iter(self.vae.parameters()), None)
+                if current is not None:  # placed since the swap: follow the placement
+                    own.to(device=current.device, dtype=current.dtype)
+                self.vae = own
+            for key in ("_own_vae", "vae_name", "vae_path", "_vae_file_notes"):
+                self.__dict__.pop(key, None)
+            return
+        base = own if own is not None else self.vae
+        config = base.config  # the model's: its structure and its scale factor
+        from .diffusion.vae import AutoencoderKL
+
+        if isinstance(source, AutoencoderKL):
+            if {k: tuple(v.shape) for k, v in source.state_dict().items()} != \
+                    {k: tuple(v.shape) for k, v in base.state_dict().items()}:
+                raise ClipDiffusionError("vae: an AutoencoderKL of another structure than this model's VAE")
+            if source.config.scale_factor != config.scale_factor:
+                source.config = dataclasses.replace(source.config, scale_factor=config.scale_factor)
+            vae, path, label, notes = source, None, name or "AutoencoderKL", ()
+        else:
+            from .checkpoints.vae_files import load_vae_file, vae_name
+
+            weight = next(iter(self.vae.parameters()), None)
+            loaded = load_vae_file(source, config, dtype=None if weight is None else weight.dtype,
+                                   device="cpu" if weight is None else weight.device)  # fmt: skip
+            vae, path, label, notes = loaded.vae, str(loaded.path), name or vae_name(source), loaded.notes
+        self.__dict__["_own_vae"] = base
+        self.vae = vae
+        self.__dict__.update(vae_name=label, vae_path=path, _vae_file_notes=tuple(notes))
+
+    @property
+    def vae_hash(self) -> str | None:
+        """A1111's "VAE hash" of the replacement VAE file (None for the model's own VAE or a module)."""
+        path = self.__dict__.get("vae_path")
+        if path is None:
+            return None
+        from .checkpoints.vae_files import vae_hash
+
+        return vae_hash(path)
+
+    def _vae_notes(self) -> tuple:
+        label = self.__dict__.get("vae_name")
+        if label is None:
+            return ()
+        return (f"VAE: {label} replaces the model's own",) + tuple(self.__dict__.get("_vae_file_notes", ()))
 
     def _text_encoder_notes(self) -> tuple:
         label = self.__dict__.get("text_encoder_name")
@@ -445,7 +506,7 @@ class Pipeline:
         from .conditioning_schedule import prompt_notes
 
         notes = prompt_notes(request)  # before any model work: a prompt the planner refuses fails here
-        notes = self._placement_notes() + self._text_encoder_notes() + notes
+        notes = self._placement_notes() + self._text_encoder_notes() + self._vae_notes() + notes
         from .lora import request_loras
 
         wanted, lora_notes = request_loras(request, missing=missing_loras)
@@ -528,7 +589,8 @@ class Pipeline:
         if one.init_image is None:
             one = dataclasses.replace(one, strength=DEFAULTS["strength"])
         default_skip = self.model_family.default_clip_skip
-        return [to_infotext(one, seed=s, model=self.name, default_clip_skip=default_skip) for s in seeds]
+        vae = {"vae": self.__dict__.get("vae_name"), "vae_hash": self.vae_hash}
+        return [to_infotext(one, seed=s, model=self.name, default_clip_skip=default_skip, **vae) for s in seeds]
 
 
 def _nonfinite_detail(t) -> str:
