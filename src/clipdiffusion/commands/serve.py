@@ -47,6 +47,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--embeddings", metavar="DIR",
                         help="a folder of textual-inversion embeddings, loaded into each model; "
                              "POST /sdapi/v1/refresh-embeddings rescans it")
+    parser.add_argument("--styles-file", action="append", metavar="FILE",
+                        help="an A1111 styles.csv (name,prompt,negative_prompt; repeatable, a later file's style "
+                             "replaces one of the same name): requests apply them with \"styles\", GET "
+                             "/sdapi/v1/prompt-styles lists them; default: none")
+    parser.add_argument("--save-dir", metavar="DIR",
+                        help="where save_images: true writes PNGs (DIR/txt2img-images, DIR/img2img-images, as "
+                             "A1111's output folders); default: none, and save_images is reported as ignored")
     parser.add_argument("--queue-size", type=int, default=_DEFAULTS.queue_size,
                         help="jobs that may wait behind the running one before requests get 503 "
                              "(default %(default)s)")
@@ -70,6 +77,10 @@ def build_settings(args: argparse.Namespace) -> ServerSettings:
     for folder in lora_dirs:
         if not os.path.isdir(folder):
             raise ClipDiffusionError(f"--loras {folder!r}: no such folder")
+    styles_files = tuple(os.path.abspath(f) for f in getattr(args, "styles_file", None) or ())
+    save_dir = getattr(args, "save_dir", None)
+    if save_dir is not None and not os.path.isdir(save_dir):
+        raise ClipDiffusionError(f"--save-dir {save_dir!r}: no such folder")
     from ..devices import from_args
 
     device, dtype = from_args(args)
@@ -84,7 +95,8 @@ def build_settings(args: argparse.Namespace) -> ServerSettings:
         max_body_bytes=args.max_body_mb * 2**20, queue_size=args.queue_size, preload=True,
         text_encoder=os.path.abspath(text_encoder) if text_encoder is not None else None,
         text_positions=_text_positions(text_encoder),
-        embeddings_dir=os.path.abspath(embeddings) if embeddings is not None else None, device=device, dtype=dtype)
+        embeddings_dir=os.path.abspath(embeddings) if embeddings is not None else None, device=device, dtype=dtype,
+        styles_files=styles_files, save_dir=os.path.abspath(save_dir) if save_dir is not None else None)
 
 
 def _text_positions(text_encoder) -> int:

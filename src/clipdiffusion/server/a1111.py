@@ -23,6 +23,8 @@ from .schemas import Img2ImgRequest, Txt2ImgRequest, ignored_fields
 from .settings import ServerSettings
 
 CLIP_SKIP_OPTION = "CLIP_stop_at_last_layers"
+# The override_settings keys a request may set for itself; any other key is listed in info["ignored_fields"].
+HONOURED_OVERRIDES = ("sd_model_checkpoint", CLIP_SKIP_OPTION)
 # our request field -> the A1111 body's name for it, for error messages
 A1111_NAMES = {"guidance": "cfg_scale", "strength": "denoising_strength", "schedule": "scheduler",
                "clip_skip": f"override_settings.{CLIP_SKIP_OPTION}", "init_image": "init_images"}
@@ -45,6 +47,12 @@ class GenerationPlan:
     # an unknown LoRA name: "error" (our routes) or "note" (A1111's: "Lora not found: NAME", generation goes on)
     missing_loras: str = "error"
     job_timestamp: str = field(default_factory=lambda: time.strftime("%Y%m%d%H%M%S"))
+    # the request's style names as sent (info["styles"]); the request's prompts have the known ones applied
+    styles: list[str] = field(default_factory=list)
+    # the field the clip skip came from, named in ignored_fields where the family ignores it
+    clip_skip_field: str = f"override_settings.{CLIP_SKIP_OPTION}"
+    # save_images honoured: the server writes the PNGs into its --save-dir (a1111_extra.save_pngs)
+    save_images: bool = False
 
 
 def _integral(value: Any) -> Any:
@@ -77,27 +85,44 @@ def plan_a1111(req: Txt2ImgRequest, settings: ServerSettings, defaults: dict, sa
     if entry is None:
         raise RequestError("override_settings.sd_model_checkpoint", model,
                            f"not a listed model; available: {', '.join(m.name for m in settings.models)}")
-    clip_skip = clip_skip_option(overrides.pop(CLIP_SKIP_OPTION, defaults[CLIP_SKIP_OPTION]),
-                                 f"override_settings.{CLIP_SKIP_OPTION}", settings.limits)
+    clip_skip_field, extra_ignored = f"override_settings.{CLIP_SKIP_OPTION}", []
+    if CLIP_SKIP_OPTION in overrides:
+        clip_skip = clip_skip_option(overrides.pop(CLIP_SKIP_OPTION), clip_skip_field, settings.limits)
+        if req.clip_skip is not None and req.clip_skip != clip_skip:
+            extra_ignored.append("clip_skip")  # the override wins, as in A1111, which reads only the setting
+    elif req.clip_skip is not None:
+        clip_skip_field = "clip_skip"
+        clip_skip = clip_skip_option(req.clip_skip, clip_skip_field, settings.limits)
+    else:
+        clip_skip = clip_skip_option(defaults[CLIP_SKIP_OPTION], clip_skip_field, settings.limits)
+    prompt, negative_prompt, notes = req.prompt, req.negative_prompt, []
+    if req.styles:
+        prompt, negative_prompt, unknown = settings.styles.apply(prompt, negative_prompt, req.styles)
+        extra_ignored += [f"styles[{req.styles.index(name)}]" for name in dict.fromkeys(unknown)]
+        notes += [f"Style not found: {name}" for name in dict.fromkeys(unknown)]
     sampler_field = "sampler_name" if req.sampler_name else "sampler_index"
     sampler, implied = resolve_sampler(req.sampler_name or req.sampler_index or "Euler", samplers, sampler_field)
     schedule = resolve_schedule(req.scheduler, schedules, implied)
     img2img = isinstance(req, Img2ImgRequest)
-    values = dict(prompt=req.prompt, negative_prompt=req.negative_prompt, steps=req.steps, guidance=req.cfg_scale,
+    values = dict(prompt=prompt, negative_prompt=negative_prompt, steps=req.steps, guidance=req.cfg_scale,
                   seed=req.seed, sampler=sampler, schedule=schedule, width=req.width, height=req.height,
                   clip_skip=clip_skip, batch_size=req.batch_size, n_iter=req.n_iter)
     if img2img:
         values["strength"] = req.denoising_strength
-    names = {**A1111_NAMES, "sampler": sampler_field}
+    names = {**A1111_NAMES, "sampler": sampler_field, "clip_skip": clip_skip_field}
     try:
         request = GenerationRequest.create(settings.limits, **values)
         if img2img:
             request = request.replace(init_image=_init_image(req, settings.limits), limits=settings.limits)
     except RequestError as exc:
         raise exc.renamed(names) from None
-    ignored = ignored_fields(req) + [f"override_settings.{k}" for k in sorted(overrides)]
+    can_save = settings.save_dir is not None
+    ignored = sorted(ignored_fields(req, can_save=can_save) + extra_ignored) + [
+        f"override_settings.{k}" for k in sorted(overrides)]
     return GenerationPlan(model=entry.name, request=request.resolve_seed(), sampler_label=sampler_display_name(sampler),
-                          ignored=ignored, a1111_clip_skip=True, missing_loras="note")
+                          ignored=ignored, notes=notes, a1111_clip_skip=True, missing_loras="note",
+                          styles=list(req.styles or ()), clip_skip_field=clip_skip_field,
+                          save_images=bool(req.save_images and can_save))
 
 
 def _init_image(req: Img2ImgRequest, limits: Limits):
@@ -123,8 +148,8 @@ def info_json(req: Txt2ImgRequest, plan: GenerationPlan, seeds: list[int], infot
     n = len(seeds)
     r = plan.request
     return json.dumps({
-        "prompt": r.prompt, "all_prompts": [r.prompt] * n,
-        "negative_prompt": r.negative_prompt, "all_negative_prompts": [r.negative_prompt] * n,
+        "prompt": req.prompt, "all_prompts": [r.prompt] * n,  # as A1111: the prompt as sent, the styled ones
+        "negative_prompt": req.negative_prompt, "all_negative_prompts": [r.negative_prompt] * n,
         "seed": seeds[0] if seeds else r.seed, "all_seeds": seeds,
         "subseed": -1, "all_subseeds": [-1] * n, "subseed_strength": 0,
         "width": r.width, "height": r.height, "sampler_name": plan.sampler_label,
@@ -134,7 +159,7 @@ def info_json(req: Txt2ImgRequest, plan: GenerationPlan, seeds: list[int], infot
         "seed_resize_from_w": -1, "seed_resize_from_h": -1,
         "denoising_strength": r.strength if r.init_image is not None else None,
         "extra_generation_params": {"Schedule type": r.schedule},
-        "index_of_first_image": 0, "infotexts": infotexts, "styles": [],
+        "index_of_first_image": 0, "infotexts": infotexts, "styles": plan.styles,
         "job_timestamp": plan.job_timestamp, "clip_skip": r.clip_skip,
         "is_using_inpainting_conditioning": False, "version": "clipdiffusion",
         "interrupted": interrupted, "ignored_fields": plan.ignored,

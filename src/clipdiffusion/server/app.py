@@ -33,7 +33,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ..errors import ClipDiffusionError, NonFiniteError
 from ..request import GenerationRequest, RequestError
-from . import a1111, images, sampler_names
+from . import a1111, a1111_extra, images, sampler_names
 from .middleware import BasicAuth, BodyLimit
 from .own import EncodeRequest, GenerateRequest, TokenizeRequest, encode_stats, generate_plan, heatmaps
 from .schemas import Img2ImgRequest, PNGInfoRequest, Txt2ImgRequest, json_safe
@@ -219,7 +219,7 @@ def _generate_work(plan: a1111.GenerationPlan, pipe, control: JobControl):
     request = plan.request
     if plan.a1111_clip_skip and not get_family(pipe.family).a1111_clip_skip:
         request = dataclasses.replace(request, clip_skip=None)  # as A1111: the setting does not move this family
-        plan.ignored.append("override_settings.CLIP_stop_at_last_layers")
+        plan.ignored.append(plan.clip_skip_field)
     images, seeds, infotexts, attention = [], [], [], None
     for iteration in range(request.n_iter):
         if control.should_stop():
@@ -310,6 +310,7 @@ def create_app(pipeline_factory: Callable[[str], Any], settings: ServerSettings 
     _own_routes(app, state)
     _embedding_routes(app, state)
     _lora_routes(app, state)
+    a1111_extra.register(app, state)  # cmd-flags, upscalers, prompt-styles, memory, extras, ... (A1111's shapes)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.get("/", include_in_schema=False)
@@ -334,6 +335,8 @@ def _a1111_routes(app: FastAPI, state: ServerState) -> None:
         steps = request.steps if request.init_image is None else max(1, int(request.steps * request.strength))
         control = JobControl(steps=steps, iterations=request.n_iter)
         pictures, seeds, infotexts, _ = await state.run(kind, plan.model, partial(_generate_work, plan), control)
+        if plan.save_images:  # into --save-dir only; a write failure is a note, the images still come back
+            plan.notes += await run_in_threadpool(a1111_extra.save_pngs, settings, kind, pictures, infotexts, seeds)
         encoded = []
         if req.send_images:
             encoded = await run_in_threadpool(

@@ -97,7 +97,12 @@ class Txt2ImgRequest(JSONRequest):
     batch_size: Int = 1
     n_iter: Int = 1
     override_settings: dict[str, Any] | None = Field(
-        None, description="sd_model_checkpoint and CLIP_stop_at_last_layers are honoured")
+        None, description="sd_model_checkpoint and CLIP_stop_at_last_layers are honoured; others are listed in "
+                          "info.ignored_fields")
+    styles: list[Text] | None = Field(None, description="names of prompt styles (serve --styles-file), applied in "
+                                                        "order; unknown names are listed in info")
+    clip_skip: Int | None = Field(None, description="as override_settings.CLIP_stop_at_last_layers (A1111 >= 1.7, "
+                                                    "SD.Next); the override wins when both are given")
     override_settings_restore_afterwards: bool = True
     send_images: bool = True
     save_images: bool = False
@@ -125,7 +130,7 @@ class PNGInfoRequest(JSONRequest):
 # A1111 fields we accept but do not act on, with the values at which ignoring them changes nothing.
 NEUTRAL_FIELDS: dict[str, tuple] = {
     "enable_hr": (False, None), "restore_faces": (False, None), "tiling": (False, None),
-    "subseed_strength": (0, 0.0, None), "styles": ([], None), "script_name": (None, ""),
+    "subseed_strength": (0, 0.0, None), "script_name": (None, ""),
     "script_args": ([], None), "alwayson_scripts": ({}, None), "refiner_checkpoint": (None, ""),
     "mask": (None, ""), "image_cfg_scale": (None, 1.5), "initial_noise_multiplier": (None, 1, 1.0),
     "eta": (None, 0, 0.0, 1, 1.0), "s_churn": (None, 0, 0.0), "s_tmin": (None, 0, 0.0),
@@ -134,7 +139,8 @@ NEUTRAL_FIELDS: dict[str, tuple] = {
     "hr_resize_x": None, "hr_resize_y": None, "hr_checkpoint_name": None, "hr_sampler_name": None,
     "hr_scheduler": None, "hr_prompt": None, "hr_negative_prompt": None, "firstphase_width": None,
     "firstphase_height": None, "subseed": None, "do_not_save_samples": None, "do_not_save_grid": None,
-    "force_task_id": None, "infotext": None, "comments": None, "disable_extra_networks": None,
+    "force_task_id": None, "infotext": None, "comments": None, "disable_extra_networks": (None, False),
+    "s_min_uncond": (None, 0, 0.0), "firstpass_image": (None, ""), "hr_additional_modules": ([], None),
     "refiner_switch_at": None, "mask_blur": None, "inpainting_fill": None, "inpaint_full_res": None,
     "inpaint_full_res_padding": None, "inpainting_mask_invert": None, "mask_round": None,
     "latent_mask": None, "sampler_noise_scheduler_override": None, "controlnet_units": None,
@@ -143,15 +149,16 @@ NEUTRAL_FIELDS: dict[str, tuple] = {
 # None above: only meaningful together with a neutral-valued switch (hr_* with enable_hr), or housekeeping.
 
 
-def ignored_fields(req: BaseModel) -> list[str]:
-    """Names of supplied fields we did not honour and whose value could have changed A1111's output."""
+def ignored_fields(req: BaseModel, *, can_save: bool = False) -> list[str]:
+    """Names of supplied fields we did not honour and whose value could have changed A1111's output (or, for
+    `save_images`, what the server did: it is honoured only where the server has a save folder, `can_save`)."""
     ignored = []
     for name, value in (req.model_extra or {}).items():
         neutral = NEUTRAL_FIELDS.get(name, ())
         if name in NEUTRAL_FIELDS and (neutral is None or value in neutral):
             continue
         ignored.append(name)
-    if req.save_images:
+    if req.save_images and not can_save:
         ignored.append("save_images")
     if isinstance(req, Img2ImgRequest):
         if req.resize_mode not in (0, None):

@@ -73,6 +73,12 @@ class ServerSettings:
     # (Pipeline.from_*(device=, dtype=)). Defaults cpu/fp32; "auto" picks per machine.
     device: str = "cpu"
     dtype: str = "fp32"
+    # A1111 styles files (--styles-file FILE, repeatable; A1111's flag): read when the settings are made, so a bad
+    # file stops the server at startup (`styles.StyleLibrary`); the request field `styles` applies them.
+    styles_files: tuple[str, ...] = ()
+    # Where `save_images: true` writes (--save-dir DIR): <dir>/txt2img-images and <dir>/img2img-images (A1111's
+    # outdir_*_samples), file names made here. None: save_images is reported as ignored and nothing is written.
+    save_dir: str | None = None
 
     def __post_init__(self):
         for name in ("max_width", "max_height", "max_steps", "max_batch_size", "max_n_iter", "max_prompt_chars",
@@ -90,6 +96,7 @@ class ServerSettings:
         check_device(self.device, "device")
         check_dtype(self.dtype, "dtype")
         self.limits  # a limit looser than the engine's is an error here, not in the first request
+        self.styles  # a bad styles file is an error here, naming the file
 
     @functools.cached_property
     def limits(self) -> Limits:
@@ -99,6 +106,13 @@ class ServerSettings:
             max_steps=self.max_steps, max_width=self.max_width, max_height=self.max_height,
             max_pixels=min(LIMITS.max_pixels, self.max_width * self.max_height), size_multiple=8,
             max_batch_size=self.max_batch_size, max_n_iter=self.max_n_iter, max_prompt_chars=self.max_prompt_chars)
+
+    @functools.cached_property
+    def styles(self):
+        """The prompt styles of `styles_files` (`styles.StyleLibrary`; empty without files)."""
+        from ..styles import StyleLibrary
+
+        return StyleLibrary.from_files(self.styles_files)
 
     def replace(self, **changes) -> "ServerSettings":
         return dataclasses.replace(self, **changes)
