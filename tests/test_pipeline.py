@@ -77,7 +77,7 @@ def test_initial_noise_is_diffusers_randn_scaled_by_sigma_max(pipe):
     ({"steps": 2.5}, r"steps=2.5"),
     ({"guidance": -1}, r"guidance=-1"),
     ({"guidance": math.nan}, r"guidance=nan"),
-    ({"sampler": "lms"}, r"unknown sampler 'lms'; choose from euler"),
+    ({"sampler": "nosuch"}, r"unknown sampler 'nosuch'; choose from euler"),
     ({"schedule": "beta"}, r"unknown schedule 'beta'"),
     ({"batch_size": 0}, r"batch_size=0"),
     ({"seed": -2}, r"seed=-2"),

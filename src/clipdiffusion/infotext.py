@@ -21,8 +21,13 @@ from .errors import ClipDiffusionError
 from .request import DEFAULTS, LIMITS, GenerationRequest, Limits, RequestError
 
 # our sampler / schedule names (diffusion.samplers.SAMPLERS / SCHEDULES) -> A1111 display names
-SAMPLER_NAMES = {"euler": "Euler", "euler_a": "Euler a", "heun": "Heun", "dpmpp_2m": "DPM++ 2M", "ddim": "DDIM"}
-SCHEDULE_NAMES = {"normal": "Normal", "karras": "Karras", "ddim": "DDIM"}
+SAMPLER_NAMES = {"euler": "Euler", "euler_a": "Euler a", "heun": "Heun", "dpmpp_2m": "DPM++ 2M", "ddim": "DDIM",
+                 "lms": "LMS", "dpm2": "DPM2", "dpm2_a": "DPM2 a", "dpmpp_2s_a": "DPM++ 2S a",
+                 "dpmpp_sde": "DPM++ SDE", "dpmpp_2m_sde": "DPM++ 2M SDE", "dpmpp_2m_sde_heun": "DPM++ 2M SDE Heun",
+                 "unipc": "UniPC", "lcm": "LCM"}
+SCHEDULE_NAMES = {"normal": "Normal", "karras": "Karras", "ddim": "DDIM", "exponential": "Exponential",
+                  "polyexponential": "Polyexponential", "sgm_uniform": "SGM Uniform", "kl_optimal": "KL Optimal",
+                  "simple": "Simple"}
 _SAMPLER_BY_NAME = {v: k for k, v in SAMPLER_NAMES.items()}
 # A1111's "Uniform" is k-diffusion's get_sigmas, the same timesteps as "Normal" (linspace from t_max to 0).
 _SCHEDULE_BY_NAME = {**{v: k for k, v in SCHEDULE_NAMES.items()}, "Uniform": "normal"}
@@ -124,7 +129,7 @@ def _sampler_and_schedule(value: str) -> tuple[str, str | None]:
     """Sampler display name -> (our name or the raw name, schedule carried in the name by A1111 < 1.9)."""
     if value in _SAMPLER_BY_NAME:
         return _SAMPLER_BY_NAME[value], None
-    for suffix, schedule in (("Karras", "karras"),):
+    for suffix, schedule in (("Karras", "karras"), ("Exponential", "exponential")):
         base = value.removesuffix(" " + suffix)
         if base != value and base in _SAMPLER_BY_NAME:
             return _SAMPLER_BY_NAME[base], schedule

@@ -529,7 +529,7 @@ class Pipeline:
 
         from .conditioning_schedule import encode_request
         from .diffusion.denoiser import Denoiser
-        from .diffusion.samplers import get_sampler, get_schedule
+        from .diffusion.samplers import get_sampler, get_schedule, sampler_sigmas
         from .text.conditioning import token_rows as plan_token_rows
 
         r = request
@@ -555,7 +555,7 @@ class Pipeline:
             if token_rows:  # an empty prompt ("", "BREAK", ...) has no token rows: empty maps, nothing recorded
                 model = capture
         cfg = scheduled.denoiser(model, r.guidance)
-        sigmas = make_sigmas(denoiser.sigmas, r.steps)
+        sigmas = sampler_sigmas(r.sampler, r.schedule, denoiser.sigmas, r.steps)  # DPM2: A1111's discarded sigma
 
         generators = [torch.Generator().manual_seed(s) for s in seeds]
         x, sigmas = self._initial_latents(generators, sigmas, width, height, init_pixels, r.strength,

@@ -36,8 +36,12 @@ def add_arguments(parser):
     parser.add_argument("--negative", default=d["negative_prompt"], metavar="TEXT", help="negative prompt")
     parser.add_argument("--steps", type=int, default=d["steps"])
     parser.add_argument("--seed", type=int, default=d["seed"], help="-1 picks a random seed (recorded in the PNG)")
-    parser.add_argument("--sampler", choices=list(SAMPLERS), default=d["sampler"])
-    parser.add_argument("--schedule", choices=list(SCHEDULES), default=d["schedule"])
+    parser.add_argument("--sampler", default=d["sampler"], metavar="NAME",
+                        help=f"ours ({', '.join(SAMPLERS)}) or an A1111 name (\"DPM++ 2M SDE\", \"DPM2 a Karras\", "
+                             "k_lms, ...)")
+    parser.add_argument("--schedule", "--scheduler", dest="schedule", default=None, metavar="NAME",
+                        help=f"ours ({', '.join(SCHEDULES)}) or an A1111 label (\"SGM Uniform\", ...); default: "
+                             f"A1111's Automatic for an A1111 sampler name, else {d['schedule']}")
     parser.add_argument("--guidance", type=float, default=d["guidance"], help="classifier-free guidance scale (CFG)")
     parser.add_argument("--width", type=int, default=d["width"], help="default: the model's native size")
     parser.add_argument("--height", type=int, default=d["height"], help="default: the model's native size")
@@ -70,11 +74,20 @@ def build_request(args, init_image=None):
 
     return GenerationRequest(
         prompt=args.prompt, negative_prompt=args.negative, steps=args.steps, guidance=args.guidance, seed=args.seed,
-        sampler=args.sampler, schedule=args.schedule, width=args.width, height=args.height,
+        **sampler_fields(args), width=args.width, height=args.height,
         clip_skip=args.clip_skip, long_prompt=args.long_prompt, weighting=args.weighting,
         batch_size=args.batch_size, init_image=init_image, strength=args.strength,
         loras=parse_lora_args(getattr(args, "lora", None)),
     )  # fmt: skip
+
+
+def sampler_fields(args) -> dict:
+    """--sampler/--schedule (ours or A1111's spellings, as the server takes them) -> engine names."""
+    from ..diffusion.samplers import SAMPLERS, SCHEDULES
+    from ..server.sampler_names import resolve_sampler, resolve_schedule
+
+    sampler, implied = resolve_sampler(args.sampler, tuple(SAMPLERS), "--sampler")
+    return {"sampler": sampler, "schedule": resolve_schedule(args.schedule, tuple(SCHEDULES), implied, "--schedule")}
 
 
 def parse_lora_args(items) -> tuple:

@@ -32,9 +32,10 @@ from dataclasses import dataclass
 
 import torch
 
-# Samplers whose schedules A1111 builds over 2 * steps (its "second_order" samplers: Heun, DPM2, DPM++ SDE, ...).
-# Of ours only Heun is; tests/test_scheduled_sampling.py checks that every other sampler makes one call per step.
-SECOND_ORDER = frozenset({"heun"})
+# Samplers whose schedules A1111 builds over 2 * steps (its "second_order" samplers: Heun, DPM2, DPM2 a, DPM++ 2S a,
+# DPM++ SDE); equal to the second_order entries of samplers.SAMPLER_TRAITS (tests/test_samplers_more.py).
+# tests/test_scheduled_sampling.py checks that every other sampler makes one call per step.
+SECOND_ORDER = frozenset({"heun", "dpm2", "dpm2_a", "dpmpp_2s_a", "dpmpp_sde"})
 
 
 def schedule_steps(sampler: str, steps: int) -> int:
