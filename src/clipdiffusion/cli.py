@@ -20,6 +20,7 @@ COMMANDS = {
     "eval": ("clipdiffusion.commands.eval", "measure prompt adherence of a model on the synthetic world"),
     "train-embedding": ("clipdiffusion.commands.train_embedding",
                         "learn a new word (textual-inversion embedding) with the model frozen"),
+    "batch": ("clipdiffusion.commands.batch", "many images from a JSON-lines or prompts file, resumable (--ray)"),
 }
 
 
