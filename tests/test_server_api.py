@@ -149,11 +149,11 @@ def test_clip_skip_and_model_via_override_settings_and_options(client, served):
 
 def test_unknown_fields_are_accepted_and_listed(client):
     r = client.post("/sdapi/v1/txt2img", json={
-        "prompt": "p", "steps": 1, "width": 16, "height": 16, "enable_hr": True, "restore_faces": False,
-        "my_extension_field": {"a": 1}, "styles": [], "override_settings": {"sd_vae": "x"}})
+        "prompt": "p", "steps": 1, "width": 16, "height": 16, "tiling": True, "restore_faces": False,
+        "my_extension_field": {"a": 1}, "styles": [], "override_settings": {"img2img_fix_steps": True}})
     assert r.status_code == 200, r.text
     assert json.loads(r.json()["info"])["ignored_fields"] == [
-        "enable_hr", "my_extension_field", "override_settings.sd_vae"]
+        "my_extension_field", "tiling", "override_settings.img2img_fix_steps"]  # enable_hr: tests/test_hires_fix.py
 
 
 @pytest.mark.parametrize("change, field", [

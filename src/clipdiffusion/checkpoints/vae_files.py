@@ -75,14 +75,33 @@ def _ignorable(key: str) -> bool:
 
 
 def _strip_prefix(keys) -> tuple[str, list[str]]:
-    """The prefix every VAE key shares (``first_stage_model.``, ``vae.`` or none) and the ignorable keys."""
+    """The prefix of the VAE keys (``first_stage_model.``, ``vae.``, or none when bare ``encoder.``/``decoder.``
+    keys are there) and the ignorable keys."""
     keys = list(keys)
     ignored = [k for k in keys if _ignorable(k)]
     rest = [k for k in keys if not _ignorable(k)]
+    if any(k.startswith(("encoder.", "decoder.")) for k in rest):
+        return "", ignored
     for prefix in _PREFIXES:
-        if rest and all(k.startswith(prefix) for k in rest):
+        if any(k.startswith(prefix) for k in rest):
             return prefix, ignored
     return "", ignored
+
+
+def _listed(what: str, keys) -> str:
+    keys = sorted(keys)
+    shown = ", ".join(keys[:12]) + (f" (+{len(keys) - 12} more)" if len(keys) > 12 else "")
+    return f"{what} ({len(keys)}): {shown}"
+
+
+def _key_problems(expected: dict, given: dict) -> list[str]:
+    """Missing, unexpected and mis-shaped keys, a dozen of each named."""
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    bad = [f"{k} {list(given[k])} (expected {list(expected[k])})"
+           for k in expected if k in given and tuple(given[k]) != tuple(expected[k])]  # fmt: skip
+    return [_listed(label, items) for label, items in (("missing", missing), ("unexpected", unexpected),
+                                                         ("wrong shape", bad)) if items]
 
 
 def detect_layout(keys) -> str:
@@ -109,7 +128,7 @@ def load_vae_file(path, config, *, dtype=None, device="cpu", check_finite: bool 
     import torch
 
     from ..diffusion.vae import AutoencoderKL
-    from .build import build_module, expected_shapes, integer_weights, key_problems
+    from .build import build_module, expected_shapes, integer_weights
     from .diffusers_vae import vae_diffusers_to_ldm
     from .safetensors_io import load_file, read_shapes
 
@@ -123,7 +142,7 @@ def load_vae_file(path, config, *, dtype=None, device="cpu", check_finite: bool 
         raise CheckpointError(file, "holds no VAE weights")
     stray = [k for k in keys if not k.startswith(prefix)]
     if stray:
-        raise CheckpointError(file, f"not a VAE file: keys outside the VAE ({len(stray)}): {', '.join(stray[:10])}")
+        raise CheckpointError(file, "not a VAE file: " + _listed(f"keys outside {prefix!r}", stray))
     problems = integer_weights(dtypes, keys)
     if problems:
         raise CheckpointError(file, problems[0])
@@ -140,7 +159,7 @@ def load_vae_file(path, config, *, dtype=None, device="cpu", check_finite: bool 
         given = {k: tuple(v.shape) for k, v in converted.items()}
     else:
         given = {name: shapes[key] for name, key in named.items()}
-    problems = key_problems("VAE", expected, given)
+    problems = _key_problems(expected, given)
     if problems:
         raise CheckpointError(file, f"{layout} VAE does not fit this model's VAE (ch={config.ch}, ch_mult="
                                     f"{list(config.ch_mult)}, latent channels {config.embed_dim}): "
@@ -194,13 +213,11 @@ def vae_name(path) -> str:
     """The name A1111 shows for a VAE file: its base name; a diffusers folder: the folder's name (a pipeline
     folder's, not ``vae``)."""
     path = Path(path)
-    if path.is_dir():
+    folder = path if path.is_dir() else path.parent if path.stem.startswith(DIFFUSERS_WEIGHTS) else None
+    if folder is None:
         return path.name
-    if path.stem.startswith(DIFFUSERS_WEIGHTS):
-        folder = path.parent
-        return folder.parent.name if folder.name == "vae" and (folder.parent / "model_index.json").is_file() \
-            else folder.name
-    return path.name
+    return folder.parent.name if folder.name == "vae" and (folder.parent / "model_index.json").is_file() \
+        else folder.name
 
 
 def _natural_key(text: str):
@@ -233,7 +250,8 @@ def scan_vae_folder(folder) -> list[VaeEntry]:
         root_path = Path(root)
         diffusers = "config.json" in files and any(f.startswith(DIFFUSERS_WEIGHTS) for f in files)
         if diffusers and root_path != folder:
-            found.setdefault(root_path.name, VaeEntry(root_path.name, str(root_path), str(folder)))
+            name = vae_name(root_path)
+            found.setdefault(name, VaeEntry(name, str(root_path), str(folder)))
             continue
         for name in sorted(files):
             if name.lower().endswith(VAE_SUFFIXES) and not name.startswith(DIFFUSERS_WEIGHTS):

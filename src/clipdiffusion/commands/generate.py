@@ -33,6 +33,10 @@ def add_arguments(parser):
                         help="replace the model's text tower (SD1/SD2): a fine-tuned CLIP-L or Long-CLIP (248 "
                              "positions: one window of up to 246 tokens) as .safetensors/.pt (weights only), "
                              "OpenAI-CLIP, transformers or SD1 layout, or a text_encoder folder")
+    parser.add_argument("--vae", "--vae-path", dest="vae", metavar="FILE|FOLDER",
+                        help="decode with this VAE instead of the model's own: an LDM VAE file (SD's "
+                             "vae-ft-mse-840000-ema-pruned, SDXL's sdxl_vae; .safetensors, or .ckpt/.pt read "
+                             "weights-only) or a diffusers AutoencoderKL folder; the model's scale factor is kept")
     parser.add_argument("--negative", default=d["negative_prompt"], metavar="TEXT", help="negative prompt")
     parser.add_argument("--steps", type=int, default=d["steps"])
     parser.add_argument("--seed", type=int, default=d["seed"], help="-1 picks a random seed (recorded in the PNG)")
@@ -108,10 +112,10 @@ def parse_lora_args(items) -> tuple:
     return tuple(out)
 
 
-def load_pipeline(model, prediction=None, text_encoder=None, *, device="cpu", dtype="fp32"):
+def load_pipeline(model, prediction=None, text_encoder=None, *, device="cpu", dtype="fp32", vae=None):
     from ..pipeline import Pipeline
 
-    place = {"device": device, "dtype": dtype}
+    place = {"device": device, "dtype": dtype, "vae": vae}
     if model is None:
         pipe = Pipeline.default(text_encoder=text_encoder, **place)
         if prediction is not None:
@@ -233,7 +237,10 @@ def run(args) -> int:
         scan_folder(embeddings)  # a missing folder fails before the model loads
     if args.text_encoder is not None and not Path(args.text_encoder).exists():
         raise ClipDiffusionError(f"--text-encoder {args.text_encoder!r}: no such file or folder")
-    pipe = load_pipeline(args.model, args.prediction, args.text_encoder, device=device, dtype=dtype)
+    vae = getattr(args, "vae", None)
+    if vae is not None and not Path(vae).exists():
+        raise ClipDiffusionError(f"--vae {vae!r}: no such file or folder")
+    pipe = load_pipeline(args.model, args.prediction, args.text_encoder, device=device, dtype=dtype, vae=vae)
     if embeddings is not None:
         from ..checkpoints.embeddings import describe_report
 

@@ -24,6 +24,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text-encoder", metavar="FILE|FOLDER",
                         help="replace the text tower of every served model (SD1/SD2): a fine-tuned CLIP-L or "
                              "Long-CLIP (248 positions), as for generate --text-encoder")
+    parser.add_argument("--vae", "--vae-path", dest="vae", metavar="FILE|FOLDER",
+                        help="a VAE file (or diffusers AutoencoderKL folder) that the sd_vae option \"Automatic\" "
+                             "decodes with, for every served model (as A1111's --vae-path)")
+    parser.add_argument("--vae-dir", action="append", metavar="DIR",
+                        help="a folder of VAE files (.safetensors .ckpt .pt, diffusers folders; repeatable): GET "
+                             "/sdapi/v1/sd-vae lists them, clients pick one with sd_vae, POST /sdapi/v1/refresh-vae "
+                             "rescans")
     from .. import devices
 
     devices.add_arguments(parser)
@@ -81,6 +88,13 @@ def build_settings(args: argparse.Namespace) -> ServerSettings:
     save_dir = getattr(args, "save_dir", None)
     if save_dir is not None and not os.path.isdir(save_dir):
         raise ClipDiffusionError(f"--save-dir {save_dir!r}: no such folder")
+    vae = getattr(args, "vae", None)
+    if vae is not None and not os.path.exists(vae):
+        raise ClipDiffusionError(f"--vae {vae!r}: no such file or folder")
+    vae_dirs = tuple(os.path.abspath(d) for d in getattr(args, "vae_dir", None) or ())
+    for folder in vae_dirs:
+        if not os.path.isdir(folder):
+            raise ClipDiffusionError(f"--vae-dir {folder!r}: no such folder")
     from ..devices import from_args
 
     device, dtype = from_args(args)
@@ -96,7 +110,8 @@ def build_settings(args: argparse.Namespace) -> ServerSettings:
         text_encoder=os.path.abspath(text_encoder) if text_encoder is not None else None,
         text_positions=_text_positions(text_encoder),
         embeddings_dir=os.path.abspath(embeddings) if embeddings is not None else None, device=device, dtype=dtype,
-        styles_files=styles_files, save_dir=os.path.abspath(save_dir) if save_dir is not None else None)
+        styles_files=styles_files, save_dir=os.path.abspath(save_dir) if save_dir is not None else None,
+        vae=os.path.abspath(vae) if vae is not None else None, vae_dirs=vae_dirs)
 
 
 def _text_positions(text_encoder) -> int:

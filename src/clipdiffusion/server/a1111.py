@@ -24,7 +24,7 @@ from .settings import ServerSettings
 
 CLIP_SKIP_OPTION = "CLIP_stop_at_last_layers"
 # The override_settings keys a request may set for itself; any other key is listed in info["ignored_fields"].
-HONOURED_OVERRIDES = ("sd_model_checkpoint", CLIP_SKIP_OPTION)
+HONOURED_OVERRIDES = ("sd_model_checkpoint", CLIP_SKIP_OPTION, "sd_vae")
 # our request field -> the A1111 body's name for it, for error messages
 A1111_NAMES = {"guidance": "cfg_scale", "strength": "denoising_strength", "schedule": "scheduler",
                "clip_skip": f"override_settings.{CLIP_SKIP_OPTION}", "init_image": "init_images"}
@@ -47,6 +47,12 @@ class GenerationPlan:
     # an unknown LoRA name: "error" (our routes) or "note" (A1111's: "Lora not found: NAME", generation goes on)
     missing_loras: str = "error"
     job_timestamp: str = field(default_factory=lambda: time.strftime("%Y%m%d%H%M%S"))
+    # A1111's sd_vae for this request: override_settings.sd_vae, None = the server's option (vae_routes resolves it
+    # to `vae_path`, None = the checkpoint's own VAE); the worker fills `vae_name`/`vae_hash` for info
+    vae_choice: str | None = None
+    vae_path: str | None = None
+    vae_name: str | None = None
+    vae_hash: str | None = None
     # the request's style names as sent (info["styles"]); the request's prompts have the known ones applied
     styles: list[str] = field(default_factory=list)
     # the field the clip skip came from, named in ignored_fields where the family ignores it
@@ -85,6 +91,7 @@ def plan_a1111(req: Txt2ImgRequest, settings: ServerSettings, defaults: dict, sa
     if entry is None:
         raise RequestError("override_settings.sd_model_checkpoint", model,
                            f"not a listed model; available: {', '.join(m.name for m in settings.models)}")
+    vae_choice = overrides.pop("sd_vae", None)  # resolved against the server's VAE files by vae_routes
     clip_skip_field, extra_ignored = f"override_settings.{CLIP_SKIP_OPTION}", []
     if CLIP_SKIP_OPTION in overrides:
         clip_skip = clip_skip_option(overrides.pop(CLIP_SKIP_OPTION), clip_skip_field, settings.limits)
@@ -122,7 +129,7 @@ def plan_a1111(req: Txt2ImgRequest, settings: ServerSettings, defaults: dict, sa
     return GenerationPlan(model=entry.name, request=request.resolve_seed(), sampler_label=sampler_display_name(sampler),
                           ignored=ignored, notes=notes, a1111_clip_skip=True, missing_loras="note",
                           styles=list(req.styles or ()), clip_skip_field=clip_skip_field,
-                          save_images=bool(req.save_images and can_save))
+                          save_images=bool(req.save_images and can_save), vae_choice=vae_choice)
 
 
 def _init_image(req: Img2ImgRequest, limits: Limits):
@@ -155,7 +162,8 @@ def info_json(req: Txt2ImgRequest, plan: GenerationPlan, seeds: list[int], infot
         "width": r.width, "height": r.height, "sampler_name": plan.sampler_label,
         "scheduler": r.schedule, "cfg_scale": r.guidance, "steps": r.steps,
         "batch_size": r.batch_size, "restore_faces": False, "face_restoration_model": None,
-        "sd_model_name": plan.model, "sd_model_hash": None, "sd_vae_name": None, "sd_vae_hash": None,
+        "sd_model_name": plan.model, "sd_model_hash": None, "sd_vae_name": plan.vae_name,
+        "sd_vae_hash": plan.vae_hash,
         "seed_resize_from_w": -1, "seed_resize_from_h": -1,
         "denoising_strength": r.strength if r.init_image is not None else None,
         "extra_generation_params": {"Schedule type": r.schedule},

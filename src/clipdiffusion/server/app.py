@@ -33,7 +33,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ..errors import ClipDiffusionError, NonFiniteError
 from ..request import GenerationRequest, RequestError
-from . import a1111, a1111_extra, images, sampler_names
+from . import a1111, a1111_extra, images, sampler_names, vae_routes
 from .middleware import BasicAuth, BodyLimit
 from .own import EncodeRequest, GenerateRequest, TokenizeRequest, encode_stats, generate_plan, heatmaps
 from .schemas import Img2ImgRequest, PNGInfoRequest, Txt2ImgRequest, json_safe
@@ -66,7 +66,8 @@ class ServerState:
         self.worker = Worker(pipeline_factory, settings.queue_size, settings.shutdown_timeout)
         self._lock = threading.Lock()
         self.options = {"sd_model_checkpoint": settings.models[0].name,
-                        "CLIP_stop_at_last_layers": settings.default_clip_skip}
+                        "CLIP_stop_at_last_layers": settings.default_clip_skip, vae_routes.VAE_OPTION: "Automatic"}
+        self.vaes = vae_routes.library(settings)  # --vae and --vae-dir files (names only until one is used)
         self._tables: tuple | None = None
         self._tokenizer = None
         self._tokenizer_factory = tokenizer_factory
@@ -115,6 +116,8 @@ class ServerState:
                 staged[key] = entry.name
             elif key == "CLIP_stop_at_last_layers":
                 staged[key] = a1111.clip_skip_option(value, key, self.settings.limits)
+            elif key == vae_routes.VAE_OPTION:
+                staged[key] = vae_routes.check_option(self, value)
             else:
                 ignored.append(key)
                 continue
@@ -217,6 +220,7 @@ def _generate_work(plan: a1111.GenerationPlan, pipe, control: JobControl):
     from ..families import get_family
 
     request = plan.request
+    vae_routes.apply_vae(plan, pipe)  # the VAE this request asked for (sd_vae), or the checkpoint's own
     if plan.a1111_clip_skip and not get_family(pipe.family).a1111_clip_skip:
         request = dataclasses.replace(request, clip_skip=None)  # as A1111: the setting does not move this family
         plan.ignored.append(plan.clip_skip_field)
@@ -310,6 +314,7 @@ def create_app(pipeline_factory: Callable[[str], Any], settings: ServerSettings 
     _own_routes(app, state)
     _embedding_routes(app, state)
     _lora_routes(app, state)
+    vae_routes.install(app, state)
     a1111_extra.register(app, state)  # cmd-flags, upscalers, prompt-styles, memory, extras, ... (A1111's shapes)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
@@ -329,8 +334,9 @@ def _a1111_routes(app: FastAPI, state: ServerState) -> None:
 
     async def generate(req: Txt2ImgRequest, kind: str) -> dict:
         samplers, schedules = state.tables()
-        plan = await run_in_threadpool(a1111.plan_a1111, req, settings, state.options_snapshot(), samplers,
-                                       schedules)
+        options = state.options_snapshot()
+        plan = await run_in_threadpool(a1111.plan_a1111, req, settings, options, samplers, schedules)
+        await run_in_threadpool(vae_routes.resolve_plan, state, plan, options)
         request = plan.request
         steps = request.steps if request.init_image is None else max(1, int(request.steps * request.strength))
         control = JobControl(steps=steps, iterations=request.n_iter)
@@ -455,6 +461,7 @@ def _own_routes(app: FastAPI, state: ServerState) -> None:
     async def generate(req: GenerateRequest) -> dict:
         samplers, schedules = state.tables()
         plan = generate_plan(req, settings, _model(state, req.model), samplers, schedules)
+        await run_in_threadpool(vae_routes.resolve_plan, state, plan, state.options_snapshot())
         control = JobControl(steps=plan.request.steps, iterations=1)
         pictures, seeds, infotexts, attention = await state.run("generate", plan.model,
                                                                 partial(_generate_work, plan), control)

@@ -73,6 +73,11 @@ class ServerSettings:
     # (Pipeline.from_*(device=, dtype=)). Defaults cpu/fp32; "auto" picks per machine.
     device: str = "cpu"
     dtype: str = "fp32"
+    # Separate VAE files (A1111's --vae-path and --vae-dir): `vae` is what the sd_vae option "Automatic" means (else
+    # a <checkpoint stem>.vae.* file beside the checkpoint, else its own VAE); GET /sdapi/v1/sd-vae lists it and
+    # every VAE file of `vae_dirs` (POST /sdapi/v1/refresh-vae rescans); clients name files, never paths.
+    vae: str | None = None
+    vae_dirs: tuple[str, ...] = ()
     # A1111 styles files (--styles-file FILE, repeatable; A1111's flag): read when the settings are made, so a bad
     # file stops the server at startup (`styles.StyleLibrary`); the request field `styles` applies them.
     styles_files: tuple[str, ...] = ()
