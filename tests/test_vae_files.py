@@ -99,6 +99,7 @@ def test_loader_reports_layout_ignored_keys_and_the_scale_note(files):
     diffusers = load_vae_file(files["diffusers_folder"], V.TINY)
     assert diffusers.layout == "diffusers" and diffusers.path == files["diffusers_file"]
     assert any("scaling_factor 0.13025" in n and "0.18215 is kept" in n for n in diffusers.notes)
+    assert not any(str(files["diffusers_folder"]) in n for n in diffusers.notes)  # served to clients: no paths
     # an SDXL-style model (scale 0.13025) keeps its own factor with any VAE file
     sdxl = load_vae_file(files["ldm"], dataclasses.replace(V.TINY, scale_factor=0.13025))
     assert sdxl.vae.config.scale_factor == 0.13025 and sdxl.notes == ()
@@ -305,6 +306,19 @@ def test_server_sd_vae_routes_options_and_overrides(served, files):
     again = client.post("/sdapi/v1/txt2img", json={**body, "override_settings": {"sd_vae": "second.ckpt"}}).json()
     assert json.loads(again["info"])["sd_vae_name"] == "second.ckpt"
     assert np.array_equal(_png_pixels(again["images"][0]), _png_pixels(swapped["images"][0]))  # same weights
+
+    # a broken file in the folder: a 422 naming it by its listed name (the server's paths stay private)
+    pipe = tiny_pipeline(0)
+    sd = {k: v.clone() for k, v in pipe.vae.state_dict().items()}
+    sd["decoder.conv_out.weight"][0, 0, 0, 0] = float("inf")
+    save_file(sd, folder / "broken.safetensors")
+    client.post("/sdapi/v1/refresh-vae")
+    broken = client.post("/sdapi/v1/txt2img", json={**body, "override_settings": {"sd_vae": "broken.safetensors"}})
+    assert broken.status_code == 422 and "broken.safetensors" in broken.text and "non-finite" in broken.text
+    assert str(folder) not in broken.text
+    assert broken.json()["detail"][0]["loc"] == ["body", "override_settings", "sd_vae"]
+    after = client.post("/sdapi/v1/txt2img", json={**body, "override_settings": {"sd_vae": "None"}}).json()
+    assert np.array_equal(_png_pixels(after["images"][0]), _png_pixels(own["images"][0]))
 
 
 def test_serve_flags_build_settings(files, tmp_path):

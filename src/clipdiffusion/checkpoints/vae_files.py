@@ -117,8 +117,8 @@ def _scale_note(file: Path, scale_factor: float) -> tuple[str, ...]:
 
         stated = read_json(config).get("scaling_factor")
         if isinstance(stated, (int, float)) and not isinstance(stated, bool) and float(stated) != scale_factor:
-            return (f"{config} states scaling_factor {stated}; the model's {scale_factor} is kept (as A1111 does: the "
-                    f"scale factor belongs to the model, not the VAE file)",)
+            return (f"the VAE's config.json states scaling_factor {stated}; the model's {scale_factor} is kept (as "
+                    f"A1111 does: the scale factor belongs to the model, not the VAE file)",)
     return ()
 
 

@@ -15,7 +15,9 @@ from __future__ import annotations
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
-from ..checkpoints.vae_files import AUTOMATIC, VaeLibrary
+from ..checkpoints.vae_files import AUTOMATIC, VaeLibrary, vae_name
+from ..errors import CheckpointError
+from ..request import RequestError
 
 VAE_OPTION = "sd_vae"
 
@@ -51,7 +53,11 @@ def apply_vae(plan, pipe) -> None:
     wanted = getattr(plan, "vae_path", None)
     current = pipe.__dict__.get("vae_source")
     if wanted != current:
-        pipe.replace_vae(wanted)
+        try:
+            pipe.replace_vae(wanted)
+        except CheckpointError as exc:  # a broken file on the server: named by its listed name, never its path
+            field = f"override_settings.{VAE_OPTION}" if getattr(plan, "vae_choice", None) is not None else VAE_OPTION
+            raise RequestError(field, vae_name(wanted), f"this VAE file cannot be used: {exc.reason}") from None
         pipe.__dict__["vae_source"] = wanted
     if wanted is not None:
         plan.vae_name, plan.vae_hash = pipe.vae_name, pipe.vae_hash
