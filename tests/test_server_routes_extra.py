@@ -175,6 +175,11 @@ def test_styles_are_applied_and_unknown_names_reported(app_with):
     assert c.pipe.calls[-1]["prompt"] == "a cat" and info["ignored_fields"] == []
     r = c.post("/sdapi/v1/txt2img", json={**BODY, "styles": "art"})
     assert r.status_code == 422 and "styles" in r.text  # A1111's type: a list of names
+    info = info_of(c.post("/sdapi/v1/txt2img", json={**BODY, "styles": ["x", "art", "x", "y"]}))
+    assert info["ignored_fields"] == ["styles[0]", "styles[3]"]
+    assert c.pipe.calls[-1]["prompt"] == "oil painting of a cat"
+    r = c.post("/sdapi/v1/txt2img", json={**BODY, "styles": ["z"] * 10_000})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "styles"]
 
 
 def test_styles_count_against_the_prompt_limit(app_with):

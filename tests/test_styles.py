@@ -102,3 +102,15 @@ def test_serve_refuses_a_bad_styles_file_at_startup(tmp_path, capsys):
     assert str(bad) in err and "no 'name' column" in err
     assert main(["serve", "--save-dir", str(tmp_path / "missing")]) == 2
     assert "--save-dir" in capsys.readouterr().err
+
+
+def test_request_names_checked_once_and_capped(tmp_path):
+    from clipdiffusion.request import RequestError
+    from clipdiffusion.styles import MAX_REQUEST_STYLES
+
+    library = StyleLibrary.from_files([write(tmp_path, A1111_FILE)])
+    assert library.check_names(["x", "sharp", "x", "None", "cinematic"]) == [(0, "x"), (3, "None")]
+    assert library.check_names(["sharp"] * MAX_REQUEST_STYLES) == []
+    with pytest.raises(RequestError) as err:
+        library.check_names(["None"] * (MAX_REQUEST_STYLES + 1))
+    assert err.value.field == "styles"

@@ -24,10 +24,12 @@ import os
 from dataclasses import dataclass, field
 
 from .errors import ClipDiffusionError
+from .request import RequestError
 
 MAX_STYLES_FILE_BYTES = 8 * 2**20
 MAX_STYLES = 20_000
 MAX_STYLE_CHARS = 64_000  # per cell; csv's own field limit (131072) is higher
+MAX_REQUEST_STYLES = 64  # style names in one request (A1111's UI picks a handful)
 PLACEHOLDER = "{prompt}"
 
 
@@ -162,6 +164,18 @@ class StyleLibrary:
     def items(self) -> list[dict]:
         """`GET /sdapi/v1/prompt-styles`: `[{name, prompt, negative_prompt}]`."""
         return [style.to_a1111() for style in self.styles.values()]
+
+    def check_names(self, names, field: str = "styles") -> list[tuple[int, str]]:
+        """The names of a request's `styles` that are not in the library, each once as (first index, name); a
+        RequestError naming `field` for more than MAX_REQUEST_STYLES names."""
+        names = list(names)
+        if len(names) > MAX_REQUEST_STYLES:
+            raise RequestError(field, f"{len(names)} names", f"at most {MAX_REQUEST_STYLES} styles per request")
+        unknown: dict[str, int] = {}
+        for i, name in enumerate(names):
+            if name not in self.styles and name not in unknown:
+                unknown[name] = i
+        return [(i, name) for name, i in unknown.items()]
 
     def apply(self, prompt: str, negative_prompt: str, names) -> tuple[str, str, list[str]]:
         """(prompt, negative prompt, unknown names): the named styles applied in order, A1111's way."""

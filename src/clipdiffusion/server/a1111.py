@@ -104,9 +104,10 @@ def plan_a1111(req: Txt2ImgRequest, settings: ServerSettings, defaults: dict, sa
         clip_skip = clip_skip_option(defaults[CLIP_SKIP_OPTION], clip_skip_field, settings.limits)
     prompt, negative_prompt, notes = req.prompt, req.negative_prompt, []
     if req.styles:
-        prompt, negative_prompt, unknown = settings.styles.apply(prompt, negative_prompt, req.styles)
-        extra_ignored += [f"styles[{req.styles.index(name)}]" for name in dict.fromkeys(unknown)]
-        notes += [f"Style not found: {name}" for name in dict.fromkeys(unknown)]
+        unknown = settings.styles.check_names(req.styles)  # at most MAX_REQUEST_STYLES names
+        prompt, negative_prompt, _ = settings.styles.apply(prompt, negative_prompt, req.styles)
+        extra_ignored += [f"styles[{i}]" for i, _ in unknown]
+        notes += [f"Style not found: {name}" for _, name in unknown]
     sampler_field = "sampler_name" if req.sampler_name else "sampler_index"
     sampler, implied = resolve_sampler(req.sampler_name or req.sampler_index or "Euler", samplers, sampler_field)
     schedule = resolve_schedule(req.scheduler, schedules, implied)
