@@ -214,6 +214,6 @@ def test_generate_takes_a_request_and_refuses_what_it_does_not_honour(pipe):
     with pytest.raises(RequestError, match="not both") as info:
         pipe.generate(request, steps=3)
     assert info.value.field == "steps"
-    with pytest.raises(RequestError, match=r"not implemented yet \(enable_hr, hr_scale\)") as info:
-        pipe.generate(request.replace(enable_hr=True, hr_scale=1.5))
-    assert info.value.field == "enable_hr"
+    with pytest.raises(RequestError, match=r"not implemented yet \(styles\)") as info:  # hires fix is (issue 20)
+        pipe.generate(request.replace(styles=("s",)))
+    assert info.value.field == "styles"

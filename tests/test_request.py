@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 from clipdiffusion import infotext
 from clipdiffusion.errors import ClipDiffusionError
 from clipdiffusion.infotext import from_infotext, to_infotext
-from clipdiffusion.request import GENERATE_ARGS, LIMITS, UNIMPLEMENTED, GenerationRequest, Limits, RequestError
+from clipdiffusion.request import (GENERATE_ARGS, HR_UPSCALERS, LIMITS, UNIMPLEMENTED, GenerationRequest, Limits,
+                                   RequestError, check_hires_size)
 
 
 class FakeImage:
@@ -115,8 +116,8 @@ BAD = {
     "strength": [True, 0, 0.0, -0.1, 1.01, NAN, INF, None],
     "attention_maps": [1, 0, "yes", None],
     "enable_hr": [1, "true", None],
-    "hr_scale": [0.5, 8.5, NAN, True, None],
-    "hr_upscaler": [3, "", "x" * 201],
+    "hr_scale": [0, -0.5, 8.5, NAN, True, None],
+    "hr_upscaler": [3, "", "x" * 201, "ESRGAN_4x", "latent"],
     "hr_second_pass_steps": [-1, 1001, True],
     "hr_resize_x": [-1, 8193, True, None],
     "hr_resize_y": [-8, 1.5],
@@ -239,14 +240,15 @@ def test_unhonoured():
     assert GenerationRequest().unhonoured() == []
     assert GenerationRequest(hr_scale=4.0, mask_blur=8, resize_mode=1, inpainting_fill=1).unhonoured() == []
     hires = GenerationRequest(enable_hr=True, hr_scale=4.0, hr_prompt="x", styles=("s",), loras=(("l", 1, 1),))
-    assert hires.unhonoured() == ["enable_hr", "hr_scale", "hr_prompt", "styles"]  # LoRAs are honoured (issue 17)
+    # LoRAs are honoured (issue 17), hires fix too (issue 20)
+    assert hires.unhonoured() == ["styles"]
     image = FakeImage()
     inpaint = GenerationRequest(init_image=image, mask=image, mask_blur=8, resize_mode=2)
     assert inpaint.unhonoured() == ["mask", "mask_blur", "resize_mode"]
     with pytest.raises(RequestError, match="not implemented") as info:
         hires.to_generate_kwargs()
-    assert info.value.field == "enable_hr"
-    assert "enable_hr" not in hires.to_generate_kwargs(allow_unhonoured=True)
+    assert info.value.field == "styles"
+    assert hires.to_generate_kwargs(allow_unhonoured=True)["enable_hr"] is True
 
 
 def test_generate_kwargs_iterations_and_seed():
@@ -284,7 +286,7 @@ def test_from_a1111_text():
     assert (request.width, request.height, request.clip_skip, request.seed) == (768, 512, 2, 42)
     assert request.enable_hr and request.hr_strength == 0.4 and request.strength == 0.75
     assert (request.hr_scale, request.hr_second_pass_steps, request.hr_upscaler) == (2.0, 10, "Latent")
-    assert request.unhonoured() == ["enable_hr", "hr_upscaler", "hr_second_pass_steps", "hr_strength"]
+    assert request.unhonoured() == []  # hires fix is honoured (issue 20)
     img2img = from_infotext("x\nSteps: 5, Sampler: Euler, Seed: 3, Denoising strength: 0.5")
     assert img2img.strength == 0.5 and not img2img.enable_hr
     for bad, name in (("Steps: 0, Sampler: Euler, Seed: 1", "steps"),
@@ -334,23 +336,44 @@ def requests(draw):
         weighting=draw(st.sampled_from(["a1111", "comfy", "none"])), batch_size=batch, n_iter=n_iter,
         strength=draw(st.floats(0, 1, exclude_min=True)), attention_maps=draw(st.booleans()))
     if draw(st.booleans()):
+        # within hires fix's own limits (issue 20): upscaled sizes within LIMITS, a second-pass schedule of at
+        # most 1000 steps (hr_second_pass_steps / strength), A1111's upscaler names
+        small = size and (min(size[0], 1024), min(size[1], 1024))
         values.update(
-            enable_hr=True, strength=0.75, hr_scale=draw(st.floats(1, 8)),
-            hr_second_pass_steps=draw(st.integers(0, 1000)), hr_resize_x=draw(st.integers(0, 8192)),
-            hr_resize_y=draw(st.integers(0, 8192)), hr_prompt=draw(value_text()),
+            width=small and small[0], height=small and small[1],
+            enable_hr=True, strength=0.75, hr_scale=draw(st.floats(1, 4)),
+            hr_second_pass_steps=draw(st.integers(1, 100)), hr_resize_x=draw(st.sampled_from([0, 8, 1024])),
+            hr_resize_y=draw(st.sampled_from([0, 8, 1024])), hr_prompt=draw(value_text()),
             hr_negative_prompt=draw(value_text()),
-            hr_upscaler=draw(st.one_of(st.none(), value_text().filter(bool))),
+            hr_upscaler=draw(st.one_of(st.none(), st.sampled_from(HR_UPSCALERS))),
             hr_sampler=draw(st.one_of(st.none(), st.sampled_from(["euler_a", "dpmpp_2m", "lms"]))),
             hr_schedule=draw(st.one_of(st.none(), st.sampled_from(["karras", "normal", "exponential"]))),
-            hr_strength=draw(st.floats(0, 1)))
+            hr_strength=draw(st.floats(0.1, 1)))
+        if small and (values["hr_resize_x"] or values["hr_resize_y"]):
+            try:
+                check_hires_size(*small, values["hr_scale"], values["hr_resize_x"], values["hr_resize_y"])
+            except RequestError:
+                values.update(hr_resize_x=0, hr_resize_y=0)
     return GenerationRequest(**values)
+
+
+def as_written(request):
+    """What an infotext keeps of a request: A1111 leaves out hires fields equal to the first pass's."""
+    r = request
+    if not r.enable_hr:
+        return r
+    return r.replace(hr_sampler=None if r.hr_sampler == r.sampler else r.hr_sampler,
+                     hr_schedule=None if r.hr_schedule == r.schedule else r.hr_schedule,
+                     hr_prompt="" if r.hr_prompt == r.prompt else r.hr_prompt,
+                     hr_negative_prompt="" if r.hr_negative_prompt == r.negative_prompt else r.hr_negative_prompt,
+                     hr_scale=2.0 if r.hr_resize_x or r.hr_resize_y else r.hr_scale)
 
 
 @settings(max_examples=200, deadline=None)
 @given(requests(), st.one_of(st.none(), st.text(max_size=8)))
 def test_infotext_round_trip(request, model):
     text = to_infotext(request, model=model)
-    assert from_infotext(text) == request.replace(n_iter=1, attention_maps=False)
+    assert from_infotext(text) == as_written(request.replace(n_iter=1, attention_maps=False))
 
 
 @pytest.mark.parametrize("prompt,negative", [(" leading space", ""), ("trailing\t", ""), ("\nfirst line empty", ""),

@@ -209,6 +209,34 @@ _HIRES = {"hr_scale": ("Hires upscale", {}, float), "hr_second_pass_steps": ("Hi
           "hr_negative_prompt": ("Hires negative prompt", {}, str)}
 
 
+def hires_parameters(request: GenerationRequest) -> dict:
+    """The "Hires ..." infotext keys of a hires-fix request, as A1111's txt2img ``init`` sets them (the
+    "Denoising strength" aside): "Hires upscale" (without a resize) or "Hires resize" (WxH), "Hires steps" when
+    given, "Hires upscaler" when given (None is A1111's default, "Latent"), "Hires sampler"/"Hires schedule type"
+    and "Hires prompt"/"Hires negative prompt" when they differ from the first pass's. Empty without enable_hr."""
+    r = request
+    if not r.enable_hr:
+        return {}
+    out: dict = {}
+    if r.hr_resize_x or r.hr_resize_y:
+        out["Hires resize"] = f"{r.hr_resize_x}x{r.hr_resize_y}"
+    else:
+        out["Hires upscale"] = _number(r.hr_scale)
+    if r.hr_second_pass_steps:
+        out["Hires steps"] = r.hr_second_pass_steps
+    if r.hr_upscaler is not None:
+        out["Hires upscaler"] = r.hr_upscaler
+    if r.hr_sampler not in (None, r.sampler):
+        out["Hires sampler"] = SAMPLER_NAMES.get(r.hr_sampler, r.hr_sampler)
+    if r.hr_schedule not in (None, r.schedule):
+        out["Hires schedule type"] = SCHEDULE_NAMES.get(r.hr_schedule, r.hr_schedule)
+    if r.hr_prompt not in ("", r.prompt):
+        out["Hires prompt"] = r.hr_prompt
+    if r.hr_negative_prompt not in ("", r.negative_prompt):
+        out["Hires negative prompt"] = r.hr_negative_prompt
+    return out
+
+
 def to_infotext(request: GenerationRequest, *, seed: int | None = None, model: str | None = None,
                 width: int | None = None, height: int | None = None, default_clip_skip: int | None = None,
                 vae: str | None = None, vae_hash: str | None = None) -> str:
@@ -231,12 +259,7 @@ def to_infotext(request: GenerationRequest, *, seed: int | None = None, model: s
     strength = r.strength if r.init_image is not None or r.strength != DEFAULTS["strength"] else None
     if r.enable_hr:
         strength = r.hr_strength
-        for name, (key, names, _) in _HIRES.items():
-            value = getattr(r, name)
-            if value not in (None, "") and (value != 0 or name == "hr_scale"):  # as A1111: unset ones left out
-                extra[key] = names.get(value, value)
-        if r.hr_resize_x or r.hr_resize_y:
-            extra["Hires resize"] = f"{r.hr_resize_x}x{r.hr_resize_y}"
+        extra.update(hires_parameters(r))
     prompt = r.prompt + "".join(
         f" <lora:{name}:{te:g}>" if te == unet else f" <lora:{name}:{te:g}:{unet:g}>" for name, te, unet in r.loras)
     return format_infotext(GenerationParameters(
@@ -262,7 +285,9 @@ def from_infotext(text: str, *, limits: Limits = LIMITS) -> GenerationRequest:
     mask/resize/style/LoRA fields and, with hires fix on, the default strength, whose prompts the format can
     hold: lines (split on "\\n") without leading or trailing whitespace, none starting with "Negative prompt:",
     a prompt whose first line is empty only when it is all empty; hires prompts and upscaler that hold a comma,
-    colon or newline or have no leading or trailing whitespace."""
+    colon or newline or have no leading or trailing whitespace. Hires fields that change nothing come back as their
+    defaults, as A1111 leaves them out: an ``hr_sampler``/``hr_schedule``/``hr_prompt``/``hr_negative_prompt``
+    equal to the first pass's, ``hr_scale`` beside a resize."""
     return from_parameters(parse_infotext(text), limits=limits)
 
 
@@ -279,6 +304,10 @@ def from_parameters(p: GenerationParameters, *, limits: Limits = LIMITS) -> Gene
     for name, (key, names, convert) in _HIRES.items():
         if key in p.extra:
             value = _from_text(name, key, p.extra[key], convert)
+            if name == "hr_sampler":
+                value = _sampler_and_schedule(value)[0]
+            elif name == "hr_schedule":
+                value = _SCHEDULE_BY_NAME.get(value, value)
             hires[name] = {display: ours for ours, display in names.items()}.get(value, value)
     if "Hires resize" in p.extra:
         size = _SIZE.match(p.extra["Hires resize"].strip())

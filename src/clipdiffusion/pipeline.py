@@ -53,6 +53,7 @@ class GenerationResult:
     pixels: np.ndarray | None = None  # [B, H, W, 3] float32 in [0, 1] (diffusers' output_type="np")
     interrupted: bool = False
     notes: tuple = ()  # what the request asked that was not done, and why (an unapplied <lora:...> tag)
+    latents: object = dataclasses.field(default=None, repr=False)  # [B,C,h,w] sampled latents (scaled), pre-decode
 
     @property
     def image(self):
@@ -467,12 +468,15 @@ class Pipeline:
 
     def generate(self, prompt, negative_prompt="", *, steps=20, guidance=7.0, seed=-1, sampler="euler",
                  schedule="normal", width=None, height=None, clip_skip=None, long_prompt="chunk", weighting="a1111",
-                 batch_size=1, init_image=None, strength=0.75, attention_maps=False, loras=(), callback=None,
+                 batch_size=1, init_image=None, strength=0.75, attention_maps=False, loras=(), enable_hr=False,
+                 hr_scale=2.0, hr_upscaler=None, hr_second_pass_steps=0, hr_resize_x=0, hr_resize_y=0, hr_prompt="",
+                 hr_negative_prompt="", hr_sampler=None, hr_schedule=None, hr_strength=0.75, callback=None,
                  should_stop=None, missing_loras="error") -> GenerationResult:
         """Run a ``GenerationRequest``: ``generate(request)``, or ``generate(prompt, ...)`` with the request's
         fields as keywords (they build one; see DEVELOPING.md for the contract). Bad values raise ``RequestError``
         naming the field, before any model work; fields the engine does not honour yet (``request.UNIMPLEMENTED``:
-        hires fix, inpainting, styles) are refused the same way. A request with ``n_iter`` > 1 runs that
+        inpainting, styles) are refused the same way. ``enable_hr`` runs A1111's hires fix (``clipdiffusion.hires``:
+        a first pass at width x height, an upscale, an img2img second pass at ``hr_strength``). A request with ``n_iter`` > 1 runs that
         many batches, seeds continuing across them; ``should_stop`` also ends the batches still to come.
         The prompt speaks A1111's language (``conditioning_schedule``): ``[a:b:when]``, ``[a|b]``, ``a AND b :w``
         follow A1111's per-call timeline; ``<lora:name:te:unet>`` tags of the prompt and the request's ``loras``
@@ -497,7 +501,11 @@ class Pipeline:
         request = as_request(prompt, negative_prompt, steps=steps, guidance=guidance, seed=seed, sampler=sampler,
                              schedule=schedule, width=width, height=height, clip_skip=clip_skip,
                              long_prompt=long_prompt, weighting=weighting, batch_size=batch_size,
-                             init_image=init_image, strength=strength, attention_maps=attention_maps, loras=loras)
+                             init_image=init_image, strength=strength, attention_maps=attention_maps, loras=loras,
+                             enable_hr=enable_hr, hr_scale=hr_scale, hr_upscaler=hr_upscaler,
+                             hr_second_pass_steps=hr_second_pass_steps, hr_resize_x=hr_resize_x,
+                             hr_resize_y=hr_resize_y, hr_prompt=hr_prompt, hr_negative_prompt=hr_negative_prompt,
+                             hr_sampler=hr_sampler, hr_schedule=hr_schedule, hr_strength=hr_strength)
         request = request.require_honoured()
         for name, fn in (("callback", callback), ("should_stop", should_stop)):
             if fn is not None and not callable(fn):
@@ -515,7 +523,13 @@ class Pipeline:
         for iteration in range(request.n_iter):
             if results and (results[-1].interrupted or (should_stop is not None and should_stop())):
                 break
-            results.append(self._generate(request.for_iteration(iteration), callback, should_stop))
+            one = request.for_iteration(iteration)
+            if one.enable_hr:  # hires fix: two passes (clipdiffusion.hires)
+                from . import hires
+
+                results.append(hires.generate(self, one, callback, should_stop))
+            else:
+                results.append(self._generate(one, callback, should_stop))
         if len(results) == 1:
             return dataclasses.replace(results[0], notes=notes, infotexts=self._lora_infotexts(results[0].infotexts))
         return GenerationResult([im for r in results for im in r.images], [s for r in results for s in r.seeds],
@@ -523,8 +537,9 @@ class Pipeline:
                                 np.concatenate([r.pixels for r in results]), any(r.interrupted for r in results),
                                 notes)
 
-    def _generate(self, request: GenerationRequest, callback, should_stop) -> GenerationResult:
-        """One batch of a sized request with a resolved seed."""
+    def _generate(self, request: GenerationRequest, callback, should_stop, *, start=None) -> GenerationResult:
+        """One batch of a sized request with a resolved seed. ``start(generators, sigmas) -> (latents, sigmas)``,
+        when given, replaces the initial latents (hires fix's second pass starts from the upscaled first pass)."""
         import torch
 
         from .conditioning_schedule import encode_request
@@ -558,8 +573,11 @@ class Pipeline:
         sigmas = sampler_sigmas(r.sampler, r.schedule, denoiser.sigmas, r.steps)  # DPM2: A1111's discarded sigma
 
         generators = [torch.Generator().manual_seed(s) for s in seeds]
-        x, sigmas = self._initial_latents(generators, sigmas, width, height, init_pixels, r.strength,
-                                          self._device())
+        if start is None:
+            x, sigmas = self._initial_latents(generators, sigmas, width, height, init_pixels, r.strength,
+                                              self._device())
+        else:
+            x, sigmas = start(generators, sigmas)
 
         stopped = []
 
@@ -580,7 +598,7 @@ class Pipeline:
 
         attention = capture.result(labels) if capture is not None else None
         return GenerationResult(images, seeds, self._infotexts(r, seeds), attention, pixels,
-                                interrupted=bool(stopped))
+                                interrupted=bool(stopped), latents=latents)
 
     def _infotexts(self, request: GenerationRequest, seeds) -> list[str]:
         """Each image's A1111 infotext: its own seed, the batch size left out (each image is reproduced by its

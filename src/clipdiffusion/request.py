@@ -6,7 +6,7 @@ sampler names such as ``euler_a``, not "Euler a": adapters resolve A1111 names b
 instance is valid against the engine's ``LIMITS`` (checked in ``__post_init__``, which also normalises ints to
 floats and lists to tuples); ``create(limits, **fields)`` and ``validate(limits)`` check against a server's
 tightened ``Limits``. Bad values raise ``RequestError`` naming the field and the value. Fields in
-``UNIMPLEMENTED`` (hires fix, inpainting, styles) are accepted with neutral defaults so that adapters can
+``UNIMPLEMENTED`` (inpainting, styles) are accepted with neutral defaults so that adapters can
 carry what clients send; ``unhonoured()`` names those set to values the engine does not honour yet.
 
 ``Pipeline.generate`` takes a request (or the keywords of one: ``as_request``); ``to_generate_kwargs`` and
@@ -96,10 +96,10 @@ class Limits:
 
 LIMITS = Limits()
 
-# Fields whose non-default values the engine does not honour yet (the issues after #15).
+# Fields whose non-default values the engine does not honour yet (the issues after #15). Hires fix (enable_hr,
+# hr_*) is honoured since issue 20: clipdiffusion.hires.
 UNIMPLEMENTED = frozenset({
-    "enable_hr", "hr_scale", "hr_upscaler", "hr_second_pass_steps", "hr_resize_x", "hr_resize_y", "hr_prompt",
-    "hr_negative_prompt", "hr_sampler", "hr_schedule", "hr_strength", "mask", "mask_blur", "inpainting_fill",
+    "mask", "mask_blur", "inpainting_fill",
     "inpaint_full_res", "inpaint_full_res_padding", "inpainting_mask_invert", "resize_mode", "styles",
 })
 _MASK_OPTIONS = ("mask_blur", "inpainting_fill", "inpaint_full_res", "inpaint_full_res_padding",
@@ -108,7 +108,48 @@ _OPAQUE = ("init_image", "mask")
 # Pipeline.generate's keyword arguments (besides callback and should_stop), in its order.
 GENERATE_ARGS = ("prompt", "negative_prompt", "steps", "guidance", "seed", "sampler", "schedule", "width", "height",
                  "clip_skip", "long_prompt", "weighting", "batch_size", "init_image", "strength", "attention_maps",
-                 "loras")
+                 "loras", "enable_hr", "hr_scale", "hr_upscaler", "hr_second_pass_steps", "hr_resize_x",
+                 "hr_resize_y", "hr_prompt", "hr_negative_prompt", "hr_sampler", "hr_schedule", "hr_strength")
+
+# Hires fix upscalers (hr_upscaler), by A1111's names. The latent modes are A1111's ``shared.latent_upscale_modes``:
+# name -> (torch.nn.functional.interpolate mode, antialias), applied to the first pass's latents. The pixel
+# upscalers resize the decoded first-pass image with PIL (A1111's built-in "None", "Lanczos" and "Nearest"; "None"
+# is a plain Lanczos resize there too). None (the default) is A1111's default mode, "Latent".
+LATENT_UPSCALE_MODES = {
+    "Latent": ("bilinear", False),
+    "Latent (antialiased)": ("bilinear", True),
+    "Latent (bicubic)": ("bicubic", False),
+    "Latent (bicubic antialiased)": ("bicubic", True),
+    "Latent (nearest)": ("nearest", False),
+    "Latent (nearest-exact)": ("nearest-exact", False),
+}
+PIXEL_UPSCALERS = ("None", "Lanczos", "Nearest")
+HR_UPSCALERS = (*LATENT_UPSCALE_MODES, *PIXEL_UPSCALERS)
+DEFAULT_HR_UPSCALER = "Latent"
+MAX_HR_SCALE = 8.0
+
+
+def hires_size(width: int, height: int, hr_scale: float, hr_resize_x: int = 0, hr_resize_y: int = 0,
+               factor: int = 1) -> tuple[int, int, int, int]:
+    """Hires fix's sizes for a first pass of ``width`` x ``height`` (A1111's ``calculate_target_resolution``):
+    ``(upscale_x, upscale_y, target_x, target_y)``. Without a resize, the upscale is ``int(side * hr_scale)``; with
+    one side of the resize given, that side and the other by the aspect ratio (integer division); with both, the
+    first pass is scaled to cover the resize and the excess cut off in whole latent pixels of ``factor`` pixels,
+    half on each side. The target is what the second pass runs at: the upscale, cut, rounded down to ``factor``."""
+    if hr_resize_x == 0 and hr_resize_y == 0:
+        up_x, up_y = int(width * hr_scale), int(height * hr_scale)
+        cut_x = cut_y = 0
+    elif hr_resize_y == 0:
+        up_x, up_y, cut_x, cut_y = hr_resize_x, hr_resize_x * height // width, 0, 0
+    elif hr_resize_x == 0:
+        up_x, up_y, cut_x, cut_y = hr_resize_y * width // height, hr_resize_y, 0, 0
+    else:
+        if width / height < hr_resize_x / hr_resize_y:
+            up_x, up_y = hr_resize_x, hr_resize_x * height // width
+        else:
+            up_x, up_y = hr_resize_y * width // height, hr_resize_y
+        cut_x, cut_y = (up_x - hr_resize_x) // factor, (up_y - hr_resize_y) // factor
+    return up_x, up_y, (up_x // factor - cut_x) * factor, (up_y // factor - cut_y) * factor
 
 
 @dataclass(frozen=True)
@@ -132,10 +173,10 @@ class GenerationRequest:
     init_image: Any = field(default=None, compare=False, repr=False)  # a PIL image: img2img
     strength: float = 0.75  # img2img denoising strength, (0, 1]
     attention_maps: bool = False  # per-token cross-attention maps of the first image
-    # -- not honoured yet (UNIMPLEMENTED); A1111's names and defaults unless said otherwise --
+    # -- hires fix (clipdiffusion.hires); A1111's names and defaults unless said otherwise --
     enable_hr: bool = False  # hires fix (txt2img only)
-    hr_scale: float = 2.0
-    hr_upscaler: str | None = None  # None: A1111's default ("Latent")
+    hr_scale: float = 2.0  # (0, 8]
+    hr_upscaler: str | None = None  # HR_UPSCALERS; None: A1111's default ("Latent")
     hr_second_pass_steps: int = 0  # 0: the same as steps
     hr_resize_x: int = 0  # 0 and 0: use hr_scale
     hr_resize_y: int = 0
@@ -143,7 +184,8 @@ class GenerationRequest:
     hr_negative_prompt: str = ""
     hr_sampler: str | None = None  # engine name; None: the same as sampler
     hr_schedule: str | None = None
-    hr_strength: float = 0.75  # A1111 txt2img "denoising_strength": the second pass's
+    hr_strength: float = 0.75  # A1111 txt2img "denoising_strength": the second pass's; > 0 with enable_hr
+    # -- not honoured yet (UNIMPLEMENTED) --
     mask: Any = field(default=None, compare=False, repr=False)  # a PIL image: inpainting (needs init_image)
     mask_blur: int = 4
     inpainting_fill: int = 0  # 0 fill, 1 original, 2 latent noise, 3 latent nothing
@@ -351,12 +393,23 @@ def _checked(v: dict, lim: Limits) -> dict:
     _bool("attention_maps", v["attention_maps"])
     if _bool("enable_hr", v["enable_hr"]) and v["init_image"] is not None:
         raise RequestError("enable_hr", True, "hires fix is for txt2img: a request with init_image cannot use it")
-    out["hr_scale"] = _float("hr_scale", v["hr_scale"], 1.0, 8.0)  # A1111's slider: 1..4
-    _label("hr_upscaler", v["hr_upscaler"], optional=True)
+    out["hr_scale"] = _float("hr_scale", v["hr_scale"], 0.0, MAX_HR_SCALE, low_open=True)  # A1111's slider: 1..4
+    if _label("hr_upscaler", v["hr_upscaler"], optional=True) not in (None, *HR_UPSCALERS):
+        raise RequestError("hr_upscaler", v["hr_upscaler"], f"unknown upscaler; choose from {', '.join(HR_UPSCALERS)}")
     _int("hr_second_pass_steps", v["hr_second_pass_steps"], 0, lim.max_steps)
     _int("hr_resize_x", v["hr_resize_x"], 0, lim.max_width, multiple=m)
     _int("hr_resize_y", v["hr_resize_y"], 0, lim.max_height, multiple=m)
     out["hr_strength"] = _float("hr_strength", v["hr_strength"], 0.0, 1.0)
+    if v["enable_hr"]:
+        if out["hr_strength"] == 0:
+            raise RequestError("hr_strength", v["hr_strength"], "hires fix needs a denoising strength in (0, 1]")
+        schedule = hires_schedule_steps(v["hr_second_pass_steps"] or v["steps"], out["hr_strength"])
+        if schedule > LIMITS.max_steps:
+            raise RequestError("hr_strength", v["hr_strength"], f"hires fix's second pass at this strength samples "
+                                                                f"a schedule of {schedule} steps, over "
+                                                                f"{LIMITS.max_steps}")
+        if v["width"] is not None and v["height"] is not None:
+            check_hires_size(v["width"], v["height"], out["hr_scale"], v["hr_resize_x"], v["hr_resize_y"], lim)
     if _image("mask", v["mask"]) is not None and v["init_image"] is None:
         raise RequestError("mask", type(v["mask"]).__name__, "inpainting needs an init_image")
     _bool("inpaint_full_res", v["inpaint_full_res"])
@@ -366,6 +419,25 @@ def _checked(v: dict, lim: Limits) -> dict:
     out["styles"] = _sequence("styles", v["styles"], lambda style: _label("styles", style))
     out["loras"] = _sequence("loras", v["loras"], _lora)
     return out
+
+
+def hires_schedule_steps(steps: int, strength: float) -> int:
+    """The schedule hires fix's second pass samples the last ``steps`` steps of (A1111's ``setup_img2img_steps``
+    with steps given: ``int(steps / min(strength, 0.999))``), so that exactly ``steps`` steps run."""
+    return max(steps, int(steps / min(strength, 0.999)))
+
+
+def check_hires_size(width, height, hr_scale, hr_resize_x, hr_resize_y, lim: Limits = LIMITS, factor: int = 1):
+    """RequestError (naming hr_scale, or hr_resize_x when a resize is given) when hires fix's upscale or target size
+    of a ``width`` x ``height`` first pass is outside ``lim`` or under ``factor`` pixels a side."""
+    up_x, up_y, x, y = hires_size(width, height, hr_scale, hr_resize_x, hr_resize_y, factor)
+    name, value = ("hr_scale", hr_scale) if not (hr_resize_x or hr_resize_y) else ("hr_resize_x", hr_resize_x)
+    size = f"{width}x{height} upscaled to {up_x}x{up_y}" + (f" (cut to {x}x{y})" if (x, y) != (up_x, up_y) else "")
+    if up_x > lim.max_width or up_y > lim.max_height or up_x * up_y > lim.max_pixels:
+        raise RequestError(name, value, f"hires fix: {size} is over the limits ({lim.max_width}x{lim.max_height}, "
+                                        f"{lim.max_pixels} pixels)")
+    if min(x, y) < max(factor, lim.size_multiple, 1):
+        raise RequestError(name, value, f"hires fix: {size} is too small")
 
 
 DEFAULTS = dict(_DEFAULTS)  # every field's default, by name (the CLI's argparse defaults come from here)

@@ -60,6 +60,23 @@ def add_arguments(parser):
     parser.add_argument("--init-image", metavar="PNG", help="img2img: start from this image")
     parser.add_argument("--strength", type=float, default=d["strength"],
                         help="img2img denoising strength in (0, 1]")
+    hires = parser.add_argument_group(
+        "hires fix", "A1111's hires fix: a first pass at --width x --height, an upscale, then an img2img second pass "
+                     "at --denoising-strength; on when --hr, --hr-scale, --hr-resize-x/-y or --hr-upscaler is given")
+    hires.add_argument("--hr", action="store_true", help="hires fix with the defaults (x2, Latent)")
+    hires.add_argument("--hr-scale", type=float, metavar="X", help=f"upscale factor (default {d['hr_scale']:g})")
+    hires.add_argument("--hr-resize-x", type=int, metavar="W", help="upscale to this width instead (A1111's rules)")
+    hires.add_argument("--hr-resize-y", type=int, metavar="H", help="upscale to this height instead")
+    hires.add_argument("--hr-upscaler", metavar="NAME",
+                       help="Latent, Latent (antialiased), Latent (bicubic), Latent (bicubic antialiased), "
+                            "Latent (nearest), Latent (nearest-exact), None, Lanczos or Nearest (default Latent)")
+    hires.add_argument("--hr-steps", type=int, metavar="N", help="second-pass steps (default: --steps)")
+    hires.add_argument("--denoising-strength", type=float, metavar="S",
+                       help=f"second-pass denoising strength in (0, 1] (default {d['hr_strength']:g})")
+    hires.add_argument("--hr-prompt", metavar="TEXT", help="second-pass prompt (default: the prompt)")
+    hires.add_argument("--hr-negative", metavar="TEXT", help="second-pass negative prompt (default: --negative)")
+    hires.add_argument("--hr-sampler", choices=list(SAMPLERS), help="second-pass sampler (default: --sampler)")
+    hires.add_argument("--hr-schedule", choices=list(SCHEDULES), help="second-pass schedule (default: --schedule)")
     parser.add_argument("--loras", action="append", metavar="DIR",
                         help="a folder of LoRA .safetensors files, named by file stem (repeatable)")
     parser.add_argument("--lora", action="append", metavar="NAME:W[:UNET_W]",
@@ -81,8 +98,30 @@ def build_request(args, init_image=None):
         **sampler_fields(args), width=args.width, height=args.height,
         clip_skip=args.clip_skip, long_prompt=args.long_prompt, weighting=args.weighting,
         batch_size=args.batch_size, init_image=init_image, strength=args.strength,
-        loras=parse_lora_args(getattr(args, "lora", None)),
+        loras=parse_lora_args(getattr(args, "lora", None)), **hires_fields(args),
     )  # fmt: skip
+
+
+_HIRES_ARGS = {"hr_scale": "hr_scale", "hr_resize_x": "hr_resize_x", "hr_resize_y": "hr_resize_y",
+               "hr_upscaler": "hr_upscaler", "hr_steps": "hr_second_pass_steps", "denoising_strength": "hr_strength",
+               "hr_prompt": "hr_prompt", "hr_negative": "hr_negative_prompt", "hr_sampler": "hr_sampler",
+               "hr_schedule": "hr_schedule"}
+
+
+def hires_fields(args) -> dict:
+    """The hires-fix fields of the command line: ``enable_hr`` when --hr or an --hr-scale/--hr-resize-x/-y/
+    --hr-upscaler is given; the other --hr-* options and --denoising-strength need it."""
+    given = {field: getattr(args, arg, None) for arg, field in _HIRES_ARGS.items()}
+    given = {field: value for field, value in given.items() if value is not None}
+    enable = bool(getattr(args, "hr", False)) or any(
+        name in given for name in ("hr_scale", "hr_resize_x", "hr_resize_y", "hr_upscaler"))
+    if not enable:
+        if given:
+            option = next(arg for arg, field in _HIRES_ARGS.items() if field in given)
+            raise ClipDiffusionError(f"--{option.replace('_', '-')}: a hires-fix option; turn hires fix on with --hr, "
+                                     "--hr-scale, --hr-resize-x/-y or --hr-upscaler (img2img uses --strength)")
+        return {}
+    return {"enable_hr": True, **given}
 
 
 def sampler_fields(args) -> dict:

@@ -81,6 +81,39 @@ def clip_skip_option(value: Any, field_name: str = CLIP_SKIP_OPTION, limits: Lim
     return clip_skip
 
 
+# hires fix: our request field -> the A1111 body's name for it
+HIRES_NAMES = {"hr_strength": "denoising_strength", "hr_sampler": "hr_sampler_name", "hr_schedule": "hr_scheduler"}
+
+
+def hires_values(req: Txt2ImgRequest, settings: ServerSettings, samplers: tuple[str, ...],
+                 schedules: tuple[str, ...]) -> dict:
+    """The GenerationRequest hires fields of an A1111 txt2img body with enable_hr (A1111 >= 1.0: the first pass
+    is width x height; firstphase_width/height are not read). "Use same sampler"/"Use same scheduler" (what
+    A1111's UI sends) and None mean the first pass's; "Automatic" is the hires sampler's own default schedule.
+    Styles apply to a given hr_prompt/hr_negative_prompt as to the prompts."""
+    hr_sampler, implied = None, None
+    if req.hr_sampler_name not in (None, "", "Use same sampler"):
+        hr_sampler, implied = resolve_sampler(req.hr_sampler_name, samplers, "hr_sampler_name")
+    hr_schedule = None
+    if req.hr_scheduler not in (None, "", "Use same scheduler"):
+        hr_schedule = resolve_schedule(req.hr_scheduler, schedules, implied, "hr_scheduler")
+    elif implied is not None:
+        hr_schedule = resolve_schedule(None, schedules, implied, "hr_scheduler")  # "DPM++ 2M Karras"
+    hr_prompt, hr_negative = req.hr_prompt, req.hr_negative_prompt
+    if req.styles and (hr_prompt or hr_negative) and getattr(settings, "styles", None) is not None:
+        styled_prompt, styled_negative, _ = settings.styles.apply(hr_prompt, hr_negative, req.styles)
+        hr_prompt = styled_prompt if hr_prompt else ""
+        hr_negative = styled_negative if hr_negative else ""
+    values = dict(enable_hr=True, hr_scale=_integral(req.hr_scale), hr_upscaler=req.hr_upscaler,
+                  hr_second_pass_steps=req.hr_second_pass_steps, hr_resize_x=req.hr_resize_x,
+                  hr_resize_y=req.hr_resize_y, hr_prompt=hr_prompt, hr_negative_prompt=hr_negative,
+                  hr_sampler=hr_sampler, hr_schedule=hr_schedule)
+    if req.denoising_strength is not None:
+        values["hr_strength"] = req.denoising_strength
+    return values
+
+
+
 def plan_a1111(req: Txt2ImgRequest, settings: ServerSettings, defaults: dict, samplers: tuple[str, ...],
                schedules: tuple[str, ...]) -> GenerationPlan:
     """Translate an A1111 body into a request checked against `settings.limits`. `defaults` carries the server
@@ -117,7 +150,13 @@ def plan_a1111(req: Txt2ImgRequest, settings: ServerSettings, defaults: dict, sa
                   clip_skip=clip_skip, batch_size=req.batch_size, n_iter=req.n_iter)
     if img2img:
         values["strength"] = req.denoising_strength
-    names = {**A1111_NAMES, "sampler": sampler_field, "clip_skip": clip_skip_field}
+        if req.enable_hr:
+            extra_ignored.append("enable_hr")  # A1111's img2img has no hires fix
+    elif req.enable_hr:
+        values.update(hires_values(req, settings, samplers, schedules))
+        if (req.model_extra or {}).get("hr_checkpoint_name") not in (None, "", "Use same checkpoint"):
+            extra_ignored.append("hr_checkpoint_name")
+    names = {**A1111_NAMES, **HIRES_NAMES, "sampler": sampler_field, "clip_skip": clip_skip_field}
     try:
         request = GenerationRequest.create(settings.limits, **values)
         if img2img:
@@ -166,14 +205,23 @@ def info_json(req: Txt2ImgRequest, plan: GenerationPlan, seeds: list[int], infot
         "sd_model_name": plan.model, "sd_model_hash": None, "sd_vae_name": plan.vae_name,
         "sd_vae_hash": plan.vae_hash,
         "seed_resize_from_w": -1, "seed_resize_from_h": -1,
-        "denoising_strength": r.strength if r.init_image is not None else None,
-        "extra_generation_params": {"Schedule type": r.schedule},
+        "denoising_strength": r.strength if r.init_image is not None else (r.hr_strength if r.enable_hr else None),
+        "extra_generation_params": {"Schedule type": r.schedule, **_hires_info(r)},
         "index_of_first_image": 0, "infotexts": infotexts, "styles": plan.styles,
         "job_timestamp": plan.job_timestamp, "clip_skip": r.clip_skip,
         "is_using_inpainting_conditioning": False, "version": "clipdiffusion",
         "interrupted": interrupted, "ignored_fields": plan.ignored,
         "comments": "".join(f"{note}\n" for note in plan.notes), "notes": plan.notes,
     })
+
+
+def _hires_info(r: GenerationRequest) -> dict:
+    """A1111's extra_generation_params for hires fix: "Denoising strength" and the "Hires ..." keys."""
+    if not r.enable_hr:
+        return {}
+    from ..infotext import hires_parameters
+
+    return {"Denoising strength": r.hr_strength, **hires_parameters(r)}
 
 
 def response_parameters(req: Txt2ImgRequest) -> dict:

@@ -339,6 +339,8 @@ def _a1111_routes(app: FastAPI, state: ServerState) -> None:
         await run_in_threadpool(vae_routes.resolve_plan, state, plan, options)
         request = plan.request
         steps = request.steps if request.init_image is None else max(1, int(request.steps * request.strength))
+        if request.enable_hr:  # both passes (the pipeline's callback counts across them)
+            steps += request.hr_second_pass_steps or request.steps
         control = JobControl(steps=steps, iterations=request.n_iter)
         pictures, seeds, infotexts, _ = await state.run(kind, plan.model, partial(_generate_work, plan), control)
         if plan.save_images:  # into --save-dir only; a write failure is a note, the images still come back

@@ -106,6 +106,20 @@ class Txt2ImgRequest(JSONRequest):
     override_settings_restore_afterwards: bool = True
     send_images: bool = True
     save_images: bool = False
+    # Hires fix (txt2img; A1111's img2img has no such fields, and ours lists enable_hr as ignored there).
+    enable_hr: bool = False
+    denoising_strength: Number | None = Field(None, description="txt2img: hires fix's second-pass strength "
+                                                                "(None: 0.75)")
+    hr_scale: Number = 2.0
+    hr_upscaler: Text | None = Field(None, description='"Latent" (default), "Latent (antialiased)", "Latent '
+                                                       '(bicubic)", ..., "None", "Lanczos", "Nearest"')
+    hr_second_pass_steps: Int = 0
+    hr_resize_x: Int = 0
+    hr_resize_y: Int = 0
+    hr_sampler_name: Text | None = None
+    hr_scheduler: Text | None = None
+    hr_prompt: Text = ""
+    hr_negative_prompt: Text = ""
 
     @model_validator(mode="before")
     @classmethod
@@ -129,22 +143,20 @@ class PNGInfoRequest(JSONRequest):
 
 # A1111 fields we accept but do not act on, with the values at which ignoring them changes nothing.
 NEUTRAL_FIELDS: dict[str, tuple] = {
-    "enable_hr": (False, None), "restore_faces": (False, None), "tiling": (False, None),
+    "restore_faces": (False, None), "tiling": (False, None),
     "subseed_strength": (0, 0.0, None), "script_name": (None, ""),
     "script_args": ([], None), "alwayson_scripts": ({}, None), "refiner_checkpoint": (None, ""),
     "mask": (None, ""), "image_cfg_scale": (None, 1.5), "initial_noise_multiplier": (None, 1, 1.0),
     "eta": (None, 0, 0.0, 1, 1.0), "s_churn": (None, 0, 0.0), "s_tmin": (None, 0, 0.0),
     "s_tmax": (None, 0, 0.0, math.inf, "Infinity"), "s_noise": (None, 1, 1.0), "seed_resize_from_h": (None, 0, -1),
-    "seed_resize_from_w": (None, 0, -1), "hr_scale": None, "hr_upscaler": None, "hr_second_pass_steps": None,
-    "hr_resize_x": None, "hr_resize_y": None, "hr_checkpoint_name": None, "hr_sampler_name": None,
-    "hr_scheduler": None, "hr_prompt": None, "hr_negative_prompt": None, "firstphase_width": None,
+    "seed_resize_from_w": (None, 0, -1), "hr_checkpoint_name": None,  # a1111.plan_a1111 names it with enable_hr
+    "firstphase_width": None,
     "firstphase_height": None, "subseed": None, "do_not_save_samples": None, "do_not_save_grid": None,
     "force_task_id": None, "infotext": None, "comments": None, "disable_extra_networks": (None, False),
     "s_min_uncond": (None, 0, 0.0), "firstpass_image": (None, ""), "hr_additional_modules": ([], None),
     "refiner_switch_at": None, "mask_blur": None, "inpainting_fill": None, "inpaint_full_res": None,
     "inpaint_full_res_padding": None, "inpainting_mask_invert": None, "mask_round": None,
     "latent_mask": None, "sampler_noise_scheduler_override": None, "controlnet_units": None,
-    "denoising_strength": None,  # txt2img: only used by hires fix
 }
 # None above: only meaningful together with a neutral-valued switch (hr_* with enable_hr), or housekeeping.
 

@@ -15,6 +15,7 @@ rounded down to a multiple of 8, reached with the named filter.
 
 from __future__ import annotations
 
+from ..request import LATENT_UPSCALE_MODES as _REQUEST_LATENT_MODES
 from ..request import RequestError
 
 # name -> PIL.Image.Resampling member name; "None" does nothing
@@ -29,8 +30,9 @@ A1111_LATENT_UPSCALE_MODES: dict[str, tuple[str, bool]] = {
     "Latent (nearest)": ("nearest", False),
     "Latent (nearest-exact)": ("nearest-exact", False),
 }
-# The latent modes this server implements (filled by the hires-fix code when it can upscale latents).
-LATENT_UPSCALE_MODES: dict[str, tuple[str, bool]] = {}
+# The latent modes this server implements: hires fix's (issue 20, clipdiffusion.hires), whose one table is
+# request.LATENT_UPSCALE_MODES (the request checks hr_upscaler against it; the core cannot import server/).
+LATENT_UPSCALE_MODES: dict[str, tuple[str, bool]] = dict(_REQUEST_LATENT_MODES)
 
 A1111_SCALE = 4  # A1111 lists its built-in upscalers (None, Lanczos, Nearest) with scale 4
 
