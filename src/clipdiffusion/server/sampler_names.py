@@ -162,9 +162,8 @@ def resolve_sampler(name: str, available: tuple[str, ...], field_name: str = "sa
         suffix = " " + sched.label
         if sched.engine and name.lower().endswith(suffix.lower()) and len(name) > len(suffix):
             base = _find_a1111_sampler(name[: -len(suffix)], available)
-            engine = _first_present(sched.engine, available)
-            if base is not None and engine is not None:
-                return base[0], engine
+            if base is not None:  # the schedule is checked where it is resolved (resolve_schedule)
+                return base[0], sched.engine[0]
     names = [item["name"] for item in sampler_items(available)]
     raise RequestError(field_name, name, f"unknown sampler; available: {', '.join(names)} "
                                          f"(or ours: {', '.join(available)})")
@@ -185,7 +184,7 @@ def resolve_schedule(name: str | None, available: tuple[str, ...], implied: str 
             if engine is not None:
                 return engine
             if s.name in UNSUPPORTED_SCHEDULERS:
-                names = [item["name"] for item in scheduler_items(available)]
+                names = [item["label"] for item in scheduler_items(available)]
                 raise RequestError(field_name, name,
                                    f"A1111 scheduler {s.label!r} is not supported by this server "
                                    f"({UNSUPPORTED_SCHEDULERS[s.name]}); available: {', '.join(names)}")
