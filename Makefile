@@ -18,6 +18,9 @@ dev: install
 	$(BIN)/pip install -q -e ".[dev]"
 	# open_clip is a parity reference only; --no-deps keeps its torchvision/timm requirements out (tests/refs.py).
 	$(BIN)/pip install -q --no-deps "open_clip_torch==3.3.0"
+	# k-diffusion is the samplers' parity reference (what A1111 runs); --no-deps keeps torchvision, clip and wandb
+	# out: tests/test_samplers_more.py loads only its sampling.py and external.py (scipy, torchsde from [dev]).
+	$(BIN)/pip install -q --no-deps "k-diffusion==0.1.1.post1"
 
 test: dev
 	$(BIN)/python -m pytest -q
