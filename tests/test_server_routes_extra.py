@@ -84,6 +84,7 @@ def test_listing_routes_have_a1111_shapes(app_with):
     assert c.post("/sdapi/v1/skip").json() is None
 
 
+@pytest.mark.slow  # alone, the route's first `import torch` (to ask about CUDA) takes seconds on 2 shared cores
 def test_memory_reports_this_process(app_with):
     import resource
 
