@@ -36,6 +36,9 @@ def add_arguments(parser):
     parser.add_argument("--untrained-word", default="wug",
                         help="embedding study: the made-up word that gets the run's initial vectors (default wug)")
     parser.add_argument("--out", default="eval/latest", help="report folder")
+    from ..fast_options import add_arguments as add_fast_arguments
+
+    add_fast_arguments(parser)  # --s-min-uncond, --skip-early-cfg, --deepcache, --tome: every study's generations
     from .. import devices
 
     devices.add_arguments(parser)
@@ -86,7 +89,10 @@ def run(args) -> int:
     from_args(args)  # --device/--dtype checked before the report folder is made
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    pipe = _load(args)
+    from .. import fast_options
+
+    fast = fast_options.changed(fast_options.request_fields(args))
+    pipe = fast_options.with_options(_load(args), fast)
     name = args.reference or args.model or "embedded tiny model"
     gen = {"steps": args.steps, "guidance": args.guidance, "sampler": args.sampler}
     cases = ev.prompt_set(args.per_count)
@@ -96,6 +102,9 @@ def run(args) -> int:
              + f"{args.steps} steps, guidance {args.guidance}, sampler {args.sampler}",
              f"command: `clipdiffusion {command}`", ""]  # fmt: skip
     results: dict = {"model": name, **gen}
+    if fast:
+        results["options"] = fast
+        lines[-1:-1] = ["options: " + ", ".join(f"{k}={v}" for k, v in fast.items())]
     placement = getattr(pipe, "placement", None)
     if placement is not None:
         results["placement"] = placement.to_dict()
@@ -128,19 +137,7 @@ def run(args) -> int:
         ev.plot_png(table, out / "long_prompt.png")
         results["long_prompt"] = table
         results["long_prompt_cells"] = cells
-        header = "| strategy | " + " | ".join(f"{n} tok" for n in lengths) + " |"
-        rule = "|---" * (len(lengths) + 1) + "|"
-        lines += [f"## Long prompts: objects after N tokens of style tags ({3 * per} prompts per cell)", "",
-                  "Object recall (± standard error between prompts):", "", header, rule]
-        lines += [f"| {s} | " + " | ".join(f"{c[n]['recall']:.3f} ± {c[n]['recall_se']:.3f}" for n in lengths)
-                  + " |" for s, c in cells.items()]
-        lines += ["", "Prompt success (every object right; ± binomial standard error):", "", header, rule]
-        lines += [f"| {s} | " + " | ".join(f"{c[n]['success']:.3f} ± {c[n]['success_se']:.3f}" for n in lengths)
-                  + " |" for s, c in cells.items()]
-        lines += ["", "Seconds per cell (generation and judging):", "", header, rule]
-        lines += [f"| {s} | " + " | ".join(f"{c[n]['seconds']:.0f}" for n in lengths) + " |"
-                  for s, c in cells.items()]
-        lines += ["", "![long prompts](long_prompt.png)", ""]
+        lines += long_report_lines(cells, lengths, 3 * per)
     heads = None
     if "clipscore" in studies:
         if not args.clip_heads or getattr(pipe, "text_encoder", None) is None:
@@ -317,3 +314,21 @@ def _embedding_study(pipe, args, gen, out, lines, results):
     arm("word", word)
     arm("untrained", untrained)
     lines += save(partial=False)
+
+
+def long_report_lines(cells: dict, lengths, prompts: int) -> list:
+    """The long-prompt study's markdown: recall, success and seconds per (strategy, length) cell, and the plot."""
+    header = "| strategy | " + " | ".join(f"{n} tok" for n in lengths) + " |"
+    rule = "|---" * (len(lengths) + 1) + "|"
+
+    def table(cell):
+        return [header, rule] + [f"| {s} | " + " | ".join(cell(c[n]) for n in lengths) + " |" for s, c in cells.items()]
+
+    return [f"## Long prompts: objects after N tokens of style tags ({prompts} prompts per cell)", "",
+            "Object recall (± standard error between prompts):", "",
+            *table(lambda c: f"{c['recall']:.3f} ± {c['recall_se']:.3f}"),
+            "", "Prompt success (every object right; ± binomial standard error):", "",
+            *table(lambda c: f"{c['success']:.3f} ± {c['success_se']:.3f}"),
+            "", "Seconds per cell (generation and judging):", "",
+            *table(lambda c: f"{c['seconds']:.0f}"),
+            "", "![long prompts](long_prompt.png)", ""]  # fmt: skip
