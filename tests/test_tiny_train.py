@@ -501,3 +501,19 @@ def test_init_from_refuses_a_model_of_another_size(trained, tmp_path):
     shipped = next(TINY_DATA.glob("*.safetensors"))
     with pytest.raises(ClipDiffusionError, match="init_from"):
         Trainer(tmp_path / "x", _settings(init_from=str(shipped)), log=lambda line: None)
+
+
+def test_long_study_copies_cells_whose_layouts_are_identical(trained):
+    # at 0 tokens of tags every prompt fits one window: chunk and window lay it out exactly as truncate does, so
+    # their cells are truncate's (same contexts, same images); at 90 tokens they differ and are generated
+    from clipdiffusion.tiny import eval as ev
+
+    trainer, _ = trained
+    pipe = trainer.pipeline()
+    cells: dict = {}
+    ev.long_prompt_study(pipe, pipe.text_encoder.tokenizer, lengths=(0, 90), strategies=("truncate", "chunk", "window"),
+                         per_count=1, cells=cells, steps=1)  # fmt: skip
+    assert "same_as" not in cells["truncate"][0]
+    assert cells["chunk"][0]["same_as"] == cells["window"][0]["same_as"] == "truncate"
+    assert cells["chunk"][0]["recall"] == cells["truncate"][0]["recall"]
+    assert all("same_as" not in cells[s][90] for s in ("truncate", "chunk", "window"))

@@ -329,6 +329,7 @@ def long_report_lines(cells: dict, lengths, prompts: int) -> list:
             *table(lambda c: f"{c['recall']:.3f} ± {c['recall_se']:.3f}"),
             "", "Prompt success (every object right; ± binomial standard error):", "",
             *table(lambda c: f"{c['success']:.3f} ± {c['success_se']:.3f}"),
-            "", "Seconds per cell (generation and judging):", "",
-            *table(lambda c: f"{c['seconds']:.0f}"),
+            "", "Seconds per cell (generation and judging; \"= s\": the same contexts as strategy s, whose images "
+            "it reuses):", "",
+            *table(lambda c: f"= {c['same_as']}" if c.get("same_as") else f"{c['seconds']:.0f}"),
             "", "![long prompts](long_prompt.png)", ""]  # fmt: skip

@@ -232,17 +232,31 @@ def long_prompt_study(pipe, tokenizer, *, lengths=LONG_LENGTHS, strategies=LONG_
                       progress=None, cells=None, **gen):
     """Object recall per (strategy, prefix length): ``{strategy: {length: recall}}``. The prompts of one length
     are the same for every strategy (3 * ``per_count`` of them: 1, 2 and 3 objects). ``cells``, a dict, receives
-    ``{strategy: {length: long_cell(...) + seconds}}``."""  # fmt: skip
+    ``{strategy: {length: long_cell(...) + seconds}}``. Where a strategy lays out every prompt of a length exactly
+    as an earlier one did (the same windows and rows: prompts that fit one window), the contexts and hence the
+    images are the same, so that cell is copied (``same_as`` names the strategy it was generated with)."""
     import time
 
+    encoder = getattr(pipe, "text_encoder", None)
     table: dict = {s: {} for s in strategies}
     for length in lengths:
         cases = long_prompt_cases(tokenizer, length, per_count)
+        done: dict = {}  # layout of every prompt -> (strategy, cell)
         for strategy in strategies:
             start = time.perf_counter()
-            outcomes = judged_cases(pipe, cases, long_prompt=strategy, **gen)
-            cell = long_cell(outcomes)
-            cell["seconds"] = time.perf_counter() - start
+            layout = None
+            if encoder is not None:
+                plans = [encoder.plan(case.prompt, long_prompt=strategy) for case in cases]
+                layout = tuple(repr((p.windows, p.rows)) for p in plans)
+            if layout in done:
+                first, cell = done[layout]
+                cell = {**cell, "seconds": time.perf_counter() - start, "same_as": first}
+            else:
+                outcomes = judged_cases(pipe, cases, long_prompt=strategy, **gen)
+                cell = long_cell(outcomes)
+                cell["seconds"] = time.perf_counter() - start
+                if layout is not None:
+                    done[layout] = (strategy, cell)
             table[strategy][length] = cell["recall"]
             if cells is not None:
                 cells.setdefault(strategy, {})[length] = cell
