@@ -15,7 +15,7 @@ install: $(BIN)/python
 	$(BIN)/pip install -q -e .
 
 dev: install
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e ".[dev,ray]"
 	# open_clip is a parity reference only; --no-deps keeps its torchvision/timm requirements out (tests/refs.py).
 	$(BIN)/pip install -q --no-deps "open_clip_torch==3.3.0"
 	# k-diffusion is the samplers' parity reference (what A1111 runs); --no-deps keeps torchvision, clip and wandb
