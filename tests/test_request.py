@@ -135,6 +135,11 @@ BAD = {
     "resize_mode": [-1, 4, True],
     "styles": ["style", [""], [3], None],
     "loras": ["lora", [("a", 1.0)], [("", 1.0, 1.0)], [("a", NAN, 1.0)], [("a", 1.0, True)], [3]],
+    "s_min_uncond": [-0.1, NAN, INF, 1000.5, True, None, "1"],
+    "s_min_uncond_all": [1, "true", None],
+    "skip_early_cond": [-0.1, 1.01, NAN, True, None],
+    "deepcache_interval": [-1, 1001, 2.0, True, None],
+    "token_merging_ratio": [-0.1, 1.0, 1.5, NAN, True, None],
 }
 
 

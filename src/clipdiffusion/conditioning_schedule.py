@@ -68,10 +68,11 @@ class ScheduledConditioning:
     first_text: str
     first_plan: object
 
-    def denoiser(self, model, guidance: float):
+    def denoiser(self, model, guidance: float, skip=None):
         from .diffusion.scheduled import ScheduledCFGDenoiser
 
-        return ScheduledCFGDenoiser(model, self.conds, self.parts, self.negative, self.negative_conds, guidance)
+        return ScheduledCFGDenoiser(model, self.conds, self.parts, self.negative, self.negative_conds, guidance,
+                                    skip=skip)
 
 
 def encode_request(text_encoder, request, *, batch: int, device, y_for=None, check=None) -> ScheduledConditioning:

@@ -17,6 +17,7 @@ import json
 import re
 from dataclasses import dataclass, field, fields
 
+from . import fast_options
 from .errors import ClipDiffusionError
 from .request import DEFAULTS, LIMITS, GenerationRequest, Limits, RequestError
 
@@ -256,6 +257,7 @@ def to_infotext(request: GenerationRequest, *, seed: int | None = None, model: s
     extra: dict = {key: value for key, value in zip(VAE_KEYS, (vae_hash, vae)) if value}
     if r.batch_size > 1:
         extra["Batch size"] = r.batch_size
+    extra.update(fast_options.infotext_pairs(r))  # NGMS, Skip Early CFG, Token merging ratio, DeepCache interval
     strength = r.strength if r.init_image is not None or r.strength != DEFAULTS["strength"] else None
     if r.enable_hr:
         strength = r.hr_strength
@@ -300,6 +302,7 @@ def from_parameters(p: GenerationParameters, *, limits: Limits = LIMITS) -> Gene
             values[name] = getattr(p, name)
     if "Batch size" in p.extra:
         values["batch_size"] = _from_text("batch_size", "Batch size", p.extra["Batch size"], int)
+    values.update(fast_options.from_infotext_extra(p.extra))
     hires = {}
     for name, (key, names, convert) in _HIRES.items():
         if key in p.extra:

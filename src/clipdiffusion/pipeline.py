@@ -32,6 +32,7 @@ import numpy as np
 from .attention_maps import AttentionCapture, AttentionMaps
 from .errors import ClipDiffusionError, NonFiniteError
 from .families import ModelFamily, get_family
+from . import fast_options
 from .infotext import to_infotext
 from .request import DEFAULTS, LIMITS, GenerationRequest, RequestError, as_request
 
@@ -154,6 +155,34 @@ class Pipeline:
         if placement is None or (placement.is_default and placement.reason == "as asked"):
             return ()
         return (f"placement: {placement.describe()}; not in the infotext (A1111 has no key for it)",)
+
+    # ---- the conditioning cache (text/cond_cache.py) ------------------------------------------------------------
+
+    conditioning_cache = None  # a text.cond_cache.ConditioningCache: encoded prompts reused across generations
+
+    def enable_conditioning_cache(self, max_entries: int | None = None, max_bytes: int | None = None, *,
+                                  cache=None):
+        """Reuse encoded prompts across generations (``text.cond_cache``): a hit gives bit-identical images; the key
+        holds everything that changes the context (texts, clip skip, strategy, weighting, embeddings, the text
+        encoder's weights and their in-place versions, the LoRAs applied to it). ``cache`` shares one (the
+        server's); ``max_entries=0`` turns it off. Returns the cache (or None)."""
+        from .text.cond_cache import DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES, ConditioningCache
+
+        if cache is None and max_entries != 0:
+            cache = ConditioningCache(DEFAULT_MAX_ENTRIES if max_entries is None else max_entries,
+                                      DEFAULT_MAX_BYTES if max_bytes is None else max_bytes)
+        self.conditioning_cache = cache
+        return cache
+
+    def _conditioning_encoder(self):
+        """The text encoder as ``encode_request`` uses it: through the conditioning cache when one is on."""
+        cache = self.__dict__.get("conditioning_cache")
+        if cache is None:
+            return self.text_encoder
+        engine = self.__dict__.get("_lora_engine_state")
+        applied = () if engine is None else tuple((a.name, a.te, a.dyn) for a, _ in engine.applied if a.te)
+        hashes = tuple(getattr(e, "shorthash", None) for e in self.__dict__.get("_lora_entries") or ())
+        return cache.encoder(self.text_encoder, extra=(applied, hashes))
 
     @classmethod
     def default(cls, **load_options) -> "Pipeline":
@@ -471,7 +500,8 @@ class Pipeline:
                  batch_size=1, init_image=None, strength=0.75, attention_maps=False, loras=(), enable_hr=False,
                  hr_scale=2.0, hr_upscaler=None, hr_second_pass_steps=0, hr_resize_x=0, hr_resize_y=0, hr_prompt="",
                  hr_negative_prompt="", hr_sampler=None, hr_schedule=None, hr_strength=0.75, callback=None,
-                 should_stop=None, missing_loras="error") -> GenerationResult:
+                 should_stop=None, missing_loras="error", s_min_uncond=0.0, s_min_uncond_all=False,
+                 skip_early_cond=0.0, deepcache_interval=0, token_merging_ratio=0.0) -> GenerationResult:
         """Run a ``GenerationRequest``: ``generate(request)``, or ``generate(prompt, ...)`` with the request's
         fields as keywords (they build one; see DEVELOPING.md for the contract). Bad values raise ``RequestError``
         naming the field, before any model work; fields the engine does not honour yet (``request.UNIMPLEMENTED``:
@@ -498,7 +528,9 @@ class Pipeline:
         samples from there: the last ``int(steps * strength)`` steps run. Both draws come from the image's seed in
         diffusers' order, so StableDiffusionImg2ImgPipeline with the same seed starts from the same latents.
         """
-        request = as_request(prompt, negative_prompt, steps=steps, guidance=guidance, seed=seed, sampler=sampler,
+        fast = dict(s_min_uncond=s_min_uncond, s_min_uncond_all=s_min_uncond_all, skip_early_cond=skip_early_cond,
+                    deepcache_interval=deepcache_interval, token_merging_ratio=token_merging_ratio)  # issue 19
+        request = as_request(prompt, negative_prompt, **fast, steps=steps, guidance=guidance, seed=seed, sampler=sampler,
                              schedule=schedule, width=width, height=height, clip_skip=clip_skip,
                              long_prompt=long_prompt, weighting=weighting, batch_size=batch_size,
                              init_image=init_image, strength=strength, attention_maps=attention_maps, loras=loras,
@@ -555,10 +587,11 @@ class Pipeline:
         seeds = [r.seed + i for i in range(r.batch_size)]
 
         B = r.batch_size
-        scheduled = encode_request(self.text_encoder, r, batch=B, device=self._device(), check=_check_finite,
+        scheduled = encode_request(self._conditioning_encoder(), r, batch=B, device=self._device(), check=_check_finite,
                                    y_for=lambda pooled: self._sdxl_vector(pooled, width, height, B))
 
         denoiser = model = Denoiser(self.unet, self.alphas_cumprod, self.prediction)
+        denoiser.unet = fast_options.wrap_unet(denoiser.unet, r)  # DeepCache when deepcache_interval > 1
         capture, labels = None, []
         if r.attention_maps:
             # rows and labels from the plan the prompt's first text was encoded with: tokenized once
@@ -569,7 +602,7 @@ class Pipeline:
             capture = AttentionCapture(denoiser, context, [row for row, _ in token_rows], (height // f, width // f))
             if token_rows:  # an empty prompt ("", "BREAK", ...) has no token rows: empty maps, nothing recorded
                 model = capture
-        cfg = scheduled.denoiser(model, r.guidance)
+        cfg = scheduled.denoiser(model, r.guidance, **fast_options.denoiser_options(r))
         sigmas = sampler_sigmas(r.sampler, r.schedule, denoiser.sigmas, r.steps)  # DPM2: A1111's discarded sigma
 
         generators = [torch.Generator().manual_seed(s) for s in seeds]
@@ -588,7 +621,7 @@ class Pipeline:
             return False
 
         checked = _FiniteDenoiser(cfg, len(sigmas) - 1, callback)
-        with torch.no_grad():
+        with torch.no_grad(), fast_options.token_merging(self.unet, r):
             latents = sample(checked, x, sigmas, generator=generators, callback=checked.callback, should_stop=stop)
             _check_finite("sampler", latents)
             pixels = self.vae.decode(latents / self.vae.config.scale_factor).float()  # [B,3,H,W] in [-1,1]

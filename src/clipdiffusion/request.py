@@ -152,6 +152,16 @@ def hires_size(width: int, height: int, hr_scale: float, hr_resize_x: int = 0, h
     return up_x, up_y, (up_x // factor - cut_x) * factor, (up_y // factor - cut_y) * factor
 
 
+# Bounds of the issue-19 options. A sigma above any schedule's (SD's sigma_max is 14.6; A1111's slider stops at 15)
+# means every other call; DeepCache beyond 1000 steps is no different from one full step; merging every token
+# (ratio 1) is refused, as ToMe caps merges at the sources (3/4 of the tokens) anyway and 0.9 is A1111's slider top.
+MAX_S_MIN_UNCOND = 1000.0
+MAX_DEEPCACHE_INTERVAL = 1000
+MAX_TOKEN_MERGING_RATIO = 0.99
+FAST_ARGS = ("s_min_uncond", "s_min_uncond_all", "skip_early_cond", "deepcache_interval", "token_merging_ratio")
+GENERATE_ARGS = GENERATE_ARGS + FAST_ARGS
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     """A txt2img or img2img request (img2img when ``init_image`` is set). Defaults are ``Pipeline.generate``'s."""
@@ -195,6 +205,12 @@ class GenerationRequest:
     resize_mode: int = 0  # 0 just resize (what img2img does today), 1 crop, 2 fill, 3 latent upscale
     styles: tuple[str, ...] = ()
     loras: tuple[tuple[str, float, float], ...] = ()  # (name, text-encoder weight, UNet weight): honoured
+    # -- fewer or cheaper UNet evaluations (issue 19), all off by default; A1111's option names where it has them --
+    s_min_uncond: float = 0.0  # NGMS: no uncond on every other call while sigma < this (0: off)
+    s_min_uncond_all: bool = False  # NGMS on every call, not every other one
+    skip_early_cond: float = 0.0  # Skip Early CFG: no guidance for this fraction of the first calls, [0, 1]
+    deepcache_interval: int = 0  # DeepCache: the whole UNet every N steps, its shallow blocks between (0/1: off)
+    token_merging_ratio: float = 0.0  # ToMe for SD: share of tokens merged before self-attention, [0, 1)
 
     def __post_init__(self):
         for name, value in _checked(self._values(), LIMITS).items():
@@ -418,6 +434,11 @@ def _checked(v: dict, lim: Limits) -> dict:
         _int(name, v[name], 0, high)
     out["styles"] = _sequence("styles", v["styles"], lambda style: _label("styles", style))
     out["loras"] = _sequence("loras", v["loras"], _lora)
+    out["s_min_uncond"] = _float("s_min_uncond", v["s_min_uncond"], 0.0, MAX_S_MIN_UNCOND)
+    _bool("s_min_uncond_all", v["s_min_uncond_all"])
+    out["skip_early_cond"] = _float("skip_early_cond", v["skip_early_cond"], 0.0, 1.0)
+    _int("deepcache_interval", v["deepcache_interval"], 0, MAX_DEEPCACHE_INTERVAL)
+    out["token_merging_ratio"] = _float("token_merging_ratio", v["token_merging_ratio"], 0.0, MAX_TOKEN_MERGING_RATIO)
     return out
 
 

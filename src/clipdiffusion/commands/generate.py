@@ -82,6 +82,9 @@ def add_arguments(parser):
     parser.add_argument("--lora", action="append", metavar="NAME:W[:UNET_W]",
                         help="apply the LoRA NAME (from --loras) with weight W on both text encoder and UNet, or "
                              "W on the text encoder and UNET_W on the UNet (repeatable; adds to the prompt's tags)")
+    from ..fast_options import add_arguments as add_fast_arguments
+
+    add_fast_arguments(parser)  # --s-min-uncond, --skip-early-cfg, --deepcache, --tome
     parser.add_argument("-o", "--output", default="out.png",
                         help="PNG path; with --batch-size N > 1, NAME-0.png ... NAME-(N-1).png")
     parser.add_argument("--embeddings", metavar="DIR",
@@ -91,6 +94,7 @@ def add_arguments(parser):
 
 def build_request(args, init_image=None):
     """The GenerationRequest of the command line: every value checked here, before any model loads."""
+    from ..fast_options import request_fields
     from ..request import GenerationRequest
 
     return GenerationRequest(
@@ -98,7 +102,7 @@ def build_request(args, init_image=None):
         **sampler_fields(args), width=args.width, height=args.height,
         clip_skip=args.clip_skip, long_prompt=args.long_prompt, weighting=args.weighting,
         batch_size=args.batch_size, init_image=init_image, strength=args.strength,
-        loras=parse_lora_args(getattr(args, "lora", None)), **hires_fields(args),
+        loras=parse_lora_args(getattr(args, "lora", None)), **request_fields(args), **hires_fields(args),
     )  # fmt: skip
 
 

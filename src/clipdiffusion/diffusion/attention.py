@@ -105,6 +105,13 @@ class BasicTransformerBlock(nn.Module):
         x = x + self.attn2(self.norm2(x), context, recorder)
         return x + self.ff(self.norm3(x))
 
+    def forward_merged(self, x, context, recorder, merging):
+        """``forward`` with self-attention over merged tokens (``tome.py``): ``merging`` = (merge, unmerge)."""
+        merge, unmerge = merging
+        x = x + unmerge(self.attn1(merge(self.norm1(x))))
+        x = x + self.attn2(self.norm2(x), context, recorder)
+        return x + self.ff(self.norm3(x))
+
 
 class SpatialTransformer(nn.Module):
     """Image features [B,C,H,W] -> tokens -> `depth` transformer blocks -> back, plus a residual.
@@ -127,6 +134,7 @@ class SpatialTransformer(nn.Module):
             self.proj_out = nn.Conv2d(inner, channels, 1)
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(inner, heads, dim_head, context_dim) for _ in range(depth))
+        self.token_merge = None  # tome.TokenMerging while token merging is on: (x, h, w) -> (merge, unmerge)
 
     def forward(self, x, context, recorder=None):
         b, c, h, w = x.shape
@@ -137,8 +145,12 @@ class SpatialTransformer(nn.Module):
         x = x.flatten(2).transpose(1, 2)  # [B,C,H,W] -> [B,HW,C]
         if self.use_linear:
             x = self.proj_in(x)
+        merging = self.token_merge
         for block in self.transformer_blocks:
-            x = block(x, context, recorder)
+            if merging is None:
+                x = block(x, context, recorder)
+            else:
+                x = block.forward_merged(x, context, recorder, merging(x, h, w))
         if self.use_linear:
             x = self.proj_out(x)
         x = x.transpose(1, 2).reshape(b, -1, h, w)  # [B,HW,C] -> [B,C,H,W]

@@ -53,6 +53,39 @@ def entry_at(schedule, counter: int):
 
 
 @dataclass(frozen=True)
+class UncondSkip:
+    """When A1111 drops the uncond pass (``sd_samplers_cfg_denoiser.CFGDenoiser.forward``, @82a973c0), call by call.
+
+    - **Skip Early CFG** (option ``skip_early_cond``, infotext "Skip Early CFG"): at call counter ``c`` (0-based,
+      the scheduled denoiser's) while ``c / total <= skip_early_cond``, for ``skip_early_cond > 0``; ``total`` is
+      A1111's ``total_steps`` (``schedule_steps``: 2 x steps for Heun). 0.25 of 20 steps skips calls 0..5.
+    - **NGMS**, negative guidance minimum sigma (option and request field ``s_min_uncond``, infotext "NGMS"): when
+      ``s_min_uncond > 0`` and the call's sigma (the first row's) is below it, on odd counters only (every other
+      call, ``c % 2 == 1``), or on every call with ``s_min_uncond_all`` (infotext "NGMS all steps").
+
+    A skipped call runs the sub-prompts alone and combines them at scale 1 (``D = C_1 + sum_j w_j (C_j - C_1)``,
+    just ``C_1`` for a plain prompt): guidance is off, the cond prediction stands (A1111's ``fake_uncond``).
+    """
+
+    total: int
+    s_min_uncond: float = 0.0
+    s_min_uncond_all: bool = False
+    skip_early_cond: float = 0.0
+
+    @property
+    def active(self) -> bool:
+        return self.s_min_uncond > 0 or self.skip_early_cond > 0
+
+    def skips(self, counter: int, sigma) -> bool:
+        if self.skip_early_cond > 0 and counter / max(self.total, 1) <= self.skip_early_cond:
+            return True
+        if self.s_min_uncond > 0 and (counter % 2 or self.s_min_uncond_all):
+            first = float(torch.as_tensor(sigma).reshape(-1)[0])
+            return first < self.s_min_uncond
+        return False
+
+
+@dataclass(frozen=True)
 class Cond:
     """One encoded text as the model takes it: ``context`` [B,T,D] and ``y`` [B,adm] (SDXL) or None."""
 
@@ -69,7 +102,8 @@ class ScheduledCFGDenoiser:
     None when the uncond was skipped).
     """
 
-    def __init__(self, denoiser, conds, parts, negative=None, negative_conds=None, guidance: float = 7.0):
+    def __init__(self, denoiser, conds, parts, negative=None, negative_conds=None, guidance: float = 7.0, *,
+                 skip: UncondSkip | None = None):
         if not parts:
             raise ValueError("a prompt program needs at least one part")
         self.denoiser = denoiser
@@ -80,6 +114,7 @@ class ScheduledCFGDenoiser:
         self.guidance = float(guidance)
         self.calls = 0
         self.history = []
+        self.skip = skip  # A1111's NGMS / Skip Early CFG (None: the uncond runs whenever guidance needs it)
 
     @property
     def sigmas(self):
@@ -97,6 +132,8 @@ class ScheduledCFGDenoiser:
 
     def __call__(self, x, sigma):
         positive, negative = self.keys_at(self.calls)
+        if negative is not None and self.skip is not None and self.skip.skips(self.calls, sigma):
+            negative = None  # guidance off for this call: the first sub-prompt stands in for the uncond (A1111)
         self.calls += 1
         self.history.append((positive, negative))
         distinct = list(dict.fromkeys(positive))

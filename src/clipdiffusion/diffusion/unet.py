@@ -358,3 +358,47 @@ class UNetModel(nn.Module):
             target = skips[-1].shape[-2:] if skips else None  # where this block's Upsample (if any) must land
             h = block(h, emb, context, attention_recorder, upsample_size=target)
         return self.out(h)
+
+    def forward_split(self, x, timesteps, context, y=None, *, branch: int = 1, deep=None, attention_recorder=None):
+        """DeepCache's two passes (``diffusion/deepcache.py``; Ma et al., CVPR 2024), at skip branch ``branch``:
+        the shallow part is ``input_blocks[0..branch]`` and the last ``branch + 1`` output blocks (branch 1: the
+        input convolution and the first res/attention block, and the two output blocks that take their skips).
+
+        ``deep=None``: the whole UNet, returning ``(out, deep)`` where ``deep`` is the feature the deep part hands
+        to the shallow output blocks (what ``forward`` computes, op for op: ``out`` equals ``forward``'s).
+        ``deep`` given (a tensor from an earlier call on the same rows): only the shallow part runs, with ``deep``
+        standing in for everything below it; returns ``(out, deep)``. ``forward`` itself is untouched."""
+        n = len(self.input_blocks)
+        if not 0 <= branch < n - 1:
+            raise ClipDiffusionError(f"DeepCache branch={branch}: must be in [0, {n - 2}] for this UNet")
+        timesteps = torch.as_tensor(timesteps, device=x.device)
+        if timesteps.ndim == 0:
+            timesteps = timesteps.expand(x.shape[0])
+        self._validate(x, timesteps, context, y)
+        dtype = self.time_embed[0].weight.dtype
+        emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(dtype))
+        if y is not None:
+            emb = emb + self.label_emb(y.to(dtype))
+        h, context = x.to(dtype), context.to(dtype)
+        if self.input_blocks[0][0].weight.is_contiguous(memory_format=torch.channels_last):
+            h = h.contiguous(memory_format=torch.channels_last)
+        skips = []
+        for block in self.input_blocks[:branch + 1] if deep is not None else self.input_blocks:
+            h = block(h, emb, context, attention_recorder)
+            skips.append(h)
+        first_shallow = n - 1 - branch  # output block that takes input_blocks[branch]'s skip
+        if deep is None:
+            h = self.middle_block(h, emb, context, attention_recorder)
+            for block in self.output_blocks[:first_shallow]:
+                h = torch.cat([h, skips.pop()], dim=1)
+                target = skips[-1].shape[-2:] if skips else None
+                h = block(h, emb, context, attention_recorder, upsample_size=target)
+            deep = h
+        elif deep.shape[0] != x.shape[0]:
+            raise ClipDiffusionError(f"DeepCache: cached feature for {deep.shape[0]} rows, call has {x.shape[0]}")
+        h = deep
+        for block in self.output_blocks[first_shallow:]:
+            h = torch.cat([h, skips.pop()], dim=1)  # [B,C+Cskip,H,W]
+            target = skips[-1].shape[-2:] if skips else None
+            h = block(h, emb, context, attention_recorder, upsample_size=target)
+        return self.out(h), deep

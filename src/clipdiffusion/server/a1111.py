@@ -114,6 +114,27 @@ def hires_values(req: Txt2ImgRequest, settings: ServerSettings, samplers: tuple[
 
 
 
+# A1111 options (override_settings keys) that are request fields here (fast_options), by the same name except
+# skip_early_cond (ours is the same) and token_merging_ratio; s_min_uncond is also a body field, which wins.
+FAST_OVERRIDES = {"s_min_uncond": "s_min_uncond", "s_min_uncond_all": "s_min_uncond_all",
+                  "skip_early_cond": "skip_early_cond", "token_merging_ratio": "token_merging_ratio"}
+
+
+def fast_option_values(req, overrides: dict) -> tuple[dict, dict]:
+    """({request field: value}, {request field: the client's name for errors}) from A1111's override_settings
+    (popped from ``overrides``) and the body's ``s_min_uncond`` (A1111's processing field; when given it wins over
+    the option, as ``p.s_min_uncond`` does). Values are checked by the request, under the client's name."""
+    values, names = {}, {}
+    for option, name in FAST_OVERRIDES.items():
+        if option in overrides:
+            values[name] = _integral(overrides.pop(option)) if name != "s_min_uncond_all" else overrides.pop(option)
+            names[name] = f"override_settings.{option}"
+    body = getattr(req, "s_min_uncond", None)
+    if body is not None:
+        values["s_min_uncond"], names["s_min_uncond"] = body, "s_min_uncond"
+    return values, names
+
+
 def plan_a1111(req: Txt2ImgRequest, settings: ServerSettings, defaults: dict, samplers: tuple[str, ...],
                schedules: tuple[str, ...]) -> GenerationPlan:
     """Translate an A1111 body into a request checked against `settings.limits`. `defaults` carries the server
@@ -157,6 +178,9 @@ def plan_a1111(req: Txt2ImgRequest, settings: ServerSettings, defaults: dict, sa
         if (req.model_extra or {}).get("hr_checkpoint_name") not in (None, "", "Use same checkpoint"):
             extra_ignored.append("hr_checkpoint_name")
     names = {**A1111_NAMES, **HIRES_NAMES, "sampler": sampler_field, "clip_skip": clip_skip_field}
+    fast, fast_names = fast_option_values(req, overrides)  # NGMS, Skip Early CFG, token merging
+    values.update(fast)
+    names = {**names, **fast_names}
     try:
         request = GenerationRequest.create(settings.limits, **values)
         if img2img:

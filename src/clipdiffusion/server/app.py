@@ -63,6 +63,11 @@ class ServerState:
         pipeline_factory = _with_loras(pipeline_factory, self.loras)
         if settings.embeddings_dir:
             pipeline_factory = _with_embeddings(pipeline_factory, settings.embeddings_dir)
+        from ..text.cond_cache import ConditioningCache
+
+        # encoded prompts reused across requests (bit-identical images); cleared when another model loads
+        self.conditioning_cache = ConditioningCache()
+        pipeline_factory = _with_conditioning_cache(pipeline_factory, self.conditioning_cache)
         self.worker = Worker(pipeline_factory, settings.queue_size, settings.shutdown_timeout)
         self._lock = threading.Lock()
         self.options = {"sd_model_checkpoint": settings.models[0].name,
@@ -139,6 +144,20 @@ class ServerState:
             raise
         except Exception as exc:
             raise JobFailed(exc) from exc
+
+
+def _with_conditioning_cache(factory: Callable, cache) -> Callable:
+    """The pipeline factory, each model it loads encoding through the server's conditioning cache (emptied first:
+    its entries belong to the previous model)."""
+
+    def load(name: str):
+        pipe = factory(name)
+        cache.clear()
+        if hasattr(pipe, "enable_conditioning_cache"):
+            pipe.enable_conditioning_cache(cache=cache)
+        return pipe
+
+    return load
 
 
 def _with_loras(factory: Callable, library) -> Callable:
@@ -436,6 +455,7 @@ def _own_routes(app: FastAPI, state: ServerState) -> None:
         return {"models": [m.name for m in settings.models], "options": state.options_snapshot(),
                 "placement": {"device": settings.device, "dtype": settings.dtype, "resolved": placement.to_dict(),
                               "note": "per model, its family may upcast the VAE (SDXL's overflows in fp16)"},
+                "conditioning_cache": state.conditioning_cache.stats(),
                 "samplers": list(samplers), "schedules": list(schedules),
                 "long_prompt": list(LONG_PROMPT_STRATEGIES), "weighting": await run_in_threadpool(weightings),
                 "limits": {"max_width": limits.max_width, "max_height": limits.max_height,

@@ -101,6 +101,8 @@ class Txt2ImgRequest(JSONRequest):
                           "info.ignored_fields")
     styles: list[Text] | None = Field(None, description="names of prompt styles (serve --styles-file), applied in "
                                                         "order; unknown names are listed in info")
+    s_min_uncond: Number | None = Field(None, description="NGMS (negative guidance minimum sigma); wins over "
+                                                           "override_settings.s_min_uncond")
     clip_skip: Int | None = Field(None, description="as override_settings.CLIP_stop_at_last_layers (A1111 >= 1.7, "
                                                     "SD.Next); the override wins when both are given")
     override_settings_restore_afterwards: bool = True
