@@ -39,9 +39,6 @@ def add_arguments(parser):
     from ..fast_options import add_arguments as add_fast_arguments
 
     add_fast_arguments(parser)  # --s-min-uncond, --skip-early-cfg, --deepcache, --tome: every study's generations
-    from ..fast_options import add_arguments as add_fast_arguments
-
-    add_fast_arguments(parser)  # --s-min-uncond, --skip-early-cfg, --deepcache, --tome: every study's generations
     from .. import devices
 
     devices.add_arguments(parser)
@@ -105,9 +102,6 @@ def run(args) -> int:
              + f"{args.steps} steps, guidance {args.guidance}, sampler {args.sampler}",
              f"command: `clipdiffusion {command}`", ""]  # fmt: skip
     results: dict = {"model": name, **gen}
-    if fast:
-        results["options"] = fast
-        lines[-1:-1] = ["options: " + ", ".join(f"{k}={v}" for k, v in fast.items())]
     if fast:
         results["options"] = fast
         lines[-1:-1] = ["options: " + ", ".join(f"{k}={v}" for k, v in fast.items())]
