@@ -49,7 +49,7 @@ def test_parses_a1111_text_with_old_sampler_names_and_unknown_keys():
 
 
 def test_unknown_sampler_is_kept_verbatim_and_prompt_only_text():
-    assert parse_infotext("a, b\nSteps: 5, Sampler: DPM++ SDE, Seed: 2").sampler == "DPM++ SDE"
+    assert parse_infotext("a, b\nSteps: 5, Sampler: DPM adaptive, Seed: 2").sampler == "DPM adaptive"
     p = parse_infotext("just a prompt")
     assert p.prompt == "just a prompt" and p.steps is None
 

@@ -101,8 +101,12 @@ def test_callback_and_interrupt(pipe):
     assert not gen(pipe).interrupted
 
 
-@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
-@pytest.mark.parametrize("schedule", sorted(SCHEDULES))
+# every sampler on two schedules and every schedule under two samplers (DPM2 drops a sigma), not the whole product
+SAMPLER_SCHEDULES = sorted({(s, k) for s in SAMPLERS for k in ("normal", "karras")}
+                           | {(s, k) for s in ("euler", "dpm2") for k in SCHEDULES})
+
+
+@pytest.mark.parametrize("sampler,schedule", SAMPLER_SCHEDULES)
 def test_every_sampler_and_schedule_runs(pipe, sampler, schedule):
     r = gen(pipe, sampler=sampler, schedule=schedule)
     assert np.isfinite(r.pixels).all()

@@ -105,9 +105,10 @@ def calls_seen(unet, table, batch):
 
 
 def expected_calls(sampler, steps, run=None):
-    """Model calls of a run of `run` (default all) of `steps` steps: Heun makes 2 per step but 1 on the last."""
+    """Model calls of a run of `run` (default all) of `steps` steps: the second-order samplers (Heun, DPM2, DPM2 a,
+    DPM++ 2S a, DPM++ SDE) make 2 per step but 1 on the last."""
     run = steps if run is None else run
-    return 2 * run - 1 if sampler == "heun" else run
+    return 2 * run - 1 if sampler in SECOND_ORDER else run
 
 
 # -- the counter rule on its own ----------------------------------------------------------------------------------
