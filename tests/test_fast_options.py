@@ -436,3 +436,31 @@ def test_conditioning_cache_is_bounded():
     assert pipe.enable_conditioning_cache(max_entries=0) is None and pipe._conditioning_encoder() is pipe.text_encoder
     with pytest.raises(ValueError, match="max_entries"):
         ConditioningCache(max_entries=-1)
+
+
+@pytest.mark.slow
+def test_server_routes_honour_the_options_and_report_the_cache():
+    import httpx
+
+    from clipdiffusion.server.app import create_app
+    from clipdiffusion.server.settings import ServerSettings
+
+    from server_fixtures import ServerThread
+
+    settings = ServerSettings(samplers=("euler",), schedules=("normal",))
+    body = {"prompt": "a red circle", "negative_prompt": "blue", "steps": 3, "seed": 7, "width": 16, "height": 16}
+    with ServerThread(create_app(lambda name: tiny_pipeline(0), settings)) as server, \
+            httpx.Client(base_url=server.url, timeout=120) as client:
+        first = client.post("/sdapi/v1/txt2img", json=body).json()
+        second = client.post("/sdapi/v1/txt2img", json=body).json()
+        assert first["images"] == second["images"]  # the second encoded nothing: a cache hit, the same bits
+        stats = client.get("/api/info").json()["conditioning_cache"]
+        assert (stats["hits"], stats["misses"], stats["entries"]) == (1, 1, 1)
+        merged = client.post("/sdapi/v1/txt2img", json={**body, "override_settings": {
+            "token_merging_ratio": 0.5, "s_min_uncond": 1000}}).json()
+        info = __import__("json").loads(merged["info"])
+        assert "Token merging ratio: 0.5" in info["infotexts"][0] and "NGMS: 1000" in info["infotexts"][0]
+        assert not [name for name in info["ignored_fields"] if "token_merging" in name or "s_min" in name]
+        assert merged["images"] != first["images"]
+        bad = client.post("/sdapi/v1/txt2img", json={**body, "override_settings": {"skip_early_cond": 2}})
+        assert bad.status_code == 422 and "override_settings.skip_early_cond" in bad.text
