@@ -80,7 +80,6 @@ def test_sd2_saved_in_sgm_layout():
 @pytest.mark.parametrize(
     "change,words",
     [
-        ({U + "input_blocks.0.0.weight": (320, 9, 3, 3)}, "inpainting"),
         ({U + "input_blocks.0.0.weight": (320, 8, 3, 3)}, "pix2pix"),
         ({U + "input_blocks.0.0.weight": (320, 5, 3, 3)}, "depth"),
         ({"edm_mean": (1, 4, 1, 1)}, "EDM"),
@@ -152,8 +151,10 @@ def test_family_from_diffusers_config():
     assert family_from_diffusers({"cross_attention_dim": 2048, "addition_embed_type": "text_time"}, True) == "sdxl"
     with pytest.raises(CheckpointError, match="refiner"):
         family_from_diffusers({"cross_attention_dim": 1280, "addition_embed_type": "text_time"}, True)
-    with pytest.raises(CheckpointError, match="in_channels=9"):
-        family_from_diffusers({"cross_attention_dim": 768, "in_channels": 9}, False)
+    # inpainting UNets (latent 4 + mask 1 + masked-image latent 4) belong to their base family (issue 20)
+    assert family_from_diffusers({"cross_attention_dim": 768, "in_channels": 9}, False) == "sd1"
+    with pytest.raises(CheckpointError, match="in_channels=8"):
+        family_from_diffusers({"cross_attention_dim": 768, "in_channels": 8}, False)
 
 
 def test_detect_needs_no_tensor_data():

@@ -276,7 +276,7 @@ def test_family_comes_from_the_structure_not_the_widths():
 @pytest.mark.parametrize("unet,towers,words", [
     ({"cross_attention_dim": 48, "addition_embed_type": "text_time"}, {"text_encoder_2": _tower(48, "gelu")},
      ["SDXL refiner is not supported"]),
-    ({"cross_attention_dim": 32, "in_channels": 9}, {"text_encoder": _tower(32)}, ["in_channels=9", "inpainting"]),
+    ({"cross_attention_dim": 32, "in_channels": 8}, {"text_encoder": _tower(32)}, ["in_channels=8", "pix2pix"]),
     ({"cross_attention_dim": 64}, {"text_encoder": _tower(32), "text_encoder_2": _tower(32)},
      ["unknown model family", "text_encoder_2"]),
     ({"cross_attention_dim": 32, "addition_embed_type": "text_time"}, {"text_encoder": _tower(32)},
@@ -310,8 +310,8 @@ def test_folder_refusals_come_before_any_weights_are_read(tmp_path):
             (root / rel).write_text(json.dumps(data))
         return root
 
-    with pytest.raises(CheckpointError, match="in_channels=9"):
-        load_diffusers(folder("inpaint", {"in_channels": 9}))
+    with pytest.raises(CheckpointError, match="in_channels=8"):
+        load_diffusers(folder("pix2pix", {"in_channels": 8}))
     with pytest.raises(CheckpointError, match="SDXL refiner"):
         load_diffusers(folder("refiner", {"addition_embed_type": "text_time", "projection_class_embeddings_input_dim":
                                           32 + 6 * 8, "addition_time_embed_dim": 8},

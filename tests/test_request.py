@@ -128,6 +128,8 @@ BAD = {
     "hr_strength": [-0.1, 1.5, NAN, True],
     "mask": ["mask.png", 3],
     "mask_blur": [-1, 65, True],
+    "mask_blur_x": [-1, 65, True, 2.5],
+    "mask_blur_y": [-1, 65, "4"],
     "inpainting_fill": [-1, 4, True],
     "inpaint_full_res": [1, None],
     "inpaint_full_res_padding": [-1, 257],
@@ -249,7 +251,7 @@ def test_unhonoured():
     assert hires.unhonoured() == ["styles"]
     image = FakeImage()
     inpaint = GenerationRequest(init_image=image, mask=image, mask_blur=8, resize_mode=2)
-    assert inpaint.unhonoured() == ["mask", "mask_blur", "resize_mode"]
+    assert inpaint.unhonoured() == []  # inpainting is honoured (issue 20: clipdiffusion.inpaint)
     with pytest.raises(RequestError, match="not implemented") as info:
         hires.to_generate_kwargs()
     assert info.value.field == "styles"

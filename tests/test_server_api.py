@@ -195,7 +195,8 @@ def test_img2img_with_webuiapi_and_bad_uploads(served, client):
     result = api(served).img2img(images=[init], prompt="a cat", denoising_strength=0.5, steps=4, width=32,
                                  height=16, seed=3)
     call = served.pipe.calls[-1]
-    assert call["strength"] == 0.5 and call["init_image"].size == (32, 16)
+    # the route passes the init image at its own size; the engine fits it to 32x16 (resize_mode, issue 20)
+    assert call["strength"] == 0.5 and call["init_image"].size == (40, 24) and call["resize_mode"] == 0
     assert call["init_image"].getpixel((5, 5)) == (10, 200, 30)
     assert result.images[0].size == (32, 16) and result.info["denoising_strength"] == 0.5
     assert result.json["parameters"]["init_images"] is None  # not echoed back unless include_init_images

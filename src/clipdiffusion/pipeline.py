@@ -458,14 +458,17 @@ class Pipeline:
         ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32).expand(batch, -1)
         return sdxl_vector(pooled.float().expand(batch, -1), ids, self.unet.config.size_embed_dim)
 
-    def _initial_latents(self, generators, sigmas, width, height, init_pixels, strength, device):
+    def _initial_latents(self, generators, sigmas, width, height, init_pixels, strength, device, *,
+                         latent_upscale=False):
         """Starting latents [B,C,h,w] and the sigmas left to run. Each image's noise comes from its own CPU
         generator in diffusers' order: txt2img draws the noise; img2img the VAE posterior sample, then the noise,
-        and runs the last int(steps * strength) steps (diffusers' get_timesteps, at least one)."""
+        and runs the last int(steps * strength) steps (diffusers' get_timesteps, at least one).
+        ``latent_upscale`` (resize_mode 3): the init image is encoded at its own size and its latents resized
+        (bilinear) to the generation's, as A1111 does."""
         import torch
 
         f = self.vae.config.downsample_factor
-        shape = (1, self.unet.config.in_channels, height // f, width // f)
+        shape = (1, self.unet.config.out_channels, height // f, width // f)
         if init_pixels is None:
             noise = torch.cat([torch.randn(shape, generator=g) for g in generators]).to(device)  # [B,C,h,w]
             return noise * sigmas[0], sigmas
@@ -477,10 +480,68 @@ class Pipeline:
         rows = []
         for g in generators:
             z = posterior.sample(g).float() * self.vae.config.scale_factor
+            if latent_upscale and z.shape[-2:] != shape[-2:]:
+                z = torch.nn.functional.interpolate(z, size=shape[-2:], mode="bilinear")
             rows.append(z + torch.randn(shape, generator=g).to(device) * sigmas[0])
         latents = torch.cat(rows)  # [B,C,h,w]
         _check_finite("VAE encode", latents)
         return latents, sigmas
+
+    # A1111 blends the latents outside the mask at every step on 9-channel inpainting models too; diffusers'
+    # StableDiffusionInpaintPipeline does not (False gives its behaviour, for parity checks).
+    blend_inpainting_models = True
+
+    def _inpaint_start(self, generators, sigmas, width, height, init, strength, device):
+        """(latents, sigmas, init_latent, nmask, c_concat) for a masked generation or any generation on a
+        9-channel UNet (``inpaint`` module doc). Per image, its generator draws in diffusers' inpainting order:
+        the init image's posterior sample (img2img), the noise, then the masked image's posterior sample (9-channel
+        models). ``init_latent`` (the clean init latents after ``inpainting_fill`` 2/3) and ``nmask`` (1 where
+        repainted, on the latent grid) are None without a mask; ``c_concat`` is None for a 4-channel UNet."""
+        import torch
+
+        from .inpaint import conditioning_mask, conditioning_pixels, is_inpainting_unet, latent_mask, to_pixels
+
+        f = self.vae.config.downsample_factor
+        shape = (1, self.unet.config.out_channels, height // f, width // f)
+        scale = self.vae.config.scale_factor
+        nine = is_inpainting_unet(self.unet.config)
+        posterior = masked_posterior = None
+        with torch.no_grad():
+            if init is not None:
+                steps = len(sigmas) - 1
+                run = min(max(int(steps * strength), 1), steps)
+                sigmas = sigmas[steps - run:]
+                posterior = self.vae.encode(to_pixels(init.image).to(device))
+            if nine:
+                masked, full_mask = conditioning_pixels(init, width, height)
+                masked_posterior = self.vae.encode(masked.to(device))
+        zs, noises, conds = [], [], []
+        for g in generators:
+            if posterior is not None:
+                zs.append(posterior.sample(g).float() * scale)
+            noises.append(torch.randn(shape, generator=g).to(device))
+            if masked_posterior is not None:
+                conds.append(masked_posterior.sample(g).float() * scale)
+        noise = torch.cat(noises)  # [B,C,h,w]
+        c_concat = None
+        if nine:
+            small = conditioning_mask(full_mask, *shape[-2:]).to(device)
+            c_concat = torch.cat([small.expand(len(generators), -1, -1, -1), torch.cat(conds)], dim=1)
+            _check_finite("VAE encode", c_concat)
+        if posterior is None:
+            return noise * sigmas[0], sigmas, None, None, c_concat
+        z = torch.cat(zs)
+        if z.shape[-2:] != shape[-2:]:  # resize_mode 3: the latents of the image at its own size, resized
+            z = torch.nn.functional.interpolate(z, size=shape[-2:], mode="bilinear")
+        nmask = None
+        if init.mask is not None:
+            nmask = latent_mask(init.mask, *shape[-2:]).to(device)
+            if init.fill == 2:  # latent noise: the seed's noise (A1111 draws it from the same seed)
+                z = z * (1 - nmask) + noise * nmask
+            elif init.fill == 3:  # latent nothing
+                z = z * (1 - nmask)
+        _check_finite("VAE encode", z)
+        return z + noise * sigmas[0], sigmas, z, nmask, c_concat
 
     @staticmethod
     def _image_pixels(init_image, width, height):
@@ -499,13 +560,15 @@ class Pipeline:
                  schedule="normal", width=None, height=None, clip_skip=None, long_prompt="chunk", weighting="a1111",
                  batch_size=1, init_image=None, strength=0.75, attention_maps=False, loras=(), enable_hr=False,
                  hr_scale=2.0, hr_upscaler=None, hr_second_pass_steps=0, hr_resize_x=0, hr_resize_y=0, hr_prompt="",
-                 hr_negative_prompt="", hr_sampler=None, hr_schedule=None, hr_strength=0.75, callback=None,
+                 hr_negative_prompt="", hr_sampler=None, hr_schedule=None, hr_strength=0.75, mask=None, mask_blur=4,
+                 mask_blur_x=None, mask_blur_y=None, inpainting_fill=0, inpaint_full_res=True,
+                 inpaint_full_res_padding=0, inpainting_mask_invert=0, resize_mode=0, callback=None,
                  should_stop=None, missing_loras="error", s_min_uncond=0.0, s_min_uncond_all=False,
                  skip_early_cond=0.0, deepcache_interval=0, token_merging_ratio=0.0) -> GenerationResult:
         """Run a ``GenerationRequest``: ``generate(request)``, or ``generate(prompt, ...)`` with the request's
         fields as keywords (they build one; see DEVELOPING.md for the contract). Bad values raise ``RequestError``
         naming the field, before any model work; fields the engine does not honour yet (``request.UNIMPLEMENTED``:
-        inpainting, styles) are refused the same way. ``enable_hr`` runs A1111's hires fix (``clipdiffusion.hires``:
+        styles) are refused the same way. ``enable_hr`` runs A1111's hires fix (``clipdiffusion.hires``:
         a first pass at width x height, an upscale, an img2img second pass at ``hr_strength``). A request with ``n_iter`` > 1 runs that
         many batches, seeds continuing across them; ``should_stop`` also ends the batches still to come.
         The prompt speaks A1111's language (``conditioning_schedule``): ``[a:b:when]``, ``[a|b]``, ``a AND b :w``
@@ -527,6 +590,11 @@ class Pipeline:
         those are None) samples the VAE posterior, noises it to the schedule's sigma at ``1 - strength`` and
         samples from there: the last ``int(steps * strength)`` steps run. Both draws come from the image's seed in
         diffusers' order, so StableDiffusionImg2ImgPipeline with the same seed starts from the same latents.
+        ``mask`` (white = repaint) inpaints as A1111 does (``clipdiffusion.inpaint``: blur, invert, fill modes,
+        "only masked" crop and paste-back, the latents outside the mask blended back at every model call, the
+        original composited over the unmasked pixels); ``resize_mode`` 1-3 fit the init image as A1111's modes.
+        A 9-channel inpainting UNet gets the mask and masked-image latents (a full mask and a grey image without
+        a mask, txt2img included).
         """
         fast = dict(s_min_uncond=s_min_uncond, s_min_uncond_all=s_min_uncond_all, skip_early_cond=skip_early_cond,
                     deepcache_interval=deepcache_interval, token_merging_ratio=token_merging_ratio)  # issue 19
@@ -537,7 +605,11 @@ class Pipeline:
                              enable_hr=enable_hr, hr_scale=hr_scale, hr_upscaler=hr_upscaler,
                              hr_second_pass_steps=hr_second_pass_steps, hr_resize_x=hr_resize_x,
                              hr_resize_y=hr_resize_y, hr_prompt=hr_prompt, hr_negative_prompt=hr_negative_prompt,
-                             hr_sampler=hr_sampler, hr_schedule=hr_schedule, hr_strength=hr_strength)
+                             hr_sampler=hr_sampler, hr_schedule=hr_schedule, hr_strength=hr_strength,
+                             mask=mask, mask_blur=mask_blur, mask_blur_x=mask_blur_x, mask_blur_y=mask_blur_y,
+                             inpainting_fill=inpainting_fill, inpaint_full_res=inpaint_full_res,
+                             inpaint_full_res_padding=inpaint_full_res_padding,
+                             inpainting_mask_invert=inpainting_mask_invert, resize_mode=resize_mode)
         request = request.require_honoured()
         for name, fn in (("callback", callback), ("should_stop", should_stop)):
             if fn is not None and not callable(fn):
@@ -563,11 +635,12 @@ class Pipeline:
             else:
                 results.append(self._generate(one, callback, should_stop))
         if len(results) == 1:
-            return dataclasses.replace(results[0], notes=notes, infotexts=self._lora_infotexts(results[0].infotexts))
+            return dataclasses.replace(results[0], notes=notes + tuple(results[0].notes),
+                                       infotexts=self._lora_infotexts(results[0].infotexts))
         return GenerationResult([im for r in results for im in r.images], [s for r in results for s in r.seeds],
                                 self._lora_infotexts([t for r in results for t in r.infotexts]), results[0].attention,
                                 np.concatenate([r.pixels for r in results]), any(r.interrupted for r in results),
-                                notes)
+                                notes + tuple(results[0].notes))
 
     def _generate(self, request: GenerationRequest, callback, should_stop, *, start=None) -> GenerationResult:
         """One batch of a sized request with a resolved seed. ``start(generators, sigmas) -> (latents, sigmas)``,
@@ -583,14 +656,23 @@ class Pipeline:
         sample = get_sampler(r.sampler)
         make_sigmas = get_schedule(r.schedule)
         width, height = r.width, r.height
-        init_pixels = None if r.init_image is None else self._image_pixels(r.init_image, width, height)
+        from .inpaint import is_inpainting_unet, prepare_init, to_pixels
+
+        init = None if r.init_image is None else prepare_init(r, width, height)
+        init_pixels = None if init is None else to_pixels(init.image)
+        inpainting_unet = is_inpainting_unet(self.unet.config)
         seeds = [r.seed + i for i in range(r.batch_size)]
 
         B = r.batch_size
         scheduled = encode_request(self._conditioning_encoder(), r, batch=B, device=self._device(), check=_check_finite,
                                    y_for=lambda pooled: self._sdxl_vector(pooled, width, height, B))
 
-        denoiser = model = Denoiser(self.unet, self.alphas_cumprod, self.prediction)
+        unet = self.unet
+        if inpainting_unet:
+            from .diffusion.unet import ConcatConditionedUNet
+
+            unet = ConcatConditionedUNet(self.unet)  # its c_concat is drawn with the start latents below
+        denoiser = model = Denoiser(unet, self.alphas_cumprod, self.prediction)
         denoiser.unet = fast_options.wrap_unet(denoiser.unet, r)  # DeepCache when deepcache_interval > 1
         capture, labels = None, []
         if r.attention_maps:
@@ -606,11 +688,23 @@ class Pipeline:
         sigmas = sampler_sigmas(r.sampler, r.schedule, denoiser.sigmas, r.steps)  # DPM2: A1111's discarded sigma
 
         generators = [torch.Generator().manual_seed(s) for s in seeds]
-        if start is None:
+        blend = None
+        if start is None and (inpainting_unet or (init is not None and init.mask is not None)):
+            from .inpaint import MaskBlend
+
+            x, sigmas, init_latent, nmask, c_concat = self._inpaint_start(generators, sigmas, width, height, init,
+                                                                          r.strength, self._device())
+            if inpainting_unet:
+                unet.c_concat = c_concat
+            if nmask is not None and (not inpainting_unet or self.blend_inpainting_models):
+                cfg = blend = MaskBlend(cfg, init_latent, nmask)
+        elif start is None:
             x, sigmas = self._initial_latents(generators, sigmas, width, height, init_pixels, r.strength,
-                                              self._device())
+                                              self._device(), latent_upscale=init is not None and init.latent_upscale)
         else:
             x, sigmas = start(generators, sigmas)
+            if inpainting_unet:  # hires fix's second pass on an inpainting model: a full mask, a grey image
+                unet.c_concat = self._inpaint_start(generators, sigmas, width, height, None, 1.0, self._device())[4]
 
         stopped = []
 
@@ -624,14 +718,25 @@ class Pipeline:
         with torch.no_grad(), fast_options.token_merging(self.unet, r):
             latents = sample(checked, x, sigmas, generator=generators, callback=checked.callback, should_stop=stop)
             _check_finite("sampler", latents)
+            if blend is not None:  # A1111 blends the sampled latents once more before decoding
+                latents = blend.blend(latents)
             pixels = self.vae.decode(latents / self.vae.config.scale_factor).float()  # [B,3,H,W] in [-1,1]
             _check_finite("VAE decode", pixels)
         pixels = (pixels / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()  # [B,H,W,3]
+        if init is not None and init.overlay is not None:  # the original composited back (A1111's overlay)
+            from .inpaint import composite_pixels
+
+            pixels = composite_pixels(pixels, init)
         images = [_to_pil(p) for p in pixels]
 
         attention = capture.result(labels) if capture is not None else None
-        return GenerationResult(images, seeds, self._infotexts(r, seeds), attention, pixels,
-                                interrupted=bool(stopped), latents=latents)
+        infotexts = self._infotexts(r, seeds)
+        if init is not None and init.params:
+            from .inpaint import infotext_params
+
+            infotexts = [text + infotext_params(init) for text in infotexts]
+        return GenerationResult(images, seeds, infotexts, attention, pixels, interrupted=bool(stopped),
+                                notes=init.notes if init is not None else (), latents=latents)
 
     def _infotexts(self, request: GenerationRequest, seeds) -> list[str]:
         """Each image's A1111 infotext: its own seed, the batch size left out (each image is reproduced by its

@@ -6,7 +6,7 @@ sampler names such as ``euler_a``, not "Euler a": adapters resolve A1111 names b
 instance is valid against the engine's ``LIMITS`` (checked in ``__post_init__``, which also normalises ints to
 floats and lists to tuples); ``create(limits, **fields)`` and ``validate(limits)`` check against a server's
 tightened ``Limits``. Bad values raise ``RequestError`` naming the field and the value. Fields in
-``UNIMPLEMENTED`` (inpainting, styles) are accepted with neutral defaults so that adapters can
+``UNIMPLEMENTED`` (styles) are accepted with neutral defaults so that adapters can
 carry what clients send; ``unhonoured()`` names those set to values the engine does not honour yet.
 
 ``Pipeline.generate`` takes a request (or the keywords of one: ``as_request``); ``to_generate_kwargs`` and
@@ -99,17 +99,18 @@ LIMITS = Limits()
 # Fields whose non-default values the engine does not honour yet (the issues after #15). Hires fix (enable_hr,
 # hr_*) is honoured since issue 20: clipdiffusion.hires.
 UNIMPLEMENTED = frozenset({
-    "mask", "mask_blur", "inpainting_fill",
-    "inpaint_full_res", "inpaint_full_res_padding", "inpainting_mask_invert", "resize_mode", "styles",
+    "styles",
 })
-_MASK_OPTIONS = ("mask_blur", "inpainting_fill", "inpaint_full_res", "inpaint_full_res_padding",
-                 "inpainting_mask_invert")
+_MASK_OPTIONS = ("mask_blur", "mask_blur_x", "mask_blur_y", "inpainting_fill", "inpaint_full_res",
+                 "inpaint_full_res_padding", "inpainting_mask_invert")
 _OPAQUE = ("init_image", "mask")
 # Pipeline.generate's keyword arguments (besides callback and should_stop), in its order.
 GENERATE_ARGS = ("prompt", "negative_prompt", "steps", "guidance", "seed", "sampler", "schedule", "width", "height",
                  "clip_skip", "long_prompt", "weighting", "batch_size", "init_image", "strength", "attention_maps",
                  "loras", "enable_hr", "hr_scale", "hr_upscaler", "hr_second_pass_steps", "hr_resize_x",
-                 "hr_resize_y", "hr_prompt", "hr_negative_prompt", "hr_sampler", "hr_schedule", "hr_strength")
+                 "hr_resize_y", "hr_prompt", "hr_negative_prompt", "hr_sampler", "hr_schedule", "hr_strength",
+                 "mask", "mask_blur", "mask_blur_x", "mask_blur_y", "inpainting_fill", "inpaint_full_res",
+                 "inpaint_full_res_padding", "inpainting_mask_invert", "resize_mode")
 
 # Hires fix upscalers (hr_upscaler), by A1111's names. The latent modes are A1111's ``shared.latent_upscale_modes``:
 # name -> (torch.nn.functional.interpolate mode, antialias), applied to the first pass's latents. The pixel
@@ -195,14 +196,17 @@ class GenerationRequest:
     hr_sampler: str | None = None  # engine name; None: the same as sampler
     hr_schedule: str | None = None
     hr_strength: float = 0.75  # A1111 txt2img "denoising_strength": the second pass's; > 0 with enable_hr
-    # -- not honoured yet (UNIMPLEMENTED) --
+    # -- inpainting and the init image's resize (clipdiffusion.inpaint); A1111's names and defaults --
     mask: Any = field(default=None, compare=False, repr=False)  # a PIL image: inpainting (needs init_image)
-    mask_blur: int = 4
+    mask_blur: int = 4  # Gaussian sigma in pixels, both directions
+    mask_blur_x: int | None = None  # None: mask_blur
+    mask_blur_y: int | None = None
     inpainting_fill: int = 0  # 0 fill, 1 original, 2 latent noise, 3 latent nothing
     inpaint_full_res: bool = True  # "only masked" area
     inpaint_full_res_padding: int = 0
     inpainting_mask_invert: int = 0  # 1: inpaint what the mask does not cover
-    resize_mode: int = 0  # 0 just resize (what img2img does today), 1 crop, 2 fill, 3 latent upscale
+    resize_mode: int = 0  # 0 just resize, 1 crop and resize, 2 resize and fill, 3 latent upscale
+    # -- not honoured yet (UNIMPLEMENTED) --
     styles: tuple[str, ...] = ()
     loras: tuple[tuple[str, float, float], ...] = ()  # (name, text-encoder weight, UNet weight): honoured
     # -- fewer or cheaper UNet evaluations (issue 19), all off by default; A1111's option names where it has them --
@@ -432,6 +436,8 @@ def _checked(v: dict, lim: Limits) -> dict:
     for name, high in (("mask_blur", 64), ("inpainting_fill", 3), ("inpaint_full_res_padding", 256),
                        ("inpainting_mask_invert", 1), ("resize_mode", 3)):  # A1111's slider / choice ranges
         _int(name, v[name], 0, high)
+    for name in ("mask_blur_x", "mask_blur_y"):
+        _int(name, v[name], 0, 64, optional=True)
     out["styles"] = _sequence("styles", v["styles"], lambda style: _label("styles", style))
     out["loras"] = _sequence("loras", v["loras"], _lora)
     out["s_min_uncond"] = _float("s_min_uncond", v["s_min_uncond"], 0.0, MAX_S_MIN_UNCOND)

@@ -30,6 +30,8 @@ VAE_PREFIX = "first_stage_model."
 # The public families by (in_channels, context_dim, adm_in_channels) of their UNet (checkpoints.md §6.2); the
 # others (tiny) match no public sizes and are known only from our metadata.
 _BY_SHAPES = {(4, 768, None): "sd1", (4, 1024, None): "sd2", (4, 2048, 2816): "sdxl"}
+LATENT_CHANNELS = 4
+INPAINT_IN_CHANNELS = 2 * LATENT_CHANNELS + 1  # SD/SDXL inpainting UNets: latent, mask, masked-image latent
 
 # Metadata keys we write (save.py) and read.
 META_FAMILY = "clipdiffusion.family"
@@ -107,8 +109,6 @@ def _refuse_unsupported(path, shapes, in_ch, context, adm, mc):
     found = _found(shapes, path, in_channels=in_ch, model_channels=mc, context_dim=context, adm_in_channels=adm)
     if any(k.startswith("depth_model.") for k in shapes) or in_ch == 5:
         raise CheckpointError(path, f"SD2 depth models are not supported ({found})")
-    if in_ch == 9:
-        raise CheckpointError(path, f"inpainting models (9 input channels) are not supported ({found})")
     if in_ch == 8:
         raise CheckpointError(path, f"instruct-pix2pix models (8 input channels) are not supported ({found})")
     if in_ch == 7 or f"{UNET_PREFIX}input_blocks.10.0.skip_connection.bias" in shapes:
@@ -142,7 +142,8 @@ def _family_from_shapes(path, shapes):
     adm = label[1] if label is not None and len(label) == 2 else None
     _refuse_unsupported(path, shapes, in_ch, context, adm, mc)
     measured = dict(in_channels=in_ch, model_channels=mc, context_dim=context, adm_in_channels=adm)
-    name = _BY_SHAPES.get((in_ch, context, adm))
+    # an inpainting UNet (9 = latent 4 + mask 1 + masked-image latent 4) belongs to its base family
+    name = _BY_SHAPES.get((LATENT_CHANNELS if in_ch == INPAINT_IN_CHANNELS else in_ch, context, adm))
     if name is None:
         raise CheckpointError(path, f"unknown model family ({_found(shapes, path, **measured)})")
     return name, measured
@@ -211,6 +212,8 @@ def detect_family(shapes: dict, metadata: dict | None = None, *, prediction: str
         # a family with both eps and v models (told apart by their native size, never by the tensors)
         notes.append(f"{name.upper()} prediction type is not recorded in the file: assuming {pred} "
                      f"({record.native_size_for(pred)}-{pred}); use eps for {record.eps_native_size}-base")
+    if measured["in_channels"] == INPAINT_IN_CHANNELS:
+        notes.append(f"inpainting model ({INPAINT_IN_CHANNELS} input channels: latent, mask, masked-image latent)")
     if "ztsnr" in shapes:
         notes.append("ztsnr marker found: the file was trained for a zero-terminal-SNR schedule")
     ema = sum(k.startswith("model_ema.") for k in shapes)
@@ -237,9 +240,9 @@ def family_from_diffusers(unet_config: dict, has_text_encoder_2: bool, path="<fo
     context = unet_config.get("cross_attention_dim")
     in_ch = unet_config.get("in_channels", 4)
     embed_type = unet_config.get("addition_embed_type")
-    if isinstance(in_ch, bool) or in_ch != 4:
-        raise CheckpointError(path, f"unet in_channels={show(in_ch)} (inpainting/depth/pix2pix models are not "
-                                    f"supported)")
+    if isinstance(in_ch, bool) or in_ch not in (LATENT_CHANNELS, INPAINT_IN_CHANNELS):
+        raise CheckpointError(path, f"unet in_channels={show(in_ch)} (depth/pix2pix models are not supported; "
+                                    f"{LATENT_CHANNELS}, or {INPAINT_IN_CHANNELS} for inpainting)")
     if text_configs is None:
         if context == 768 and not has_text_encoder_2:
             return "sd1"

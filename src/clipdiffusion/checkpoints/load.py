@@ -155,7 +155,8 @@ def load_checkpoint(path, *, dtype=torch.float32, device="cpu", prediction=None)
 _MAX_JSON_BYTES = 10_000_000
 _SHARD_NAME = re.compile(r"^[\w.\-]+\.safetensors$")
 _VARIANT = re.compile(r"^[A-Za-z0-9_\-]{1,32}$")
-PIPELINES = {"StableDiffusionPipeline", "StableDiffusionXLPipeline"}
+PIPELINES = {"StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusionInpaintPipeline",
+             "StableDiffusionXLInpaintPipeline"}
 
 
 def read_json(path) -> dict:
@@ -335,10 +336,11 @@ def load_diffusers(folder, *, dtype=torch.float32, device="cpu", prediction=None
         family = diffusers_family_from_structure(folder, unet_json)
         size = unet_default_size(unet_json, vae_config.downsample_factor)
         metadata.update({"modelspec.resolution": f"{size}x{size}"} if size else {})
-    if not unet_config.in_channels == unet_config.out_channels == vae_config.embed_dim:
+    latent = vae_config.embed_dim  # an inpainting UNet takes latent + mask + masked-image latent channels
+    if unet_config.out_channels != latent or unet_config.in_channels not in (latent, 2 * latent + 1):
         raise CheckpointError(folder, f"unet in_channels={unet_config.in_channels} and out_channels="
                                       f"{unet_config.out_channels} must equal the vae latent_channels="
-                                      f"{vae_config.embed_dim}")  # fmt: skip
+                                      f"{latent} (in_channels {2 * latent + 1} for an inpainting UNet)")  # fmt: skip
     pred, notes = diffusers_prediction(folder, family, prediction)
     text_configs = _text_configs_from_diffusers(folder, family)
 

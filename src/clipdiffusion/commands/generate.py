@@ -60,6 +60,21 @@ def add_arguments(parser):
     parser.add_argument("--init-image", metavar="PNG", help="img2img: start from this image")
     parser.add_argument("--strength", type=float, default=d["strength"],
                         help="img2img denoising strength in (0, 1]")
+    inpaint = parser.add_argument_group(
+        "inpainting", "A1111's inpainting (needs --init-image): --mask is white where the image is repainted")
+    inpaint.add_argument("--mask", metavar="IMAGE", help="the mask (white = repaint; an alpha channel counts)")
+    inpaint.add_argument("--mask-blur", type=int, default=d["mask_blur"], metavar="N",
+                         help=f"Gaussian blur of the mask in pixels (default {d['mask_blur']})")
+    inpaint.add_argument("--inpainting-fill", choices=INPAINT_FILLS, default=INPAINT_FILLS[d["inpainting_fill"]],
+                         help="what the masked area starts from (default fill: blurred surrounding colours)")
+    inpaint.add_argument("--inpaint-full-res", action="store_true",
+                         help="inpaint only the masked area (plus --inpaint-padding) at --width x --height and "
+                              "paste it back (A1111's 'Only masked')")
+    inpaint.add_argument("--inpaint-padding", type=int, default=d["inpaint_full_res_padding"], metavar="PX",
+                         help="pixels around the mask for --inpaint-full-res")
+    inpaint.add_argument("--mask-invert", action="store_true", help="repaint what the mask does not cover")
+    inpaint.add_argument("--resize-mode", choices=RESIZE_MODES, default=RESIZE_MODES[d["resize_mode"]],
+                         help="how the init image is fitted to --width x --height (A1111's resize modes)")
     hires = parser.add_argument_group(
         "hires fix", "A1111's hires fix: a first pass at --width x --height, an upscale, then an img2img second pass "
                      "at --denoising-strength; on when --hr, --hr-scale, --hr-resize-x/-y or --hr-upscaler is given")
@@ -92,7 +107,21 @@ def add_arguments(parser):
                              "in the prompt or the negative prompt stands for its vectors")
 
 
-def build_request(args, init_image=None):
+INPAINT_FILLS = ("fill", "original", "latent-noise", "latent-nothing")  # inpainting_fill 0..3
+RESIZE_MODES = ("just-resize", "crop-and-resize", "resize-and-fill", "latent-upscale")  # resize_mode 0..3
+
+
+def inpaint_fields(args, mask=None) -> dict:
+    """The inpainting and resize fields of the command line (the CLI's "only masked" is off unless asked)."""
+    fields = dict(resize_mode=RESIZE_MODES.index(getattr(args, "resize_mode", RESIZE_MODES[0])))
+    if mask is not None:
+        fields.update(mask=mask, mask_blur=args.mask_blur, inpainting_fill=INPAINT_FILLS.index(args.inpainting_fill),
+                      inpaint_full_res=bool(args.inpaint_full_res), inpaint_full_res_padding=args.inpaint_padding,
+                      inpainting_mask_invert=int(bool(args.mask_invert)))
+    return fields
+
+
+def build_request(args, init_image=None, mask=None):
     """The GenerationRequest of the command line: every value checked here, before any model loads."""
     from ..fast_options import request_fields
     from ..request import GenerationRequest
@@ -103,6 +132,7 @@ def build_request(args, init_image=None):
         clip_skip=args.clip_skip, long_prompt=args.long_prompt, weighting=args.weighting,
         batch_size=args.batch_size, init_image=init_image, strength=args.strength,
         loras=parse_lora_args(getattr(args, "lora", None)), **request_fields(args), **hires_fields(args),
+        **inpaint_fields(args, mask),
     )  # fmt: skip
 
 
@@ -226,16 +256,16 @@ def save_png(image, path, infotext: str):
     atomic_write(path, lambda f: image.save(f, format="PNG", pnginfo=info), field="output")
 
 
-def read_init_image(path: str):
-    """The --init-image as a loaded PIL image, its declared size checked against the pipeline's limits before any
-    pixel is decoded (a PNG header can declare 20000x20000 in a few bytes)."""
+def read_init_image(path: str, option: str = "init-image"):
+    """The --init-image (or --mask: ``option``) as a loaded PIL image, its declared size checked against the
+    pipeline's limits before any pixel is decoded (a PNG header can declare 20000x20000 in a few bytes)."""
     import warnings
 
     from PIL import Image, UnidentifiedImageError
 
     from ..request import LIMITS
 
-    shown = f"init-image={path!r}"
+    shown = f"{option}={path!r}"
     limit = Image.MAX_IMAGE_PIXELS
     try:
         # PIL's own bomb check (a warning, then an error at twice its limit) would speak before ours, without
@@ -265,7 +295,11 @@ def run(args) -> int:
     paths = output_paths(args.output, args.batch_size if isinstance(args.batch_size, int) else 1)
     check_outputs(paths)
     init_image = read_init_image(args.init_image) if args.init_image else None
-    request = build_request(args, init_image)
+    mask = getattr(args, "mask", None)
+    if mask is not None and init_image is None:
+        raise ClipDiffusionError(f"--mask {mask!r}: inpainting needs --init-image")
+    mask = read_init_image(mask, "mask") if mask is not None else None
+    request = build_request(args, init_image, mask)
     from ..devices import from_args
 
     device, dtype = from_args(args)  # checked before the model loads

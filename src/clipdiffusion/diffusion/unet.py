@@ -402,3 +402,29 @@ class UNetModel(nn.Module):
             target = skips[-1].shape[-2:] if skips else None
             h = block(h, emb, context, attention_recorder, upsample_size=target)
         return self.out(h), deep
+
+
+class ConcatConditionedUNet(nn.Module):
+    """An inpainting UNet (``in_channels`` = latent + extra, SD's 9 = 4 + mask 1 + masked-image latent 4) seen as a
+    latent-to-latent UNet: ``forward(x[B,C,H,W], ...)`` runs the inner UNet on ``cat([x, c_concat])`` along
+    channels (LDM's "hybrid" conditioning, diffusers' ``StableDiffusionInpaintPipeline`` order). ``c_concat``
+    [b,extra,H,W] is set per generation; a batch that stacks copies of the images (CFG's cond and uncond halves)
+    gets it repeated, so B must be a multiple of b."""
+
+    def __init__(self, unet: "UNetModel", c_concat=None):
+        super().__init__()
+        self.inner = unet
+        self.c_concat = c_concat
+
+    @property
+    def config(self):
+        return self.inner.config
+
+    def forward(self, x, timesteps, context, y=None, **kwargs):
+        c = self.c_concat
+        if c is None:
+            raise ClipDiffusionError("inpainting UNet: no c_concat (mask and masked-image latents) set")
+        if x.shape[0] % c.shape[0] or x.shape[2:] != c.shape[2:]:
+            raise ClipDiffusionError(f"inpainting UNet: c_concat {list(c.shape)} does not fit x {list(x.shape)}")
+        c = c.to(device=x.device, dtype=x.dtype).repeat(x.shape[0] // c.shape[0], 1, 1, 1)
+        return self.inner(torch.cat([x, c], dim=1), timesteps, context, y, **kwargs)

@@ -17,7 +17,7 @@ from typing import Any
 
 from ..errors import ClipDiffusionError
 from ..request import LIMITS, GenerationRequest, Limits, RequestError
-from .images import decode_image
+from .images import decode_image, decode_mask
 from .sampler_names import resolve_sampler, resolve_schedule, sampler_display_name
 from .schemas import Img2ImgRequest, Txt2ImgRequest, ignored_fields
 from .settings import ServerSettings
@@ -184,7 +184,7 @@ def plan_a1111(req: Txt2ImgRequest, settings: ServerSettings, defaults: dict, sa
     try:
         request = GenerationRequest.create(settings.limits, **values)
         if img2img:
-            request = request.replace(init_image=_init_image(req, settings.limits), limits=settings.limits)
+            request = request.replace(limits=settings.limits, **img2img_values(req, settings.limits))
     except RequestError as exc:
         raise exc.renamed(names) from None
     can_save = settings.save_dir is not None
@@ -196,9 +196,26 @@ def plan_a1111(req: Txt2ImgRequest, settings: ServerSettings, defaults: dict, sa
                           save_images=bool(req.save_images and can_save), vae_choice=vae_choice)
 
 
+def img2img_values(req: Img2ImgRequest, limits: Limits) -> dict:
+    """The request fields of an img2img body: the init image, the mask (decoded with its alpha) and the mask
+    options, ``resize_mode``. ``mask_blur``, when sent, sets both directions (A1111's property); otherwise
+    ``mask_blur_x``/``mask_blur_y``. Option values are checked by the request (errors name the A1111 field)."""
+    values = dict(init_image=_init_image(req, limits), resize_mode=req.resize_mode)
+    if req.mask not in (None, ""):
+        values["mask"] = decode_mask(req.mask, "mask", limits.max_width * limits.max_height)
+    blur_x, blur_y = (req.mask_blur, req.mask_blur) if req.mask_blur is not None else (req.mask_blur_x,
+                                                                                       req.mask_blur_y)
+    values.update(mask_blur=req.mask_blur if req.mask_blur is not None else max(blur_x, blur_y, 0),
+                  mask_blur_x=blur_x, mask_blur_y=blur_y, inpainting_fill=req.inpainting_fill,
+                  inpaint_full_res=req.inpaint_full_res, inpaint_full_res_padding=req.inpaint_full_res_padding,
+                  inpainting_mask_invert=req.inpainting_mask_invert)
+    return values
+
+
 def _init_image(req: Img2ImgRequest, limits: Limits):
-    """The first init image, decoded and resized to the request's size (A1111's resize mode 0, "just resize"); the
-    others (listed as ignored) are checked from their headers only."""
+    """The first init image, decoded at its own size (the engine fits it to width x height by ``resize_mode``, or
+    crops the masked area for ``inpaint_full_res``); the others (listed as ignored) are checked from their headers
+    only."""
     if not req.init_images:
         raise RequestError("init_images", req.init_images, "img2img needs at least one init image")
     if len(req.init_images) > limits.max_batch_size:
@@ -208,7 +225,7 @@ def _init_image(req: Img2ImgRequest, limits: Limits):
     image = decode_image(req.init_images[0], "init_images[0]", max_pixels)
     for i, extra in enumerate(req.init_images[1:], start=1):
         decode_image(extra, f"init_images[{i}]", max_pixels, load=False)
-    return image.resize((req.width, req.height)) if image.size != (req.width, req.height) else image
+    return image
 
 
 def info_json(req: Txt2ImgRequest, plan: GenerationPlan, seeds: list[int], infotexts: list[str],

@@ -138,6 +138,22 @@ def decode_image_bytes(raw: bytes, field_name: str, max_pixels: int, *, load: bo
         raise RequestError(field_name, shown, f"not a readable image ({type(exc).__name__})") from None
 
 
+def decode_mask(text: Any, field_name: str, max_pixels: int):
+    """A base64 mask image -> PIL image with the upload checks of `decode_image`, kept as "RGBA" when it has an
+    alpha channel (A1111 reads a transparent mask's alpha) and as "L" otherwise."""
+    from PIL import Image
+
+    raw = _b64_payload(text, field_name)
+    image = _open_image(_without_png_text(raw), field_name, text, max_pixels)
+    try:
+        image.load()
+        alpha = "A" in image.getbands() or "transparency" in image.info
+        return image.convert("RGBA" if alpha else "L")
+    except (OSError, ValueError, SyntaxError, MemoryError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as exc:
+        raise RequestError(field_name, text, f"not a readable image ({type(exc).__name__})") from None
+
+
 def _inflate(data: bytes, budget: int, field_name: str, key: str) -> bytes:
     """zlib data -> at most `budget` bytes; more is a RequestError (a decompression bomb), never allocated."""
     inflater = zlib.decompressobj()

@@ -136,7 +136,15 @@ class Img2ImgRequest(Txt2ImgRequest):
     init_images: list[Text] | None = Field(None, description="base64 images (data: URLs accepted)")
     denoising_strength: Number = 0.75
     include_init_images: bool = False
-    resize_mode: Int = 0
+    resize_mode: Int = Field(0, description="0 just resize, 1 crop and resize, 2 resize and fill, 3 latent upscale")
+    mask: Text | None = Field(None, description="base64 mask image, white = repaint (an alpha channel counts)")
+    mask_blur: Int | None = Field(None, description="Gaussian sigma in pixels; sets mask_blur_x and mask_blur_y")
+    mask_blur_x: Int = 4
+    mask_blur_y: Int = 4
+    inpainting_fill: Int = Field(0, description="0 fill, 1 original, 2 latent noise, 3 latent nothing")
+    inpaint_full_res: bool = Field(True, description="inpaint only the masked area (plus padding), pasted back")
+    inpaint_full_res_padding: Int = 0
+    inpainting_mask_invert: Int = Field(0, description="1: repaint what the mask does not cover")
 
 
 class PNGInfoRequest(JSONRequest):
@@ -148,7 +156,7 @@ NEUTRAL_FIELDS: dict[str, tuple] = {
     "restore_faces": (False, None), "tiling": (False, None),
     "subseed_strength": (0, 0.0, None), "script_name": (None, ""),
     "script_args": ([], None), "alwayson_scripts": ({}, None), "refiner_checkpoint": (None, ""),
-    "mask": (None, ""), "image_cfg_scale": (None, 1.5), "initial_noise_multiplier": (None, 1, 1.0),
+    "image_cfg_scale": (None, 1.5), "initial_noise_multiplier": (None, 1, 1.0),
     "eta": (None, 0, 0.0, 1, 1.0), "s_churn": (None, 0, 0.0), "s_tmin": (None, 0, 0.0),
     "s_tmax": (None, 0, 0.0, math.inf, "Infinity"), "s_noise": (None, 1, 1.0), "seed_resize_from_h": (None, 0, -1),
     "seed_resize_from_w": (None, 0, -1), "hr_checkpoint_name": None,  # a1111.plan_a1111 names it with enable_hr
@@ -156,8 +164,7 @@ NEUTRAL_FIELDS: dict[str, tuple] = {
     "firstphase_height": None, "subseed": None, "do_not_save_samples": None, "do_not_save_grid": None,
     "force_task_id": None, "infotext": None, "comments": None, "disable_extra_networks": (None, False),
     "s_min_uncond": (None, 0, 0.0), "firstpass_image": (None, ""), "hr_additional_modules": ([], None),
-    "refiner_switch_at": None, "mask_blur": None, "inpainting_fill": None, "inpaint_full_res": None,
-    "inpaint_full_res_padding": None, "inpainting_mask_invert": None, "mask_round": None,
+    "refiner_switch_at": None, "mask_round": (None, True),  # we always round the latent mask, as A1111's default
     "latent_mask": None, "sampler_noise_scheduler_override": None, "controlnet_units": None,
 }
 # None above: only meaningful together with a neutral-valued switch (hr_* with enable_hr), or housekeeping.
@@ -175,8 +182,6 @@ def ignored_fields(req: BaseModel, *, can_save: bool = False) -> list[str]:
     if req.save_images and not can_save:
         ignored.append("save_images")
     if isinstance(req, Img2ImgRequest):
-        if req.resize_mode not in (0, None):
-            ignored.append("resize_mode")
         if req.init_images and len(req.init_images) > 1:
             ignored.append("init_images[1:]")
     return sorted(ignored)
