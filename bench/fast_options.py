@@ -24,7 +24,7 @@ from _machine import machine
 # name -> request fields
 CONFIGS = {
     "baseline": {},
-    "ngms": {"s_min_uncond": 2.0},  # a value often used with A1111's option; the last third of a 20-step run
+    "ngms": {"s_min_uncond": 2.0},  # sigma < 2 from step 9 of 20 (normal schedule): calls 9, 11, ..., 19 skip
     "ngms_all": {"s_min_uncond": 2.0, "s_min_uncond_all": True},
     "skip_early": {"skip_early_cond": 0.2},
     "deepcache3": {"deepcache_interval": 3},
