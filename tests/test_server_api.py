@@ -89,8 +89,9 @@ def test_random_seed_is_reported(client):
     assert image.getpixel((0, 0)) == prompt_colour("x", info["seed"])
 
 
+# "DPM++ 2M" without a scheduler: A1111 v1.10's Automatic for it is Karras (its 'scheduler' option)
 @pytest.mark.parametrize("name, sampler, schedule", [
-    ("Euler", "euler", "normal"), ("DPM++ 2M", "dpmpp_2m", "normal"), ("k_dpmpp_2m_ka", "dpmpp_2m", "karras"),
+    ("Euler", "euler", "normal"), ("DPM++ 2M", "dpmpp_2m", "karras"), ("k_dpmpp_2m_ka", "dpmpp_2m", "karras"),
     ("DPM++ 2M Karras", "dpmpp_2m", "karras"), ("heun", "heun", "normal"), ("DDIM", "ddim", "normal")])
 def test_a1111_sampler_names_map_to_ours(client, served, name, sampler, schedule):
     r = client.post("/sdapi/v1/txt2img", json={"prompt": "p", "steps": 1, "width": 16, "height": 16,
