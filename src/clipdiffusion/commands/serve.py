@@ -64,6 +64,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--queue-size", type=int, default=_DEFAULTS.queue_size,
                         help="jobs that may wait behind the running one before requests get 503 "
                              "(default %(default)s)")
+    ray = parser.add_argument_group("Ray Serve", "serve on Ray (pip install clipdiffusion[ray]): the same API as an "
+                                                 "ingress in front of model replicas")
+    ray.add_argument("--ray", nargs="?", const="local", metavar="auto|local|ADDRESS",
+                     help="local (default when given): a private Ray instance on 127.0.0.1; auto: the running "
+                          "cluster; or a cluster address")
+    ray.add_argument("--replicas", type=int, default=2, help="model replicas (default %(default)s)")
+    ray.add_argument("--cpus-per-replica", type=float, default=0.5, help="default %(default)s")
+    ray.add_argument("--gpus-per-replica", type=float, default=0.0, help="default %(default)s (1 on a GPU cluster)")
+    ray.add_argument("--max-ongoing", type=int, default=8,
+                     help="requests the ingress runs at once before queueing (default %(default)s)")
+    ray.add_argument("--max-queued", type=int, default=16,
+                     help="requests queued in front of the ingress before 503 (default %(default)s)")
 
 
 def build_settings(args: argparse.Namespace) -> ServerSettings:
@@ -173,6 +185,14 @@ def run(args: argparse.Namespace) -> int:
     if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_auth:
         print(f"clipdiffusion serve: warning: listening on {settings.host} without --api-auth; anyone who can "
               "reach this port can use the API", file=sys.stderr)
+    if getattr(args, "ray", None) is not None:
+        from ..server.ray_serve import run_server
+
+        print(f"clipdiffusion serve: Ray Serve at http://{settings.host}:{settings.port}/", file=sys.stderr)
+        run_server(settings, pipeline_factory(settings), address=args.ray, replicas=args.replicas,
+                   cpus_per_replica=args.cpus_per_replica, gpus_per_replica=args.gpus_per_replica,
+                   max_ongoing_requests=args.max_ongoing, max_queued_requests=args.max_queued)
+        return 0
     app = create_app(pipeline_factory(settings), settings)
     print(f"clipdiffusion serve: http://{settings.host}:{settings.port}/ (API docs at /docs)", file=sys.stderr)
     graceful_server(app, settings.host, settings.port).run()
