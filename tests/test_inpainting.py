@@ -124,6 +124,7 @@ def trained():
     return Pipeline.default()
 
 
+@pytest.mark.slow  # loads the embedded model (~12 s)
 def test_unmasked_pixels_within_the_vae_round_trip_error(trained, monkeypatch):
     """Before the overlay: the latents outside the mask are the init latents at every step, so the decoded pixels
     there are the VAE's reconstruction of the original. Measured: the round trip's error, and the inpainted
@@ -293,6 +294,7 @@ def test_nine_channel_model_runs_txt2img_and_masked_img2img(family):
     assert channel[:, :8].min() == 1 and channel[:, 8:].max() == 0
 
 
+@pytest.mark.slow  # diffusers' pipeline, ~30 s on 2 shared cores
 def test_nine_channel_parity_with_diffusers_inpaint_pipeline():
     diffusers = pytest.importorskip("diffusers")
     from test_generate_parity import SD_SCHEDULE, _jitter, _ours_from_diffusers
@@ -327,6 +329,7 @@ def test_nine_channel_parity_with_diffusers_inpaint_pipeline():
         assert np.abs(other.pixels[0] - expected)[inside].max() > 1e-2  # not vacuous
 
 
+@pytest.mark.slow  # writes and loads two checkpoints (~8 s)
 def test_nine_channel_checkpoints_are_detected_and_loaded(tmp_path):
     from test_detect import U, full_shapes
 
@@ -354,6 +357,7 @@ def test_nine_channel_checkpoints_are_detected_and_loaded(tmp_path):
 # -- CLI and server ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # four CLI runs (~6 s)
 def test_cli_generate_with_a_mask(tmp_path, capsys):
     from clipdiffusion.checkpoints.save import save_checkpoint
     from clipdiffusion.cli import main
@@ -389,6 +393,7 @@ def _b64(image):
     return base64.b64encode(buf.getvalue()).decode()
 
 
+@pytest.mark.slow  # a real server with the tiny engine (~8 s)
 def test_a1111_img2img_mask_with_webuiapi_and_hostile_masks():
     import httpx
     import webuiapi
