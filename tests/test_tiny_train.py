@@ -1,5 +1,6 @@
 """Training of the tiny model: a few steps per phase on micro sizes, resume, export and loading."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -517,3 +518,33 @@ def test_long_study_copies_cells_whose_layouts_are_identical(trained):
     assert cells["chunk"][0]["same_as"] == cells["window"][0]["same_as"] == "truncate"
     assert cells["chunk"][0]["recall"] == cells["truncate"][0]["recall"]
     assert all("same_as" not in cells[s][90] for s in ("truncate", "chunk", "window"))
+
+
+def test_the_shipped_recipe_reproduces_the_shipped_models_recorded_settings():
+    # `train-tiny --recipe shipped` must train what the shipped file records: run E's settings and step counts,
+    # then the fine-tune's (only the clock, generous in the recipe, and the base model's path may differ)
+    from clipdiffusion.tiny.settings import recipe, shipped_run
+    from clipdiffusion.pipeline import TINY_DATA
+    from clipdiffusion.checkpoints.safetensors_io import read_shapes
+
+    _, _, meta = read_shapes(next(TINY_DATA.glob("*.safetensors")))
+    base, finetune = recipe("shipped", "BASE.safetensors")
+    recorded = [(json.loads(meta["clipdiffusion.tiny.base_train_settings"]), json.loads(meta["clipdiffusion.tiny.base_steps"])),
+                (json.loads(meta["clipdiffusion.tiny.train_settings"]), json.loads(meta["clipdiffusion.tiny.steps"]))]
+    for settings, (saved, steps) in zip((base, finetune), recorded):
+        mine = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(settings).items()}
+        differ = {k for k in mine if k in saved and mine[k] != saved[k]}
+        assert differ <= {"minutes", "phase_steps", "init_from"}, differ
+        assert [steps[p] for p in ("clip", "vae", "pool", "unet")] == list(settings.phase_steps)
+    assert finetune.init_from == "BASE.safetensors" and finetune.deep_objects > 0
+    assert shipped_run()[1] == recorded[0][1]  # pace notes still compare from-scratch runs with run E
+
+
+def test_train_cli_recipe_refuses_other_settings(tmp_path):
+    from clipdiffusion.cli import main
+
+    assert main(["train-tiny", "--recipe", "shipped", "--unet-lr", "1e-3", "--out", str(tmp_path / "r")]) == 2
+    with pytest.raises(ClipDiffusionError, match="recipe"):
+        from clipdiffusion.tiny.settings import recipe
+
+        recipe("fastest", "x")

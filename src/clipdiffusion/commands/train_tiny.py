@@ -1,4 +1,5 @@
-"""``clipdiffusion train-tiny --out DIR [--minutes N] [--resume]``: train the embedded tiny model from scratch.
+"""``clipdiffusion train-tiny --out DIR [--minutes N] [--resume]``: train the embedded tiny model from scratch;
+``--recipe shipped`` reproduces the shipped model in one command (a from-scratch run, then its fine-tune).
 
 Single process; ``--threads`` sets torch's intra-op threads (default 2, the machine the budget was sized for).
 The result is ``DIR/tiny-sd.safetensors``; copy it to ``src/clipdiffusion/tiny/data/`` to ship it."""
@@ -44,6 +45,9 @@ def add_arguments(parser):
                              "it fine-tunes the UNet alone")  # fmt: skip
     parser.add_argument("--lr-floor", type=float, default=None, metavar="F",
                         help="cosine-decay each phase's learning rate to this share of its base (default: constant)")
+    parser.add_argument("--recipe", default=None, choices=("shipped",),
+                        help="reproduce a recorded model: 'shipped' trains OUT/base from scratch by the shipped "
+                             "run's step counts, then fine-tunes it into OUT (other settings flags are refused)")
     parser.add_argument("--eval", type=int, default=0, metavar="N",
                         help="afterwards, evaluate the result on N prompts per object count")  # fmt: skip
 
@@ -59,6 +63,8 @@ def run(args) -> int:
     from ..tiny.train import Trainer
 
     torch.set_num_threads(args.threads)
+    if args.recipe is not None:
+        return _run_recipe(args, Trainer)
     phase_steps = None
     if args.phase_steps is not None:
         try:
@@ -93,5 +99,35 @@ def run(args) -> int:
 
         report = evaluate(trainer.pipeline(), prompt_set(args.eval))
         print(report.table())
+    print(path)
+    return 0
+
+
+_RECIPE_EXCLUSIVE = ("size_named", "unet_lr", "pool_captions", "phase_steps", "clip_hard_negatives", "clip_readout",
+                     "deep_objects", "window_share", "init_from", "lr_floor")  # fmt: skip
+
+
+def _run_recipe(args, trainer_class) -> int:
+    """Both stages of a recipe; each resumes (or is skipped when finished) on a rerun, so an interrupted
+    reproduction continues where it stopped."""
+    from pathlib import Path
+
+    from ..tiny.settings import recipe
+
+    given = [name for name in _RECIPE_EXCLUSIVE if getattr(args, name, None) is not None]
+    if given:
+        raise ClipDiffusionError(f"recipe: --{given[0].replace('_', '-')} cannot be combined with --recipe "
+                                 f"(the recipe fixes every setting)")  # fmt: skip
+    out = Path(args.out)
+    base_dir = out / "base"
+    base, finetune = recipe(args.recipe, base_dir / "tiny-sd.safetensors")
+    log = lambda line: print(line, file=sys.stderr)  # noqa: E731
+    path = None
+    for folder, settings in ((base_dir, base), (out, finetune)):
+        if folder == base_dir and (folder / "tiny-sd.safetensors").is_file():
+            continue  # stage 1 finished on an earlier call
+        resume = (folder / "state.pt").is_file()
+        print(f"recipe {args.recipe}: {'resuming' if resume else 'training'} {folder}", file=sys.stderr)
+        path = trainer_class(folder, settings, resume=resume, log=log).run()
     print(path)
     return 0
