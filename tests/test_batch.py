@@ -172,6 +172,10 @@ def test_writer_never_writes_an_id_twice(tmp_path):
     assert len(manifest_lines(tmp_path)) == 1
     with pytest.raises(ClipDiffusionError, match="sha256"):
         writer.write({**row, "id": "y", "file": "y.png", "sha256": "0" * 64})
+    # the file name comes from the id, whatever the row says
+    assert writer.write({**row, "id": "z", "file": "../escape.png"}) is True
+    assert (tmp_path / "z.png").read_bytes() == data and not (tmp_path.parent / "escape.png").exists()
+    assert manifest_lines(tmp_path)[-1]["file"] == "z.png"
 
 
 def test_torn_manifest_line_is_dropped(tmp_path):

@@ -437,8 +437,9 @@ class Writer:
         if hashlib.sha256(row["png"]).hexdigest() != row["sha256"]:
             raise ClipDiffusionError(f"id={row['id']!r}: the image's bytes do not match their sha256")
         data = row["png"]
-        atomic_write(self.manifest.folder / row["file"], lambda f: f.write(data), field="output")
-        record = {k: v for k, v in row.items() if k != "png"}
+        name = file_name(row["id"])  # from the id, never a path a worker or the input hands over
+        atomic_write(self.manifest.folder / name, lambda f: f.write(data), field="output")
+        record = {**{k: v for k, v in row.items() if k != "png"}, "file": name}
         self.manifest.append(record)
         self.written.add(row["id"])
         return True
