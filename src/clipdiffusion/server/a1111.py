@@ -113,7 +113,6 @@ def hires_values(req: Txt2ImgRequest, settings: ServerSettings, samplers: tuple[
     return values
 
 
-
 # A1111 options (override_settings keys) that are request fields here (fast_options), by the same name except
 # skip_early_cond (ours is the same) and token_merging_ratio; s_min_uncond is also a body field, which wins.
 FAST_OVERRIDES = {"s_min_uncond": "s_min_uncond", "s_min_uncond_all": "s_min_uncond_all",
