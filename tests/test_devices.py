@@ -294,8 +294,9 @@ def test_generate_passes_the_flags_and_prints_the_placement(monkeypatch, tmp_pat
 
     asked = {}
 
-    def load(model, prediction=None, text_encoder=None, *, device, dtype):
+    def load(model, prediction=None, text_encoder=None, *, device, dtype, vae=None):
         asked.update(device=device, dtype=dtype)
+        assert vae is None  # no --vae given
         pipe = tiny_pipeline(0)
         pipe.place(device, dtype)
         return pipe
