@@ -75,10 +75,18 @@ def test_serve_ray_through_webuiapi(tmp_path):
                           name="clipdiffusion", route_prefix="/")
                 api = webuiapi.WebUIApi(host="127.0.0.1", port=port)
 
-                # four concurrent txt2img requests over the two replicas
+                # four concurrent txt2img requests over the two replicas; the queue holds 2 ongoing + 2 queued,
+                # so a request may still meet a full queue while an earlier one is being handed on: a 503 is
+                # backpressure working, and a client retries it
                 def one(seed):
-                    return api.txt2img(prompt="a red circle", negative_prompt="", steps=2, seed=seed, cfg_scale=7,
-                                       width=64, height=64, sampler_name="Euler")
+                    for attempt in range(10):
+                        try:
+                            return api.txt2img(prompt="a red circle", negative_prompt="", steps=2, seed=seed,
+                                               cfg_scale=7, width=64, height=64, sampler_name="Euler")
+                        except RuntimeError as e:
+                            if e.args[0] != 503 or attempt == 9:
+                                raise
+                            time.sleep(1.0)
 
                 with concurrent.futures.ThreadPoolExecutor(4) as pool:
                     results = list(pool.map(one, [11, 12, 13, 14]))
