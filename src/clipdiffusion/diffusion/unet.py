@@ -329,12 +329,9 @@ class UNetModel(nn.Module):
             got = None if y is None else list(y.shape)
             raise ClipDiffusionError(f"UNet y: expected [{x.shape[0]},{cfg.adm_in_channels}], got {got}")
 
-    def forward(self, x, timesteps, context, y=None, *, attention_recorder=None):
-        """x [B,C,H,W], timesteps [B] (or a scalar), context [B,T,D], y [B,adm] (SDXL) -> [B,out,H,W].
-
-        With `attention_recorder(layer_name, probs[B,heads,HW,T])`, every cross-attention computes its
-        probabilities explicitly and hands them over; otherwise SDPA is used.
-        """
+    def _prelude(self, x, timesteps, context, y):
+        """What every pass starts with: checked inputs, the time (and SDXL label) embedding, x and context in the
+        UNet's dtype -> (h, emb, context)."""
         timesteps = torch.as_tensor(timesteps, device=x.device)
         if timesteps.ndim == 0:
             timesteps = timesteps.expand(x.shape[0])
@@ -348,6 +345,15 @@ class UNetModel(nn.Module):
             # The caller chose NHWC with model.to(memory_format=torch.channels_last): oneDNN convolutions then
             # skip their layout conversions, and the transformers' flatten to tokens becomes a view.
             h = h.contiguous(memory_format=torch.channels_last)
+        return h, emb, context
+
+    def forward(self, x, timesteps, context, y=None, *, attention_recorder=None):
+        """x [B,C,H,W], timesteps [B] (or a scalar), context [B,T,D], y [B,adm] (SDXL) -> [B,out,H,W].
+
+        With `attention_recorder(layer_name, probs[B,heads,HW,T])`, every cross-attention computes its
+        probabilities explicitly and hands them over; otherwise SDPA is used.
+        """
+        h, emb, context = self._prelude(x, timesteps, context, y)
         skips = []
         for block in self.input_blocks:
             h = block(h, emb, context, attention_recorder)
@@ -371,17 +377,7 @@ class UNetModel(nn.Module):
         n = len(self.input_blocks)
         if not 0 <= branch < n - 1:
             raise ClipDiffusionError(f"DeepCache branch={branch}: must be in [0, {n - 2}] for this UNet")
-        timesteps = torch.as_tensor(timesteps, device=x.device)
-        if timesteps.ndim == 0:
-            timesteps = timesteps.expand(x.shape[0])
-        self._validate(x, timesteps, context, y)
-        dtype = self.time_embed[0].weight.dtype
-        emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(dtype))
-        if y is not None:
-            emb = emb + self.label_emb(y.to(dtype))
-        h, context = x.to(dtype), context.to(dtype)
-        if self.input_blocks[0][0].weight.is_contiguous(memory_format=torch.channels_last):
-            h = h.contiguous(memory_format=torch.channels_last)
+        h, emb, context = self._prelude(x, timesteps, context, y)
         skips = []
         for block in self.input_blocks[:branch + 1] if deep is not None else self.input_blocks:
             h = block(h, emb, context, attention_recorder)

@@ -5,9 +5,8 @@ One table for every route that names an upscaler: `GET /sdapi/v1/upscalers` and 
 
 - `UPSCALERS`: pixel upscalers, name -> PIL resampling filter name (None for "None", which leaves the image as it
   is, as A1111's extras do). No model-based upscalers (ESRGAN, SwinIR, ...): we ship none.
-- `LATENT_UPSCALE_MODES`: the latent modes that are implemented, A1111 name -> (torch `interpolate` mode,
-  antialias). Empty until latent upscaling exists (hires fix adds it); `A1111_LATENT_UPSCALE_MODES` is A1111's
-  table for whoever implements it, so the names match A1111's exactly.
+- `LATENT_UPSCALE_MODES`: A1111's latent modes, name -> (torch `interpolate` mode, antialias), all implemented by
+  hires fix (a copy of `request.LATENT_UPSCALE_MODES`).
 
 `upscale(image, name, scale)` follows A1111's `Upscaler.upscale` size rule: the destination is the scaled size
 rounded down to a multiple of 8, reached with the named filter.
@@ -21,17 +20,9 @@ from ..request import RequestError
 # name -> PIL.Image.Resampling member name; "None" does nothing
 UPSCALERS: dict[str, str | None] = {"None": None, "Lanczos": "LANCZOS", "Nearest": "NEAREST"}
 
-# A1111's `shared.latent_upscale_modes` (modules/shared_items / shared.py): name -> (mode, antialias)
-A1111_LATENT_UPSCALE_MODES: dict[str, tuple[str, bool]] = {
-    "Latent": ("bilinear", False),
-    "Latent (antialiased)": ("bilinear", True),
-    "Latent (bicubic)": ("bicubic", False),
-    "Latent (bicubic antialiased)": ("bicubic", True),
-    "Latent (nearest)": ("nearest", False),
-    "Latent (nearest-exact)": ("nearest-exact", False),
-}
-# The latent modes this server implements: hires fix's (issue 20, clipdiffusion.hires), whose one table is
-# request.LATENT_UPSCALE_MODES (the request checks hr_upscaler against it; the core cannot import server/).
+# The latent modes (A1111's `shared.latent_upscale_modes`: name -> (interpolate mode, antialias)), all implemented
+# by hires fix (clipdiffusion.hires); their one table is request.LATENT_UPSCALE_MODES, since the request checks
+# hr_upscaler against it and the core cannot import server/.
 LATENT_UPSCALE_MODES: dict[str, tuple[str, bool]] = dict(_REQUEST_LATENT_MODES)
 
 A1111_SCALE = 4  # A1111 lists its built-in upscalers (None, Lanczos, Nearest) with scale 4
@@ -58,10 +49,7 @@ def check_upscaler(name, field: str, *, latent: bool = False) -> str:
         for known in names:
             if known.lower() == name.lower():
                 return known
-    extra = ""
-    if latent and isinstance(name, str) and name in A1111_LATENT_UPSCALE_MODES:
-        extra = " (latent upscaling is not implemented on this server)"
-    raise RequestError(field, name, f"not an upscaler this server has{extra}; available: {', '.join(names)}")
+    raise RequestError(field, name, f"not an upscaler this server has; available: {', '.join(names)}")
 
 
 def target_size(width: int, height: int, scale: float) -> tuple[int, int]:
