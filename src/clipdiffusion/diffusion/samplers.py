@@ -19,7 +19,7 @@ import torch
 
 from ..errors import ClipDiffusionError
 from .denoiser import t_to_sigma
-from .samplers_noise import BrownianNoise, GeneratorNoise, row_seeds
+from .samplers_noise import BrownianNoise, GeneratorNoise, randn_like as _randn_like, row_seeds
 
 
 def _append_zero(sigmas: torch.Tensor) -> torch.Tensor:
@@ -147,15 +147,6 @@ def get_schedule(name: str):
 
 
 # ---- helpers -----------------------------------------------------------------------------------------------------
-
-def _randn_like(x: torch.Tensor, generator) -> torch.Tensor:
-    """Noise drawn on the CPU so that a seed means the same image on every device."""
-    if isinstance(generator, (list, tuple)):
-        if len(generator) != x.shape[0]:
-            raise ValueError(f"got {len(generator)} generators for a batch of {x.shape[0]}")
-        rows = [torch.randn((1, *x.shape[1:]), generator=g, dtype=x.dtype) for g in generator]
-        return torch.cat(rows).to(x.device)
-    return torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
 
 
 def _to_d(x, sigma, denoised):

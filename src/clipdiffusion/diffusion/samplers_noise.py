@@ -48,6 +48,17 @@ def _node_seed(seed: int, depth: int, index: int) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
+
+def randn_like(x: torch.Tensor, generator) -> torch.Tensor:
+    """Noise shaped like ``x``, drawn on the CPU so that a seed means the same image on every device; a list of
+    generators draws each batch row from its own."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != x.shape[0]:
+            raise ValueError(f"got {len(generator)} generators for a batch of {x.shape[0]}")
+        rows = [torch.randn((1, *x.shape[1:]), generator=g, dtype=x.dtype) for g in generator]
+        return torch.cat(rows).to(x.device)
+    return torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+
 class BrownianNoise:
     """A deterministic Brownian noise sampler: ``BrownianNoise(x, sigma_min, sigma_max, seeds)``, one path per row
     of ``x`` (``seeds`` has one int per row), called as ``noise(sigma, sigma_next)``. See the module docstring."""
@@ -122,10 +133,4 @@ class GeneratorNoise:
         self.generator = generator
 
     def __call__(self, sigma=None, sigma_next=None) -> torch.Tensor:
-        x, generator = self.x, self.generator
-        if isinstance(generator, (list, tuple)):
-            if len(generator) != x.shape[0]:
-                raise ValueError(f"got {len(generator)} generators for a batch of {x.shape[0]}")
-            rows = [torch.randn((1, *x.shape[1:]), generator=g, dtype=x.dtype) for g in generator]
-            return torch.cat(rows).to(x.device)
-        return torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+        return randn_like(self.x, self.generator)

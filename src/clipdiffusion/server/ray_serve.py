@@ -34,7 +34,7 @@ from ..batch import set_threads, shape_key
 from ..errors import ClipDiffusionError
 from ..ray_batch import import_ray
 from ..request import GenerationRequest
-from .worker import Worker, WorkerStopped
+from .worker import Worker
 
 import_ray()  # RAY_USAGE_STATS_ENABLED=0 and the loopback switch before ray is imported
 from ray import serve  # noqa: E402
@@ -159,13 +159,7 @@ class ConcurrentWorker(Worker):
             current = self._current
             if current is not None:
                 current.control.interrupt()
-        while True:
-            try:
-                job = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if job is not None and job.future.set_running_or_notify_cancel():
-                job.future.set_exception(WorkerStopped("server is shutting down; the job was not run"))
+        self._cancel_queued()
         for _ in self._threads:
             try:
                 self._queue.put_nowait(None)

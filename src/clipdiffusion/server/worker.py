@@ -115,6 +115,16 @@ class Worker:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    def _cancel_queued(self) -> None:
+        """Fail every job still queued with WorkerStopped (they never ran)."""
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None and job.future.set_running_or_notify_cancel():
+                job.future.set_exception(WorkerStopped("server is shutting down; the job was not run"))
+
     def stop(self, timeout: float | None = None) -> bool:
         """Cancel queued jobs, interrupt the running one, join the thread. True when the thread has ended."""
         with self._lock:
@@ -124,13 +134,7 @@ class Worker:
                 # Interrupt together with the flag: whoever sees `stopping` also sees the running job told to stop,
                 # so it cannot run on to its last step while the queue is being drained.
                 current.control.interrupt()
-        while True:
-            try:
-                job = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if job is not None and job.future.set_running_or_notify_cancel():
-                job.future.set_exception(WorkerStopped("server is shutting down; the job was not run"))
+        self._cancel_queued()
         if self._thread is None:
             return True
         try:
