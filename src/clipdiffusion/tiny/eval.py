@@ -58,6 +58,7 @@ class EvalReport:
     accuracy: dict = field(default_factory=dict)  # color, shape, position, size, binding, background, recall
     extra: float = 0.0
     failures: list = field(default_factory=list)  # (prompt, what the judge saw), first few
+    cases: list = field(default_factory=list)  # [objects, success 0/1, objects recalled] per prompt, in order
 
     def table(self) -> str:
         lines = ["| metric | value | n |", "|---|---|---|"]
@@ -70,7 +71,7 @@ class EvalReport:
 
     def as_dict(self) -> dict:
         return {"n": self.n, "success": self.success, "extra": self.extra,
-                "accuracy": {k: v[0] for k, v in self.accuracy.items()}}  # fmt: skip
+                "accuracy": {k: v[0] for k, v in self.accuracy.items()}, "cases": self.cases}  # fmt: skip
 
 
 def evaluate(pipe, cases: list[PromptCase], *, steps=20, guidance=7.0, sampler="euler", clip_skip=1,
@@ -128,6 +129,7 @@ def score(outcomes) -> EvalReport:
             bound = [ok for o, ok in zip(case.spec.objects, v.color_ok) if o.color in present]
             tally("binding", sum(bound), len(bound))
         extra += v.extra
+        report.cases.append([k, int(v.success), int(sum(v.objects_ok))])
         if not v.success and len(report.failures) < 10:
             saw = ", ".join(f"{o.size} {o.color} {o.shape} at {o.position}" for o in seen.objects) or "nothing"
             report.failures.append((case.prompt, f"{seen.background} background; {saw}"))
