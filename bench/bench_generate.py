@@ -11,9 +11,12 @@ this script writes once with ``checkpoints.save.save_diffusers``.
   reference is the equivalent diffusers script (``StableDiffusionPipeline.from_pretrained`` + ``__call__``), timed
   to its first ``callback_on_step_end``. The child is stopped there.
 
-Repetitions alternate ours / reference (other engineers load the same CPUs); medians are printed.
+Repetitions alternate ours / reference (other engineers load the same CPUs); medians are printed. ``--mmap`` adds
+a third side to the cold start, ours with ``generate --mmap`` (weights left as views of the file mapping),
+interleaved with the other two.
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/bench_generate.py --threads 2 --reps 1
+    OMP_NUM_THREADS=2 .venv/bin/python bench/bench_generate.py --size 512 --threads 2 --reps 3 --skip-memory --mmap
 """
 
 from __future__ import annotations
@@ -178,10 +181,10 @@ def time_to_marker(cmd, marker: bytes, threads: int) -> float:
 
 
 def run_cold(side, args, out_png) -> float:
-    if side == "ours":
+    if side in ("ours", "ours --mmap"):
         cmd = [sys.executable, "-m", "clipdiffusion", "generate", PROMPT, "--negative", NEGATIVE, "--model",
                str(args.folder), "--steps", "2", "--width", str(args.size), "--height", str(args.size), "--seed", "1",
-               "-o", str(out_png)]
+               "-o", str(out_png), *(["--mmap"] if side == "ours --mmap" else [])]
         return time_to_marker(cmd, b" 1/2 ", args.threads)
     cmd = [sys.executable, __file__, "--child", "cold-diffusers", "--folder", str(args.folder), "--size",
            str(args.size), "--threads", str(args.threads)]
@@ -198,6 +201,7 @@ def main():
     parser.add_argument("--reps", type=int, default=1)
     parser.add_argument("--skip-cold", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--mmap", action="store_true", help="also time the cold start of generate --mmap")
     args = parser.parse_args()
 
     if args.child == "prepare":
@@ -212,10 +216,11 @@ def main():
         subprocess.run([sys.executable, __file__, "--child", "prepare", "--folder", str(args.folder)], check=True,
                        env=_env(args.threads))
     mem = {"ours": [], "diffusers": []}
-    cold = {"ours": [], "diffusers": []}
+    cold = {"ours": [], "diffusers": [], "ours --mmap": []}
+    sides = ("ours", "diffusers", "ours --mmap") if args.mmap else ("ours", "diffusers")
     for rep in range(args.reps):
-        for side in ("ours", "diffusers") if rep % 2 == 0 else ("diffusers", "ours"):
-            if not args.skip_memory:
+        for side in sides[rep % len(sides):] + sides[:rep % len(sides)]:  # each side leads in turn
+            if not args.skip_memory and side in mem:
                 mem[side].append(run_memory(side, args))
                 print(f"rep {rep} {side} memory: {mem[side][-1]}", file=sys.stderr)
             if not args.skip_cold:
@@ -240,6 +245,11 @@ def main():
     if not args.skip_cold:
         a, b = statistics.median(cold["ours"]), statistics.median(cold["diffusers"])
         print(f"| cold start: command to first step | {a:.1f} s | {b:.1f} s | {a / b:.2f} |")
+        if args.mmap:
+            m = statistics.median(cold["ours --mmap"])
+            print(f"| cold start with generate --mmap | {m:.1f} s | {b:.1f} s | {m / b:.2f} |")
+        for side in sides:
+            print(f"cold start runs, {side}: {', '.join(f'{t:.1f}' for t in cold[side])} s")
 
 
 if __name__ == "__main__":

@@ -337,15 +337,16 @@ class Manifest:
 # -- running ---------------------------------------------------------------------------------------------------
 
 
-def load_pipeline(model=None, *, device="cpu", dtype="fp32"):
-    """The model of a job: a .safetensors file, a diffusers folder, or None for the embedded tiny model."""
+def load_pipeline(model=None, *, device="cpu", dtype="fp32", **options):
+    """The model of a job: a .safetensors file, a diffusers folder, or None for the embedded tiny model;
+    ``options``: ``devices.load_options`` (``mmap``)."""
     from .pipeline import Pipeline
 
     if model is None:
-        return Pipeline.default(device=device, dtype=dtype)
+        return Pipeline.default(device=device, dtype=dtype, **options)
     if Path(model).is_dir():
-        return Pipeline.from_pretrained(model, device=device, dtype=dtype)
-    return Pipeline.from_file(model, device=device, dtype=dtype)
+        return Pipeline.from_pretrained(model, device=device, dtype=dtype, **options)
+    return Pipeline.from_file(model, device=device, dtype=dtype, **options)
 
 
 def set_threads(threads: int) -> None:

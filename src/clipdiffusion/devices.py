@@ -239,13 +239,26 @@ def place_modules(placement: Placement, *, text_encoder=None, unet=None, vae=Non
 # ---- the command line (generate, serve, eval): the commands call these; the flags mean the same everywhere ------
 
 def add_arguments(parser) -> None:
-    """``--device`` and ``--dtype`` on an argparse parser (defaults cpu/fp32; validated by ``from_args``)."""
+    """``--device``, ``--dtype`` (defaults cpu/fp32; validated by ``from_args``) and the loading options
+    (``--mmap``: ``load_options``) on an argparse parser."""
     parser.add_argument("--device", default=DEFAULT_DEVICE, metavar="auto|cpu|cuda[:N]",
                         help="where the model runs (default %(default)s); auto: a CUDA GPU when there is one, "
                              "else the CPU")
     parser.add_argument("--dtype", default=DEFAULT_DTYPE, metavar="auto|fp32|bf16|fp16",
                         help="weights' precision (default %(default)s); auto: fp16 on a GPU (the SDXL VAE in bf16), "
                              "bf16 on a CPU with bf16 matrix units (AMX or AVX512-BF16; text encoder fp32), else fp32")
+    parser.add_argument("--mmap", action="store_true",
+                        help="map the model's .safetensors files instead of copying them (faster start, one copy in "
+                             "memory; only weights kept in their stored dtype on the CPU stay mapped; pickled "
+                             ".ckpt/.bin files are copied). Risk: the file must not change while the model is "
+                             "loaded: truncated, the process dies with SIGBUS; rewritten in place, the weights "
+                             "change. Mapped pages count toward RSS once touched")
+
+
+def load_options(args) -> dict:
+    """The model-loading keywords of parsed arguments for ``Pipeline.from_*`` (``--mmap``): only those that are
+    not the default, so a loader that predates them is called as before."""
+    return {"mmap": True} if getattr(args, "mmap", False) else {}
 
 
 def from_args(args) -> tuple[str, str]:

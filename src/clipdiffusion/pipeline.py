@@ -91,51 +91,79 @@ class Pipeline:
                    name=name, default_size=loaded.default_size)
 
     @classmethod
-    def _load_placed(cls, loader, source, name, prediction, text_encoder, device, dtype, load_options, vae=None):
+    def _load_placed(cls, loader, source, name, prediction, text_encoder, device, dtype, load_options, vae=None,
+                     mmap=False):  # fmt: skip
         """Load with ``loader`` and place the model (``devices.resolve(device, dtype, family=...)``). A placement
         that is one dtype the family cannot change loads straight onto the device in that dtype (cpu/fp32: as
         before placements existed); otherwise the stored weights load on the CPU and each component is cast and
-        moved once the family is known. ``dtype=None`` keeps the stored dtypes (the loaders' own meaning)."""
+        moved once the family is known. ``dtype=None`` keeps the stored dtypes (the loaders' own meaning).
+        ``mmap`` is the loaders' (``load_checkpoint``): what stays mapped is said in the notes."""
         from . import devices
 
         if dtype is None:
             plan = devices.resolve(device, devices.DEFAULT_DTYPE)
-            pipe = cls._from_loaded(loader(source, dtype=None, device=plan.device, **load_options), name, prediction)
+            loaded = loader(source, dtype=None, device=plan.device, mmap=mmap, **load_options)
+            pipe = cls._from_loaded(loaded, name, prediction)
         else:
             plan = devices.resolve(device, dtype)
             direct = plan.uniform and not devices.family_sensitive(plan)
             loaded = loader(source, dtype=plan.torch_dtype("unet") if direct else None,
-                            device=plan.device if direct else "cpu", **load_options)  # fmt: skip
+                            device=plan.device if direct else "cpu", mmap=mmap, **load_options)  # fmt: skip
             pipe = cls._from_loaded(loaded, name, prediction)
             pipe.place(device, dtype)
         if text_encoder is not None:
             pipe.replace_text_encoder(text_encoder)  # in the placed tower's dtype and device
         if vae is not None:
             pipe.replace_vae(vae)  # in the placed VAE's dtype and device
+        if mmap:
+            pipe.__dict__["_mmap_notes"] = pipe._mapping_notes(source, loaded.copied_pickles)
         return pipe
+
+    def _mapping_notes(self, source, copied=()) -> tuple:
+        """What ``mmap=True`` did: how many weights are views of ``source``'s files (``/proc/self/maps``), and
+        the pickles that were copied instead."""
+        from .checkpoints.safetensors_io import mapped_tensors
+
+        tensors = [t for module in (self.unet, self.vae, *(e.model for e in self.text_encoder.encoders))
+                   for t in (*module.parameters(), *module.buffers())]  # fmt: skip
+        found, label = mapped_tensors(tensors, source), Path(source).name
+        if found is None:
+            notes = [f"mmap: weights kept in their stored dtype on the CPU are views of {label}, not copies"]
+        elif found[0]:
+            notes = [f"mmap: {found[0]} of {len(tensors)} weight tensors ({found[1] / 2**30:.2f} GiB) are views of "
+                     f"{label}, not copies: a file rewritten or truncated while loaded changes them or stops the "
+                     f"process (SIGBUS)"]  # fmt: skip
+        else:
+            notes = ["mmap: no weight stayed mapped (each was cast or moved; only the stored dtype on the CPU maps)"]
+        notes += [f"mmap: {Path(f).name} is a pickle; only .safetensors files are mapped, so its weights were copied"
+                  for f in copied]  # fmt: skip
+        return tuple(notes)
 
     @classmethod
     def from_file(cls, path, *, prediction: str | None = None, text_encoder=None, device="cpu", dtype="fp32",
-                  vae=None, **load_options) -> "Pipeline":  # fmt: skip
+                  vae=None, mmap: bool = False, **load_options) -> "Pipeline":  # fmt: skip
         """A single-file checkpoint (.safetensors). ``prediction`` overrides what the loader detected;
         ``text_encoder`` (a file or folder) replaces its text tower (``replace_text_encoder``). ``device`` ("cpu",
         "cuda[:n]", "auto") and ``dtype`` ("fp32", "bf16", "fp16", "auto", or a torch dtype) place the model as
         ``place`` does (``devices.resolve``); the default is cpu/fp32. ``vae`` (a VAE file or folder) replaces
-        its VAE (``replace_vae``)."""
+        its VAE (``replace_vae``). ``mmap=True`` keeps the weights that need no cast or device move as views of
+        the ``.safetensors`` file (faster cold start, no second copy in memory; a pickle is copied, with a note):
+        the file must then stay as it is while the model is loaded (truncated: SIGBUS; rewritten in place: other
+        weights). Mapped pages count toward the process's RSS once touched."""
         from .checkpoints.load import load_checkpoint
 
         return cls._load_placed(load_checkpoint, path, Path(path).stem, prediction, text_encoder, device, dtype,
-                                load_options, vae=vae)  # fmt: skip
+                                load_options, vae=vae, mmap=mmap)  # fmt: skip
 
     @classmethod
     def from_pretrained(cls, folder, *, prediction: str | None = None, text_encoder=None, device="cpu",
-                        dtype="fp32", vae=None, **load_options) -> "Pipeline":  # fmt: skip
+                        dtype="fp32", vae=None, mmap: bool = False, **load_options) -> "Pipeline":  # fmt: skip
         """A diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/); ``text_encoder``,
-        ``device``, ``dtype`` and ``vae`` as in ``from_file``."""
+        ``device``, ``dtype``, ``vae`` and ``mmap`` as in ``from_file``."""
         from .checkpoints.load import load_diffusers
 
         return cls._load_placed(load_diffusers, folder, Path(folder).name, prediction, text_encoder, device, dtype,
-                                load_options, vae=vae)  # fmt: skip
+                                load_options, vae=vae, mmap=mmap)  # fmt: skip
 
     def place(self, device="auto", dtype="auto"):
         """Move the model to ``devices.resolve(device, dtype, family=<this family>)``: each component to the
@@ -619,6 +647,7 @@ class Pipeline:
 
         notes = prompt_notes(request)  # before any model work: a prompt the planner refuses fails here
         notes = self._placement_notes() + self._text_encoder_notes() + self._vae_notes() + notes
+        notes = tuple(self.__dict__.get("_mmap_notes", ())) + notes
         from .lora import request_loras
 
         wanted, lora_notes = request_loras(request, missing=missing_loras)

@@ -52,6 +52,7 @@ class RaySettings:
     model: str | None = None
     device: str = "cpu"
     dtype: str = "fp32"
+    options: tuple = ()  # devices.load_options items (mmap) for every actor's Pipeline.from_*
     num_cpus: int | None = None  # local only: CPUs the private instance offers (default: Ray's count)
     crash_marker: str | None = None  # tests only: the first actor call to create this file kills its process
 
@@ -199,9 +200,9 @@ class GenerateActor:
     """One loaded pipeline; ``__call__`` runs a batch of engine calls (rows) and returns one row per image: id,
     seed, file, png (bytes), sha256, batch, timings (JSON text)."""
 
-    def __init__(self, model=None, device="cpu", dtype="fp32", threads=1, crash_marker=None):
+    def __init__(self, model=None, device="cpu", dtype="fp32", threads=1, crash_marker=None, options=()):
         set_threads(threads)
-        self.pipe = load_pipeline(model, device=device, dtype=dtype)
+        self.pipe = load_pipeline(model, device=device, dtype=dtype, **dict(options))
         self.threads = threads
         self.crash_marker = crash_marker
 
@@ -239,7 +240,8 @@ def build_dataset(ray, plan: JobPlan, settings: RaySettings):
         num_gpus=gpus, zero_copy_batch=False,
         fn_constructor_kwargs={"model": settings.model, "device": settings.device if not gpus else "cuda",
                                "dtype": settings.dtype, "threads": settings.threads,
-                               "crash_marker": settings.crash_marker}), (actors, cpus, gpus)
+                               "crash_marker": settings.crash_marker, "options": settings.options}), \
+        (actors, cpus, gpus)
 
 
 def run_ray(plan: JobPlan, settings: RaySettings, *, progress: Progress | None = None, on_row=None) -> int:

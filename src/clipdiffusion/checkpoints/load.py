@@ -30,7 +30,7 @@ from .build import text_configs_from_metadata as _text_configs
 from .build import unet_config_for as _unet_config
 from .build import vae_config_for as _vae_config
 from .config_values import ConfigValueError, show
-from .safetensors_io import load_file, read_shapes
+from .safetensors_io import is_pickle_path, load_file, read_shapes
 from .text_encoders import text_encoders_from_diffusers, text_encoders_from_state_dict, text_weight_keys
 from .text_layouts import DIFFUSERS_TEXT_FOLDERS
 
@@ -48,6 +48,7 @@ class LoadedModel:
     ignored_keys: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
     source: str = ""
+    copied_pickles: tuple[str, ...] = ()  # with mmap=True: the pickled files that were copied, not mapped
 
     @property
     def default_size(self) -> int | None:
@@ -91,11 +92,20 @@ def check_placement(dtype, device):
         raise ClipDiffusionError(f"device must be a torch device such as 'cpu' or 'cuda:0', got {device!r}") from None
 
 
-def load_checkpoint(path, *, dtype=torch.float32, device="cpu", prediction=None) -> LoadedModel:
+def check_mmap(mmap) -> bool:
+    if not isinstance(mmap, bool):
+        raise ClipDiffusionError(f"mmap must be True or False, got {mmap!r}")
+    return mmap
+
+
+def load_checkpoint(path, *, dtype=torch.float32, device="cpu", prediction=None, mmap=False) -> LoadedModel:
     """Load an LDM/SGM single-file checkpoint (.safetensors, or a pickle through the weights-only unpickler).
 
-    ``dtype=None`` keeps each tensor's stored dtype (mixed-dtype files stay mixed)."""
+    ``dtype=None`` keeps each tensor's stored dtype (mixed-dtype files stay mixed). ``mmap=True`` leaves the
+    weights of a ``.safetensors`` file as views of the file mapping where no cast or device move is asked
+    (``load_file(copy=False)``: see its risks); a pickle is copied as without it (``copied_pickles`` names it)."""
     dtype, device = check_placement(dtype, device)
+    mmap = check_mmap(mmap)
     path = Path(path)
     source = str(path)
     if path.is_dir():
@@ -131,7 +141,9 @@ def load_checkpoint(path, *, dtype=torch.float32, device="cpu", prediction=None)
         raise CheckpointError(path, f"{fam.name} checkpoint does not match: " + "; ".join(problems))
 
     # cast and place while copying out of the file mapping: peak memory is the loaded model, not twice it
-    tensors = load_file(path, keys=unet_keys + vae_keys + text_keys, dtype=dtype, device=device)
+    pickled = mmap and is_pickle_path(path)
+    tensors = load_file(path, keys=unet_keys + vae_keys + text_keys, dtype=dtype, device=device,
+                        copy=not mmap or pickled)  # fmt: skip
     text = text_encoders_from_state_dict({k: tensors[k] for k in text_keys}, family=fam.record,
                                          configs=text_configs, configs_from=f"metadata {detect.META_TEXT}",
                                          source=source, dtype=dtype, device=device)  # fmt: skip
@@ -147,6 +159,7 @@ def load_checkpoint(path, *, dtype=torch.float32, device="cpu", prediction=None)
         family=fam.name, prediction=fam.prediction, text_encoder=text_encoder, unet=unet, vae=vae,
         unet_config=unet_config, vae_config=vae_config, metadata=dict(metadata),
         ignored_keys=tuple(sorted(set(ignored) | set(text_ignored))), notes=fam.notes, source=source,
+        copied_pickles=(source,) if pickled else (),
     )  # fmt: skip
 
 
@@ -210,16 +223,21 @@ def component_weights(folder: Path, stem: str, variant: str | None = None) -> li
     raise CheckpointError(folder, f"no {stem}.safetensors, {stem}.safetensors.index.json or .bin weights{hint}")
 
 
-def load_component_files(files, *, dtype=None, device="cpu") -> dict:
+def load_component_files(files, *, dtype=None, device="cpu", mmap=False, copied=None) -> dict:
     """Every tensor of one component's files. Weights stored as integers or bools are refused from each file's
-    header, before its data is read; ignorable buffers (``position_ids``, detect.is_ignored_key) may be integers."""
+    header, before its data is read; ignorable buffers (``position_ids``, detect.is_ignored_key) may be integers.
+    ``mmap=True`` maps ``.safetensors`` files (``load_file(copy=False)``); pickles are copied and appended to the
+    list ``copied``."""
     tensors = {}
     for f in files:
         _, dtypes, _ = read_shapes(f)
         problems = _integer_weights(dtypes, [k for k in dtypes if not detect.is_ignored_key(k)])
         if problems:
             raise CheckpointError(f, problems[0])
-        part = load_file(f, dtype=dtype, device=device)
+        pickled = is_pickle_path(f)
+        if mmap and pickled and copied is not None:
+            copied.append(str(f))
+        part = load_file(f, dtype=dtype, device=device, copy=not mmap or pickled)
         dup = sorted(set(part) & set(tensors))
         if dup:
             raise CheckpointError(f, f"keys repeated across shards: {dup[:5]}")
@@ -267,10 +285,11 @@ def diffusers_prediction(folder, family, override):
     return get_family(family).default_prediction, (note,)
 
 
-def _diffusers_text_encoder(folder, family, configs, variant, *, dtype, device):
+def _diffusers_text_encoder(folder, family, configs, variant, *, dtype, device, mmap=False, copied=None):
     """The text_encoder*/ folders, each read in its own (transformers) layout with its config.json, then the
     family's recipes: no conversion to a single-file layout and back."""
-    folders = [(sub, load_component_files(component_weights(folder / sub, "model", variant)))
+    folders = [(sub, load_component_files(component_weights(folder / sub, "model", variant), mmap=mmap,
+                                          copied=copied))
                for sub in DIFFUSERS_TEXT_FOLDERS[:len(configs)]]  # fmt: skip
     text = text_encoders_from_diffusers(family, folders, configs, source=str(folder), dtype=dtype, device=device)
     return TextEncoder(text.family, text.encoders), tuple(text.ignored)
@@ -307,9 +326,13 @@ def _text_configs_from_diffusers(folder, family):
     return configs
 
 
-def load_diffusers(folder, *, dtype=torch.float32, device="cpu", prediction=None, variant=None) -> LoadedModel:
-    """Load a diffusers pipeline folder (model_index.json, unet/, vae/, text_encoder/[, text_encoder_2/])."""
+def load_diffusers(folder, *, dtype=torch.float32, device="cpu", prediction=None, variant=None,
+                   mmap=False) -> LoadedModel:  # fmt: skip
+    """Load a diffusers pipeline folder (model_index.json, unet/, vae/, text_encoder/[, text_encoder_2/]);
+    ``mmap`` as in ``load_checkpoint`` (legacy ``.bin`` weights are copied)."""
     dtype, device = check_placement(dtype, device)
+    mmap = check_mmap(mmap)
+    copied: list[str] = []
     from ..diffusion.unet import UNetModel
     from ..diffusion.vae import AutoencoderKL
     from .diffusers_unet import unet_config_from_diffusers, unet_default_size, unet_diffusers_to_ldm
@@ -350,7 +373,7 @@ def load_diffusers(folder, *, dtype=torch.float32, device="cpu", prediction=None
                                        ("vae", AutoencoderKL, vae_config, vae_diffusers_to_ldm)):  # fmt: skip
         metas[name] = cls(config, device="meta")
         raw = load_component_files(component_weights(folder / name, "diffusion_pytorch_model", variant),
-                                   dtype=dtype, device=device)  # fmt: skip
+                                   dtype=dtype, device=device, mmap=mmap, copied=copied)  # fmt: skip
         try:
             ldm = convert(raw, config, source=str(folder / name))
         except CheckpointError as exc:
@@ -362,7 +385,7 @@ def load_diffusers(folder, *, dtype=torch.float32, device="cpu", prediction=None
     if problems:
         raise CheckpointError(folder, f"{family} diffusers folder does not match: " + "; ".join(problems))
     text_encoder, text_ignored = _diffusers_text_encoder(folder, family, text_configs, variant, dtype=dtype,
-                                                         device=device)  # fmt: skip
+                                                         device=device, mmap=mmap, copied=copied)  # fmt: skip
     check_sdxl_vector(family, unet_config, text_encoder, folder / "unet" / "config.json", "addition_time_embed_dim")
     notes = tuple(notes) + tokenizer_pad_notes(folder, family, text_encoder.encoders)
     unet = build_module(UNetModel, unet_config, parts["unet"], dtype=dtype, device=device, model=metas["unet"])
@@ -370,4 +393,5 @@ def load_diffusers(folder, *, dtype=torch.float32, device="cpu", prediction=None
     return LoadedModel(
         family=family, prediction=pred, text_encoder=text_encoder, unet=unet, vae=vae, unet_config=unet_config,
         vae_config=vae_config, metadata=metadata, ignored_keys=tuple(text_ignored), notes=notes, source=str(folder),
+        copied_pickles=tuple(copied),
     )  # fmt: skip

@@ -227,7 +227,11 @@ def load_file(path, *, dtype=None, device="cpu", keys=None, copy=True) -> dict:
     ``copy=True`` (the default) reads each tensor's bytes into memory of its own: nothing stays tied to the
     file, so a file truncated or rewritten later can neither change the weights nor crash the process with
     SIGBUS (checkpoints.md §8.4 item 9), and mapped file pages never add to the peak. ``copy=False`` keeps
-    the safetensors library's zero-copy mapping for callers that own the file.
+    the safetensors library's zero-copy mapping (a private, copy-on-write ``mmap``) for callers that own the file:
+    a tensor stays a view of the file where no cast or device move was asked (those copy), so a file truncated
+    while mapped kills the process with SIGBUS when a page is touched, and one rewritten in place may change the
+    weights. Pickles are mapped by ``torch.load(mmap=True)`` in that case (loaders that promise "safetensors
+    only" pass ``copy=True`` for them).
     """
     if is_pickle_path(path):
         tensors = load_pickle(path)
@@ -249,6 +253,48 @@ def load_file(path, *, dtype=None, device="cpu", keys=None, copy=True) -> dict:
     except Exception as exc:  # the file changed after validation, or the mapping failed
         raise CheckpointError(path, f"cannot load tensors: {str(exc)[:200]}") from None
     return out
+
+
+def file_mappings(root) -> list[tuple[int, int]] | None:
+    """Address ranges [start, end) that this process maps from ``root`` (a file, or any file under a folder), from
+    ``/proc/self/maps``; None where the system does not tell (no procfs)."""
+    root = os.path.realpath(root)
+    try:
+        with open("/proc/self/maps") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    ranges = []
+    for line in lines:
+        parts = line.split(None, 5)
+        if len(parts) < 6:
+            continue
+        name = parts[5].strip()
+        if name == root or name.startswith(root.rstrip(os.sep) + os.sep):
+            start, end = (int(x, 16) for x in parts[0].split("-"))
+            ranges.append((start, end))
+    return sorted(ranges)
+
+
+def mapped_tensors(tensors, root) -> tuple[int, int] | None:
+    """(count, bytes) of ``tensors`` whose memory lies in a mapping of ``root`` (``file_mappings``): views of the
+    file, not copies. None where the system does not tell."""
+    import bisect
+
+    ranges = file_mappings(root)
+    if ranges is None:
+        return None
+    starts = [start for start, _ in ranges]
+    count = nbytes = 0
+    for tensor in tensors:
+        if tensor.device.type != "cpu" or tensor.numel() == 0:
+            continue
+        ptr = tensor.data_ptr()
+        i = bisect.bisect_right(starts, ptr) - 1
+        if i >= 0 and ptr < ranges[i][1]:
+            count += 1
+            nbytes += tensor.numel() * tensor.element_size()
+    return count, nbytes
 
 
 def _read_tensors(path, header: Header, names, dtype, device) -> dict:

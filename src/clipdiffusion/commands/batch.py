@@ -93,7 +93,7 @@ def out_folder(path) -> Path:
 
 def run(args) -> int:
     from ..batch import Progress, prepare
-    from ..devices import from_args
+    from ..devices import from_args, load_options
 
     if isinstance(args.threads, bool) or not 1 <= args.threads <= 256:
         raise ClipDiffusionError(f"--threads {args.threads!r}: must be in [1, 256]")
@@ -114,12 +114,13 @@ def run(args) -> int:
         from ..ray_batch import RaySettings, run_ray
 
         settings = RaySettings(address=args.ray, actors=args.actors, cpus_per_actor=args.cpus_per_actor,
-                               threads=args.threads, model=args.model, device=device, dtype=dtype)
+                               threads=args.threads, model=args.model, device=device, dtype=dtype,
+                               options=tuple(load_options(args).items()))
         written = run_ray(plan, settings, progress=progress)
     else:
         from ..batch import load_pipeline, run_local
 
-        pipe = load_pipeline(args.model, device=device, dtype=dtype)
+        pipe = load_pipeline(args.model, device=device, dtype=dtype, **load_options(args))
         written = run_local(pipe, plan, threads=args.threads, progress=progress)
     print(f"{written} images written to {out}", file=sys.stderr)
     return 0

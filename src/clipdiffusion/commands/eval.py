@@ -53,13 +53,13 @@ def _load(args):
         return GroundTruthPipeline(tokenizer=CLIPTokenizer())
     if args.reference == "noise":
         return NoisePipeline()
-    from ..devices import from_args
+    from ..devices import from_args, load_options
     from ..pipeline import Pipeline
 
     device, dtype = from_args(args)
     if args.model:
-        return Pipeline.from_file(args.model, device=device, dtype=dtype)
-    return Pipeline.default(device=device, dtype=dtype)
+        return Pipeline.from_file(args.model, device=device, dtype=dtype, **load_options(args))
+    return Pipeline.default(device=device, dtype=dtype, **load_options(args))
 
 
 def _tokenizer(pipe):

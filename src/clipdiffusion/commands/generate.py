@@ -185,10 +185,11 @@ def parse_lora_args(items) -> tuple:
     return tuple(out)
 
 
-def load_pipeline(model, prediction=None, text_encoder=None, *, device="cpu", dtype="fp32", vae=None):
+def load_pipeline(model, prediction=None, text_encoder=None, *, device="cpu", dtype="fp32", vae=None, **options):
+    """``options``: ``devices.load_options`` (``mmap``)."""
     from ..pipeline import Pipeline
 
-    place = {"device": device, "dtype": dtype, "vae": vae}
+    place = {"device": device, "dtype": dtype, "vae": vae, **options}
     if model is None:
         pipe = Pipeline.default(text_encoder=text_encoder, **place)
         if prediction is not None:
@@ -300,7 +301,7 @@ def run(args) -> int:
         raise ClipDiffusionError(f"--mask {mask!r}: inpainting needs --init-image")
     mask = read_init_image(mask, "mask") if mask is not None else None
     request = build_request(args, init_image, mask)
-    from ..devices import from_args
+    from ..devices import from_args, load_options
 
     device, dtype = from_args(args)  # checked before the model loads
     lora_dirs = getattr(args, "loras", None) or ()
@@ -317,7 +318,8 @@ def run(args) -> int:
     vae = getattr(args, "vae", None)
     if vae is not None and not Path(vae).exists():
         raise ClipDiffusionError(f"--vae {vae!r}: no such file or folder")
-    pipe = load_pipeline(args.model, args.prediction, args.text_encoder, device=device, dtype=dtype, vae=vae)
+    pipe = load_pipeline(args.model, args.prediction, args.text_encoder, device=device, dtype=dtype, vae=vae,
+                         **load_options(args))  # fmt: skip
     if embeddings is not None:
         from ..checkpoints.embeddings import describe_report
 
