@@ -2,8 +2,8 @@
 model replicas (``pip install clipdiffusion[ray]``).
 
 - ``Ingress``: ``@serve.ingress`` with the app built on the replica (``__serve_build_asgi_app__``). Its pipeline
-  factory gives ``RemotePipeline`` proxies instead of models, and its worker is a ``ConcurrentWorker`` (the app's
-  ``Worker`` with several threads), so requests reach the model replicas in parallel; every route, its
+  factory gives ``RemotePipeline`` proxies instead of models, and its worker is the app's ``Worker`` with several
+  threads (``Worker(..., threads=n)``), so requests reach the model replicas in parallel; every route, its
   validation, its 422/500 answers and the app's bounded queue (503) are unchanged. Ray Serve adds its own
   backpressure in front (``max_ongoing_requests``/``max_queued_requests``: 503 when both are full).
 - ``ModelReplica`` (``replicas`` of them, fractional CPUs, one GPU each when there are GPUs): the models, loaded on
@@ -26,7 +26,6 @@ import asyncio
 import dataclasses
 import io
 import json
-import queue
 import threading
 from typing import Any
 
@@ -118,62 +117,20 @@ class RemotePipeline:
 
 
 class RemoteFactory:
-    """The ingress's pipeline factory: model name -> ``RemotePipeline`` on the model deployment ``handle``."""
+    """The ingress's pipeline factory: model name -> ``RemotePipeline`` on the model deployment ``handle``, one per
+    model, kept (a proxy holds no weights), so the worker's threads switching models cost one ``describe`` call
+    per model, not one per switch."""
 
     def __init__(self, handle):
         self.handle = handle
+        self._proxies: dict[str, RemotePipeline] = {}
+        self._lock = threading.Lock()
 
     def __call__(self, model: str) -> RemotePipeline:
-        info = self.handle.options(multiplexed_model_id=model).describe.remote().result()
-        return RemotePipeline(model, self.handle, info)
-
-
-class ConcurrentWorker(Worker):
-    """The app's ``Worker`` with ``threads`` threads: jobs are proxies that wait on model replicas, so several run
-    at once. The bounded queue (``QueueFull`` -> 503) and ``stop`` behave as the one-thread worker's."""
-
-    def __init__(self, pipeline_factory, queue_size: int = 8, shutdown_timeout: float = 10.0, threads: int = 4):
-        super().__init__(pipeline_factory, queue_size, shutdown_timeout)
-        self._threads: list[threading.Thread] = []
-        self._count = threads
-        self._proxies: dict[str, Any] = {}
-        self._proxy_lock = threading.Lock()
-
-    def start(self):
         with self._lock:
-            if not self._threads:
-                self._threads = [threading.Thread(target=self._loop, name=f"clipdiffusion-worker-{i}", daemon=True)
-                                 for i in range(self._count)]
-                for thread in self._threads:
-                    thread.start()
-                self._thread = self._threads[0]
-        return self
-
-    @property
-    def alive(self) -> bool:
-        return any(t.is_alive() for t in self._threads)
-
-    def stop(self, timeout=None) -> bool:
-        with self._lock:
-            self._stopping = True
-            current = self._current
-            if current is not None:
-                current.control.interrupt()
-        self._cancel_queued()
-        for _ in self._threads:
-            try:
-                self._queue.put_nowait(None)
-            except queue.Full:
-                break
-        for thread in self._threads:
-            thread.join(self._shutdown_timeout if timeout is None else timeout)
-        return not self.alive
-
-    def _pipeline_for(self, model: str):
-        with self._proxy_lock:
             if model not in self._proxies:
-                self._proxies[model] = self._factory(model)
-            self._model = model
+                info = self.handle.options(multiplexed_model_id=model).describe.remote().result()
+                self._proxies[model] = RemotePipeline(model, self.handle, info)
             return self._proxies[model]
 
 
@@ -306,8 +263,9 @@ def deployments(settings, pipeline_factory, *, replicas: int = 2, cpus_per_repli
 
             factory = RemoteFactory(self.model_handle)
             app = create_app(factory, settings)
-            app.state.server.worker = ConcurrentWorker(factory, settings.queue_size, settings.shutdown_timeout,
-                                                       threads=max(2, replicas * max_batch))
+            # jobs are proxies that wait on the replicas, so several run at once (enough to fill every batch)
+            app.state.server.worker = Worker(factory, settings.queue_size, settings.shutdown_timeout,
+                                             threads=max(2, replicas * max_batch))
             return app
 
     ingress = serve.deployment(

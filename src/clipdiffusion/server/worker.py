@@ -8,6 +8,11 @@ unbounded latency or memory. A job that raises fails only its own future; the wo
 Interrupting sets the running job's stop flag, which the pipeline polls through `should_stop` between sampler
 steps. Stopping the worker cancels every queued job (their futures raise `WorkerStopped`), interrupts the
 running one and joins the thread.
+
+`Worker(..., threads=n)` runs up to n jobs at once from the same bounded queue, for pipelines that are cheap proxies
+safe to share between threads (`serve --ray`'s ingress, whose jobs wait on model replicas); the in-process server
+keeps the default of one thread, so one model runs one job at a time. With several threads, `snapshot` and
+`interrupt` see the most recently started job, and `stop` interrupts that one, cancels the queue and joins them all.
 """
 
 from __future__ import annotations
@@ -86,12 +91,17 @@ class Job:
 
 
 class Worker:
-    def __init__(self, pipeline_factory: Callable[[str], Any], queue_size: int = 8, shutdown_timeout: float = 10.0):
+    def __init__(self, pipeline_factory: Callable[[str], Any], queue_size: int = 8, shutdown_timeout: float = 10.0,
+                 threads: int = 1):
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ValueError(f"threads {threads!r}: must be an integer >= 1")
         self._factory = pipeline_factory
+        self._thread_count = threads
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self._shutdown_timeout = shutdown_timeout
         self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
+        self._pipeline_lock = threading.Lock()
         self._stopping = False
         self._current: Job | None = None
         self._pipeline = None
@@ -102,9 +112,12 @@ class Worker:
     # -- lifecycle ------------------------------------------------------------------------------------------
     def start(self) -> "Worker":
         with self._lock:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name="clipdiffusion-worker", daemon=True)
-                self._thread.start()
+            if not self._threads:
+                self._threads = [threading.Thread(target=self._loop, daemon=True,
+                                                  name="clipdiffusion-worker" + (f"-{i}" if i else ""))
+                                 for i in range(self._thread_count)]
+                for thread in self._threads:
+                    thread.start()
         return self
 
     @property
@@ -113,7 +126,7 @@ class Worker:
 
     @property
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return any(thread.is_alive() for thread in self._threads)
 
     def _cancel_queued(self) -> None:
         """Fail every job still queued with WorkerStopped (they never ran)."""
@@ -126,7 +139,7 @@ class Worker:
                 job.future.set_exception(WorkerStopped("server is shutting down; the job was not run"))
 
     def stop(self, timeout: float | None = None) -> bool:
-        """Cancel queued jobs, interrupt the running one, join the thread. True when the thread has ended."""
+        """Cancel queued jobs, interrupt the running one, join the threads. True when they have all ended."""
         with self._lock:
             self._stopping = True
             current = self._current
@@ -135,14 +148,15 @@ class Worker:
                 # so it cannot run on to its last step while the queue is being drained.
                 current.control.interrupt()
         self._cancel_queued()
-        if self._thread is None:
-            return True
-        try:
-            self._queue.put_nowait(None)
-        except queue.Full:  # a submit raced the drain; the loop also exits on _stopping
-            pass
-        self._thread.join(self._shutdown_timeout if timeout is None else timeout)
-        return not self._thread.is_alive()
+        for _ in self._threads:  # one wake-up per thread
+            try:
+                self._queue.put_nowait(None)
+            except queue.Full:  # a submit raced the drain; the loop also exits on _stopping
+                break
+        end = time.monotonic() + (self._shutdown_timeout if timeout is None else timeout)
+        for thread in self._threads:
+            thread.join(max(0.0, end - time.monotonic()))
+        return not self.alive
 
     # -- client side ----------------------------------------------------------------------------------------
     def submit(self, job: Job) -> concurrent.futures.Future:
@@ -196,14 +210,17 @@ class Worker:
                 self.completed += 1
                 job.future.set_result(result)
             finally:
-                self._current = None
+                with self._lock:
+                    if self._current is job:  # another thread's job may have started since
+                        self._current = None
             if self._stopping:
                 return
 
     def _pipeline_for(self, model: str):
-        if self._pipeline is None or self._model != model:
-            # Drop the old model before loading the next, so two never sit in memory together.
-            self._pipeline, self._model = None, None
-            self._pipeline = self._factory(model)
-            self._model = model
-        return self._pipeline
+        with self._pipeline_lock:
+            if self._pipeline is None or self._model != model:
+                # Drop the old model before loading the next, so two never sit in memory together.
+                self._pipeline, self._model = None, None
+                self._pipeline = self._factory(model)
+                self._model = model
+            return self._pipeline
