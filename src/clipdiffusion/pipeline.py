@@ -92,7 +92,7 @@ class Pipeline:
 
     @classmethod
     def _load_placed(cls, loader, source, name, prediction, text_encoder, device, dtype, load_options, vae=None,
-                     mmap=False):  # fmt: skip
+                     mmap=False, compile=False):  # fmt: skip
         """Load with ``loader`` and place the model (``devices.resolve(device, dtype, family=...)``). A placement
         that is one dtype the family cannot change loads straight onto the device in that dtype (cpu/fp32: as
         before placements existed); otherwise the stored weights load on the CPU and each component is cast and
@@ -117,6 +117,8 @@ class Pipeline:
             pipe.replace_vae(vae)  # in the placed VAE's dtype and device
         if mmap:
             pipe.__dict__["_mmap_notes"] = pipe._mapping_notes(source, loaded.copied_pickles)
+        if compile:
+            pipe.compile(compile)
         return pipe
 
     def _mapping_notes(self, source, copied=()) -> tuple:
@@ -141,7 +143,7 @@ class Pipeline:
 
     @classmethod
     def from_file(cls, path, *, prediction: str | None = None, text_encoder=None, device="cpu", dtype="fp32",
-                  vae=None, mmap: bool = False, **load_options) -> "Pipeline":  # fmt: skip
+                  vae=None, mmap: bool = False, compile=False, **load_options) -> "Pipeline":  # fmt: skip
         """A single-file checkpoint (.safetensors). ``prediction`` overrides what the loader detected;
         ``text_encoder`` (a file or folder) replaces its text tower (``replace_text_encoder``). ``device`` ("cpu",
         "cuda[:n]", "auto") and ``dtype`` ("fp32", "bf16", "fp16", "auto", or a torch dtype) place the model as
@@ -149,21 +151,23 @@ class Pipeline:
         its VAE (``replace_vae``). ``mmap=True`` keeps the weights that need no cast or device move as views of
         the ``.safetensors`` file (faster cold start, no second copy in memory; a pickle is copied, with a note):
         the file must then stay as it is while the model is loaded (truncated: SIGBUS; rewritten in place: other
-        weights). Mapped pages count toward the process's RSS once touched."""
+        weights). Mapped pages count toward the process's RSS once touched. ``compile`` ("unet", "unet+vae", True
+        = "unet") calls ``compile`` once loaded."""
         from .checkpoints.load import load_checkpoint
 
         return cls._load_placed(load_checkpoint, path, Path(path).stem, prediction, text_encoder, device, dtype,
-                                load_options, vae=vae, mmap=mmap)  # fmt: skip
+                                load_options, vae=vae, mmap=mmap, compile=compile)  # fmt: skip
 
     @classmethod
     def from_pretrained(cls, folder, *, prediction: str | None = None, text_encoder=None, device="cpu",
-                        dtype="fp32", vae=None, mmap: bool = False, **load_options) -> "Pipeline":  # fmt: skip
+                        dtype="fp32", vae=None, mmap: bool = False, compile=False,
+                        **load_options) -> "Pipeline":  # fmt: skip
         """A diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/); ``text_encoder``,
-        ``device``, ``dtype``, ``vae`` and ``mmap`` as in ``from_file``."""
+        ``device``, ``dtype``, ``vae``, ``mmap`` and ``compile`` as in ``from_file``."""
         from .checkpoints.load import load_diffusers
 
         return cls._load_placed(load_diffusers, folder, Path(folder).name, prediction, text_encoder, device, dtype,
-                                load_options, vae=vae, mmap=mmap)  # fmt: skip
+                                load_options, vae=vae, mmap=mmap, compile=compile)  # fmt: skip
 
     def place(self, device="auto", dtype="auto"):
         """Move the model to ``devices.resolve(device, dtype, family=<this family>)``: each component to the
@@ -177,6 +181,47 @@ class Pipeline:
         place_modules(placement, text_encoder=self.text_encoder, unet=self.unet, vae=self.vae)
         self.placement = placement
         return placement
+
+    # ---- torch.compile (diffusion/compiled.py) ------------------------------------------------------------------
+
+    def compile(self, targets="unet", *, backend: str = "inductor", mode=None) -> str:
+        """Run the UNet's forward (``"unet"``, also ``True``), the VAE decoder (``"vae"``) or both (``"unet+vae"``)
+        through ``torch.compile`` (inductor, static shapes); ``"off"``/``False`` goes back to eager. The first call
+        of each shape compiles (minutes on a CPU for SD 1.5: an opt-in for long-running processes), later calls of
+        that shape reuse the graph; a failed compilation runs eagerly with a note. Images equal the eager ones to
+        float rounding (``tests/test_compile.py``). Returns the targets' name."""
+        from .diffusion.compiled import check_targets
+
+        targets = check_targets(targets)
+        self.__dict__["_compile"] = (targets, backend, mode)
+        self._apply_compile()
+        return targets
+
+    def _apply_compile(self) -> None:
+        """(Re)route the current modules as ``compile`` asked (a replaced VAE is compiled too); idempotent."""
+        from .diffusion.compiled import METHODS, TARGETS, compile_module, uncompile
+
+        targets, backend, mode = self.__dict__.get("_compile", ("off", None, None))
+        for name, method in METHODS.items():
+            module = getattr(self, name)
+            if name in TARGETS[targets]:
+                compile_module(module, method, "UNet" if name == "unet" else "VAE decoder", backend=backend,
+                               mode=mode)  # fmt: skip
+            else:
+                uncompile(module, method)
+
+    def _compile_notes(self) -> tuple:
+        from .diffusion.compiled import METHODS, TARGETS, compiled_call
+
+        targets, backend, _ = self.__dict__.get("_compile", ("off", None, None))
+        notes = []
+        for name in TARGETS[targets]:
+            call = compiled_call(getattr(self, name), METHODS[name])
+            if call is not None and call.error is not None:
+                notes.append(f"compile: the {call.label} runs eagerly: torch.compile failed ({call.error})")
+            elif call is not None:
+                notes.append(f"compile: the {call.label} runs through torch.compile ({backend}, static shapes)")
+        return tuple(notes)
 
     def _placement_notes(self) -> tuple:
         placement = self.__dict__.get("placement")  # subclasses that skip __init__ (test stand-ins) have none
@@ -648,6 +693,8 @@ class Pipeline:
         notes = prompt_notes(request)  # before any model work: a prompt the planner refuses fails here
         notes = self._placement_notes() + self._text_encoder_notes() + self._vae_notes() + notes
         notes = tuple(self.__dict__.get("_mmap_notes", ())) + notes
+        if "_compile" in self.__dict__:
+            self._apply_compile()
         from .lora import request_loras
 
         wanted, lora_notes = request_loras(request, missing=missing_loras)
@@ -663,6 +710,8 @@ class Pipeline:
                 results.append(hires.generate(self, one, callback, should_stop))
             else:
                 results.append(self._generate(one, callback, should_stop))
+        if "_compile" in self.__dict__:
+            notes = notes + self._compile_notes()  # after the calls: a failed compilation is known by now
         if len(results) == 1:
             return dataclasses.replace(results[0], notes=notes + tuple(results[0].notes),
                                        infotexts=self._lora_infotexts(results[0].infotexts))

@@ -84,9 +84,10 @@ def run(args) -> int:
         lengths = tuple(int(v) for v in args.lengths.split(","))
     except ValueError:
         raise ClipDiffusionError(f"lengths: {args.lengths!r} is not a comma list of integers") from None
-    from ..devices import from_args
+    from ..devices import from_args, load_options
 
     from_args(args)  # --device/--dtype checked before the report folder is made
+    load_options(args)  # --compile too
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     from .. import fast_options

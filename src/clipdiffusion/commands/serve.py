@@ -107,7 +107,7 @@ def build_settings(args: argparse.Namespace) -> ServerSettings:
     for folder in vae_dirs:
         if not os.path.isdir(folder):
             raise ClipDiffusionError(f"--vae-dir {folder!r}: no such folder")
-    from ..devices import from_args
+    from ..devices import from_args, load_options
 
     device, dtype = from_args(args)
     host = args.host or ("0.0.0.0" if args.listen else _DEFAULTS.host)
@@ -122,7 +122,7 @@ def build_settings(args: argparse.Namespace) -> ServerSettings:
         text_encoder=os.path.abspath(text_encoder) if text_encoder is not None else None,
         text_positions=_text_positions(text_encoder),
         embeddings_dir=os.path.abspath(embeddings) if embeddings is not None else None, device=device, dtype=dtype,
-        mmap=bool(getattr(args, "mmap", False)),
+        mmap=bool(getattr(args, "mmap", False)), compile=load_options(args).get("compile", "off"),
         styles_files=styles_files, save_dir=os.path.abspath(save_dir) if save_dir is not None else None,
         vae=os.path.abspath(vae) if vae is not None else None, vae_dirs=vae_dirs)
 
@@ -146,7 +146,8 @@ def pipeline_factory(settings: ServerSettings):
         if entry is None:  # the app validates names first; this guards the factory on its own
             raise ClipDiffusionError(f"model {name!r} is not listed")
         te = settings.text_encoder
-        place = {"device": settings.device, "dtype": settings.dtype, "mmap": settings.mmap}
+        place = {"device": settings.device, "dtype": settings.dtype, "mmap": settings.mmap,
+                 "compile": settings.compile}
         if entry.source is None:
             return Pipeline.default(text_encoder=te, **place)
         if os.path.isdir(entry.source):

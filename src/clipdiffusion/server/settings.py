@@ -75,6 +75,8 @@ class ServerSettings:
     dtype: str = "fp32"
     # --mmap: every model's .safetensors weights stay mapped (Pipeline.from_*(mmap=True); the risk is in its help).
     mmap: bool = False
+    # --compile: torch.compile for every model's UNet and/or VAE decoder (Pipeline.compile; "off" by default).
+    compile: str = "off"
     # Separate VAE files (A1111's --vae-path and --vae-dir): `vae` is what the sd_vae option "Automatic" means (else
     # a <checkpoint stem>.vae.* file beside the checkpoint, else its own VAE); GET /sdapi/v1/sd-vae lists it and
     # every VAE file of `vae_dirs` (POST /sdapi/v1/refresh-vae rescans); clients name files, never paths.
