@@ -60,6 +60,9 @@ def add_arguments(parser):
                      help="model actors (default: one per GPU, else 1)")
     ray.add_argument("--cpus-per-actor", type=float, default=None,
                      help="CPUs reserved per actor (default: fractional, sized to what the cluster has free)")
+    ray.add_argument("--max-attempts", type=int, default=3,
+                     help="tries of an engine call whose actor dies (default 3); then the job stops, naming the "
+                          "request, and keeps what it wrote")
 
 
 def shared_options(args) -> dict:
@@ -111,11 +114,12 @@ def run(args) -> int:
         return 0
     progress = Progress(len(plan.todo))
     if args.ray is not None:
-        from ..ray_batch import RaySettings, run_ray
+        from ..ray_batch import RaySettings, check_attempts, run_ray
 
+        check_attempts(args.max_attempts)
         settings = RaySettings(address=args.ray, actors=args.actors, cpus_per_actor=args.cpus_per_actor,
                                threads=args.threads, model=args.model, device=device, dtype=dtype,
-                               options=tuple(load_options(args).items()))
+                               options=tuple(load_options(args).items()), max_attempts=args.max_attempts)
         written = run_ray(plan, settings, progress=progress)
     else:
         from ..batch import load_pipeline, run_local
