@@ -6,7 +6,10 @@ and no Ray process left afterwards. Bounded by an alarm; skipped only when ray i
 from __future__ import annotations
 
 import concurrent.futures
+import shutil
 import socket
+import tempfile
+import threading
 import time
 
 import numpy as np
@@ -14,7 +17,7 @@ import pytest
 
 from clipdiffusion import ray_batch
 
-from test_ray_batch import RAY_REASON, deadline
+from test_ray_batch import RAY_REASON, deadline, wait_until
 
 
 def free_port() -> int:
@@ -41,6 +44,61 @@ def test_served_batches_plan_only_consecutive_seeds():
     assert decode_request(payloads[3]["request"]) == GenerationRequest(prompt="a", seed=3, steps=5)
 
 
+def test_replica_batching_changes_in_place():
+    pytest.importorskip("ray", reason=RAY_REASON)
+    from clipdiffusion.errors import ClipDiffusionError
+    from clipdiffusion.server.ray_serve import ModelReplica
+
+    replica = ModelReplica(lambda model: model, max_batch=1)
+    assert replica.batching == {"max_batch": 1, "unet_batching": False, "batch_wait_s": 0.02}
+    assert replica.set_batching(4, True, 0.05) == {"max_batch": 4, "unet_batching": True, "batch_wait_s": 0.05}
+    replica.reconfigure({"max_batch": 2})  # Serve's user_config: the keys given change, the rest stay
+    assert replica.batching == {"max_batch": 2, "unet_batching": True, "batch_wait_s": 0.05}
+    with pytest.raises(ClipDiffusionError, match="max_bach"):
+        replica.reconfigure({"max_bach": 2})
+    with pytest.raises(ClipDiffusionError, match="max_batch 0"):
+        replica.set_batching(0)
+
+
+def test_worker_threads_run_jobs_at_once_and_stop_together():
+    """The ingress's ``Worker(..., threads=n)``: n jobs run at the same time from one bounded queue (none can end
+    before all n have started), the next ones wait their turn, a full queue refuses, and ``stop`` fails the queued
+    jobs and ends every thread."""
+    from clipdiffusion.server.worker import Job, QueueFull, Worker, WorkerStopped
+
+    with pytest.raises(ValueError, match="threads 0"):
+        Worker(lambda model: model, threads=0)
+    started, lock = [], threading.Lock()
+    all_in, release = threading.Event(), threading.Event()
+    worker = Worker(lambda model: model, queue_size=3, threads=3).start()
+
+    def work(pipe, control):
+        with lock:
+            started.append(pipe)
+            if len(started) == 3:
+                all_in.set()
+        release.wait(60)
+        return pipe
+
+    running = [worker.submit(Job("t", f"m{i}", work)) for i in range(3)]
+    assert all_in.wait(60)  # three jobs running at once: none returns before release
+    wait_until(lambda: worker.snapshot()["pending"] == 0, 30, "the queue emptied")
+    queued = [worker.submit(Job("t", "q", work)) for _ in range(3)]
+    with pytest.raises(QueueFull):
+        worker.submit(Job("t", "q", work))
+    stopper = threading.Thread(target=worker.stop)
+    stopper.start()
+    wait_until(lambda: worker.stopping, 30, "the worker stopping")
+    release.set()
+    stopper.join(30)
+    assert not worker.alive
+    assert sorted(f.result(5) for f in running) == ["m0", "m1", "m2"]  # each with its own model
+    for future in queued:
+        with pytest.raises(WorkerStopped):
+            future.result(5)
+    assert sorted(started) == ["m0", "m1", "m2"]  # the queued jobs never ran
+
+
 @pytest.mark.slow
 def test_serve_ray_through_webuiapi(tmp_path):
     pytest.importorskip("ray", reason=RAY_REASON)
@@ -59,12 +117,12 @@ def test_serve_ray_through_webuiapi(tmp_path):
     save_checkpoint(tiny_pipeline(1), other)
     settings = ServerSettings(models=(ModelEntry(EMBEDDED_MODEL), ModelEntry("tinyrand", str(other))),
                               preload=False, queue_size=2)
-    before = set(ray_batch.ray_processes())
+    root = tempfile.mkdtemp(prefix="cdt-", dir="/tmp")  # this test's instance: session_processes(root) at the end
     port = free_port()
-    with deadline(900):
+    with deadline(600):
         from clipdiffusion.server import ray_serve
 
-        with ray_batch.ray_session("local", num_cpus=2, namespace="clipdiffusion-test"):
+        with ray_batch.ray_session("local", num_cpus=2, namespace="clipdiffusion-test", temp_root=root):
             from ray import serve
 
             serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -122,7 +180,9 @@ def test_serve_ray_through_webuiapi(tmp_path):
     assert 503 in codes and 200 in codes and set(codes) <= {200, 503}, codes
     assert bad.status_code == 422 and "steps" in bad.text
 
-    end = time.monotonic() + 15
-    while (left := set(ray_batch.ray_processes()) - before) and time.monotonic() < end:
-        time.sleep(0.2)
-    assert not left
+    try:
+        wait_until(lambda: not ray_batch.session_processes(root), 30, "the instance's processes ended")
+    finally:
+        left = ray_batch.reap(root)
+        shutil.rmtree(root, ignore_errors=True)
+    assert not left, left

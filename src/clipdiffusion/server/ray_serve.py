@@ -153,12 +153,33 @@ class ModelReplica:
                 pipeline_factory = _with_embeddings(pipeline_factory, settings.embeddings_dir)
         self.factory = pipeline_factory
         self.threads = threads
-        self.unet_batching = unet_batching
         self.lock = threading.Lock()  # one model call at a time per replica
         self.batches: list[int] = []  # sizes of the batches taken (for tests and benchmarks)
         self.calls = 0
+        self.set_batching(max_batch, unet_batching, batch_wait_s)
+
+    def set_batching(self, max_batch: int, unet_batching: bool = False, batch_wait_s: float = 0.02) -> dict:
+        """Change this replica's request batching in place (no restart, the models stay loaded): up to
+        ``max_batch`` requests taken together (1: one at a time), waiting at most ``batch_wait_s`` for them;
+        ``unet_batching`` merges consecutive seeds into one UNet batch. Returns the settings now in force."""
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or not 1 <= max_batch <= 64:
+            raise ClipDiffusionError(f"max_batch {max_batch!r}: must be an integer in [1, 64]")
+        if not isinstance(batch_wait_s, (int, float)) or not 0 <= batch_wait_s <= 10:
+            raise ClipDiffusionError(f"batch_wait_s {batch_wait_s!r}: must be in [0, 10] seconds")
+        self.unet_batching = bool(unet_batching)
         self._batched.set_max_batch_size(max_batch)
-        self._batched.set_batch_wait_timeout_s(batch_wait_s)
+        self._batched.set_batch_wait_timeout_s(float(batch_wait_s))
+        self.batching = {"max_batch": max_batch, "unet_batching": self.unet_batching,
+                         "batch_wait_s": float(batch_wait_s)}
+        return dict(self.batching)
+
+    def reconfigure(self, config: dict) -> None:
+        """Serve's ``user_config`` hook: ``{"max_batch": 4, "unet_batching": false, "batch_wait_s": 0.02}``
+        (any subset) changes the batching of every replica without restarting it (``set_batching``)."""
+        unknown = sorted(set(config) - set(self.batching))
+        if unknown:
+            raise ClipDiffusionError(f"user_config: unknown key(s) {unknown}; expected some of {sorted(self.batching)}")
+        self.set_batching(**{**self.batching, **dict(config)})
 
     @serve.multiplexed(max_num_models_per_replica=MAX_MODELS_PER_REPLICA)
     async def _load(self, model_id: str):
@@ -171,7 +192,11 @@ class ModelReplica:
                 "prediction": getattr(pipe, "prediction", "eps")}
 
     async def stats(self) -> dict:
-        return {"batches": list(self.batches), "calls": self.calls}
+        """Sizes of the batches taken, model calls made, the batching in force and this replica's process id."""
+        import os
+
+        return {"batches": list(self.batches), "calls": self.calls, "batching": dict(self.batching),
+                "pid": os.getpid()}
 
     async def generate(self, payload: dict) -> dict:
         return await self._batched(serve.get_multiplexed_model_id(), payload)
