@@ -522,13 +522,15 @@ def test_long_study_copies_cells_whose_layouts_are_identical(trained):
 
 def test_the_shipped_recipe_reproduces_the_shipped_models_recorded_settings():
     # `train-tiny --recipe shipped` must train what the shipped file records: run E's settings and step counts,
-    # then the fine-tune's (only the clock, generous in the recipe, and the base model's path may differ)
+    # then the fine-tune's (only the clock, generous in the recipe, and the base model's path may differ), then the
+    # text tower's depth alignment
     from clipdiffusion.tiny.settings import recipe, shipped_run
     from clipdiffusion.pipeline import TINY_DATA
     from clipdiffusion.checkpoints.safetensors_io import read_shapes
 
     _, _, meta = read_shapes(next(TINY_DATA.glob("*.safetensors")))
-    base, finetune = recipe("shipped", "BASE.safetensors")
+    base, finetune, align = recipe("shipped", "BASE.safetensors")
+    assert dataclasses.asdict(align) == json.loads(meta["clipdiffusion.tiny.align"])
     recorded = [(json.loads(meta["clipdiffusion.tiny.base_train_settings"]), json.loads(meta["clipdiffusion.tiny.base_steps"])),
                 (json.loads(meta["clipdiffusion.tiny.train_settings"]), json.loads(meta["clipdiffusion.tiny.steps"]))]
     for settings, (saved, steps) in zip((base, finetune), recorded):

@@ -1,5 +1,6 @@
 """``clipdiffusion train-tiny --out DIR [--minutes N] [--resume]``: train the embedded tiny model from scratch;
-``--recipe shipped`` reproduces the shipped model in one command (a from-scratch run, then its fine-tune).
+``--recipe shipped`` reproduces the shipped model in one command (a from-scratch run, its UNet fine-tune, then the
+text tower's depth alignment).
 
 Single process; ``--threads`` sets torch's intra-op threads (default 2, the machine the budget was sized for).
 The result is ``DIR/tiny-sd.safetensors``; copy it to ``src/clipdiffusion/tiny/data/`` to ship it."""
@@ -45,9 +46,13 @@ def add_arguments(parser):
                              "it fine-tunes the UNet alone")  # fmt: skip
     parser.add_argument("--lr-floor", type=float, default=None, metavar="F",
                         help="cosine-decay each phase's learning rate to this share of its base (default: constant)")
+    parser.add_argument("--align-text", type=int, default=None, metavar="STEPS",
+                        help="with --init-from: only align that model's text tower for STEPS steps, so an object's "
+                             "states do not depend on how many tags precede it (tiny/align.py), into OUT")  # fmt: skip
     parser.add_argument("--recipe", default=None, choices=("shipped",),
                         help="reproduce a recorded model: 'shipped' trains OUT/base from scratch by the shipped "
-                             "run's step counts, then fine-tunes it into OUT (other settings flags are refused)")
+                             "run's step counts, fine-tunes its UNet into OUT/finetune, then aligns its text tower "
+                             "into OUT (other settings flags are refused)")  # fmt: skip
     parser.add_argument("--eval", type=int, default=0, metavar="N",
                         help="afterwards, evaluate the result on N prompts per object count")  # fmt: skip
 
@@ -65,6 +70,8 @@ def run(args) -> int:
     torch.set_num_threads(args.threads)
     if args.recipe is not None:
         return _run_recipe(args, Trainer)
+    if args.align_text is not None:
+        return _run_align(args)
     phase_steps = None
     if args.phase_steps is not None:
         try:
@@ -104,7 +111,21 @@ def run(args) -> int:
 
 
 _RECIPE_EXCLUSIVE = ("size_named", "unet_lr", "pool_captions", "phase_steps", "clip_hard_negatives", "clip_readout",
-                     "deep_objects", "window_share", "init_from", "lr_floor")  # fmt: skip
+                     "deep_objects", "window_share", "init_from", "lr_floor", "align_text")  # fmt: skip
+
+
+def _run_align(args) -> int:
+    import dataclasses
+
+    from ..tiny.align import AlignSettings, align_file
+
+    if args.init_from is None:
+        raise ClipDiffusionError("align-text: needs --init-from MODEL (the tiny model whose text tower to align)")
+    if not 1 <= args.align_text <= 100_000:
+        raise ClipDiffusionError(f"align-text: {args.align_text} is outside 1..100000")
+    settings = dataclasses.replace(AlignSettings(), steps=args.align_text, seed=args.seed)
+    print(align_file(args.init_from, args.out, settings, log=lambda line: print(line, file=sys.stderr)))
+    return 0
 
 
 def _run_recipe(args, trainer_class) -> int:
@@ -118,16 +139,18 @@ def _run_recipe(args, trainer_class) -> int:
     if given:
         raise ClipDiffusionError(f"recipe: --{given[0].replace('_', '-')} cannot be combined with --recipe "
                                  f"(the recipe fixes every setting)")  # fmt: skip
+    from ..tiny.align import align_file
+
     out = Path(args.out)
-    base_dir = out / "base"
-    base, finetune = recipe(args.recipe, base_dir / "tiny-sd.safetensors")
+    base_dir, finetune_dir = out / "base", out / "finetune"
+    base, finetune, align = recipe(args.recipe, base_dir / "tiny-sd.safetensors")
     log = lambda line: print(line, file=sys.stderr)  # noqa: E731
-    path = None
-    for folder, settings in ((base_dir, base), (out, finetune)):
-        if folder == base_dir and (folder / "tiny-sd.safetensors").is_file():
-            continue  # stage 1 finished on an earlier call
+    for folder, settings in ((base_dir, base), (finetune_dir, finetune)):
+        if (folder / "tiny-sd.safetensors").is_file():
+            continue  # this stage finished on an earlier call
         resume = (folder / "state.pt").is_file()
         print(f"recipe {args.recipe}: {'resuming' if resume else 'training'} {folder}", file=sys.stderr)
-        path = trainer_class(folder, settings, resume=resume, log=log).run()
-    print(path)
+        trainer_class(folder, settings, resume=resume, log=log).run()
+    print(f"recipe {args.recipe}: aligning the text tower into {out}", file=sys.stderr)
+    print(align_file(finetune_dir / "tiny-sd.safetensors", out, align, log=log))
     return 0

@@ -169,13 +169,19 @@ def shipped_run():
 SHIPPED_BASE = {"seed": 1, "phase_steps": (556, 2900, 188, 7138)}
 SHIPPED_FINETUNE = {"seed": 0, "phase_steps": (0, 0, 94, 1500), "deep_objects": 0.5, "window_share": 0.5,
                     "pool_size": 6000, "unet_lr": 3e-4, "lr_floor": 0.1}  # fmt: skip
+# ... and then the text tower's depth alignment (tiny/align.py, issue 18): its AlignSettings fields
+SHIPPED_ALIGN = {"steps": 400, "batch": 32, "lr": 2e-4, "max_prefix": 72, "other_weight": 0.1, "seed": 0}
 
 
 def recipe(name: str, base_model) -> tuple:
-    """(from-scratch settings, fine-tune settings starting from ``base_model``) of a named recipe. Both are
-    step-capped with a clock far above their need, so a slower machine trains the same steps, only longer."""
+    """(from-scratch settings, fine-tune settings starting from ``base_model``, text-alignment settings) of a named
+    recipe. The training runs are step-capped with a clock far above their need, so a slower machine trains the same
+    steps, only longer."""
+    from .align import AlignSettings
+
     if name != "shipped":
         raise ClipDiffusionError(f"recipe: unknown recipe {name!r} (one of ['shipped'])")
     generous = 24 * 60.0
     return (TrainSettings(minutes=generous, **SHIPPED_BASE),
-            TrainSettings(minutes=generous, init_from=str(base_model), **SHIPPED_FINETUNE))  # fmt: skip
+            TrainSettings(minutes=generous, init_from=str(base_model), **SHIPPED_FINETUNE),
+            AlignSettings(**SHIPPED_ALIGN))  # fmt: skip
