@@ -205,7 +205,7 @@ def main():
     shape = (1, pipe.unet.config.in_channels, args.size // f, args.size // f)
     sigmas = our_sigmas(pipe, args.steps)
 
-    def run_diffusers(steps, sigma_list, output_type="pil"):
+    def run_diffusers(sigma_list, output_type="pil"):
         noise = torch.randn(shape, generator=torch.Generator().manual_seed(base["seed"]))  # our seed's noise
         with torch.no_grad():
             return ref(PROMPT, negative_prompt=NEGATIVE, sigmas=sigma_list, guidance_scale=7.0, width=args.size,
@@ -219,9 +219,9 @@ def main():
     figures = {"machine": machine(), "torch": torch.__version__, "threads": torch.get_num_threads(),
                "dtype": args.dtype, "size": args.size, "steps": args.steps, "reps": args.reps}
     if ref is not None:
-        run_diffusers(1, [sigmas[0], 0.0])  # warm-up
+        run_diffusers([sigmas[0], 0.0])  # warm-up
         start = time.perf_counter()
-        expected = run_diffusers(args.steps, sigmas, "np")
+        expected = run_diffusers(sigmas, "np")
         check_s = time.perf_counter() - start
         counter.reset()
         start = time.perf_counter()
@@ -243,7 +243,7 @@ def main():
         for name in names:
             if name == REFERENCE:
                 start = time.perf_counter()
-                run_diffusers(args.steps, sigmas)
+                run_diffusers(sigmas)
                 times[name].append(time.perf_counter() - start)
                 print(f"  {name}: {times[name][-1]:.1f} s", flush=True)
                 continue
@@ -271,7 +271,7 @@ def main():
         if name == REFERENCE:
             fields, rows, shallow = f"StableDiffusionPipeline, {ref_label}", args.steps * 2, 0
         else:
-            fields = ", ".join(f"{k}={v}" for k, v in CONFIGS[name].items()) or "- (exact; our defaults)"
+            fields = ", ".join(f"{k}={v}" for k, v in CONFIGS[name].items()) or "- (exact: the request defaults)"
             if name == "cond_cache":
                 fields = "- (conditioning cache hit)"
             rows, shallow = counts[name]
