@@ -107,13 +107,14 @@ def tiny(args, dtype):
         pipe.compile(mode)
         firsts[mode], result = _timed(lambda: pipe.generate(prompt, **kw))
         pixels[mode] = result.pixels
-        print(f"  first generation, compile={mode}: {firsts[mode]:.2f} s; notes {result.notes}")
+        print(f"  first generation, compile={mode}: {firsts[mode]:.2f} s; notes {result.notes}", flush=True)
     graphs = _graphs()
     for i in range(args.reps):
         for mode in modes[i % len(modes):] + modes[:i % len(modes)]:
             pipe.compile(mode)
             t, _ = _timed(lambda: pipe.generate(prompt, **kw))
             times[mode].append(t)
+            print(f"  rep {i} compile={mode}: {t:.3f} s", flush=True)
     print(f"graphs compiled during the timed runs: {_graphs() - graphs} (0 = no recompile)")
     print("| tiny model, 20 Euler steps, CFG 7, 64x64 | generation | / eager | first generation (compile "
           "included) | max abs pixel diff vs eager |")
