@@ -7,6 +7,7 @@ compiled generation against eager: 1e-4 in [0, 1] pixels (inductor reorders floa
 shipped tiny model over 20 steps).
 """
 
+import os
 import shutil
 
 import numpy as np
@@ -195,6 +196,9 @@ def inductor_problem() -> str | None:
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("CLIPDIFFUSION_TEST_INDUCTOR") != "1",
+                    reason="inductor's C++ build of the tiny UNet takes 2-7 minutes on 2 cores, too long for CI's "
+                           "15; run with CLIPDIFFUSION_TEST_INDUCTOR=1 (the wiring is tested above on a small module)")
 def test_inductor_tiny_pipeline_matches_eager_and_compiles_once():
     problem = inductor_problem()
     if problem:
