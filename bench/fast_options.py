@@ -52,6 +52,7 @@ CONFIGS = {
     "deepcache5": {"deepcache_interval": 5},
     "tome0.5": {"token_merging_ratio": 0.5},
     "deepcache3+tome0.5": {"deepcache_interval": 3, "token_merging_ratio": 0.5},
+    "ngms+deepcache2": {"s_min_uncond": 2.0, "deepcache_interval": 2},  # the two within the noise on the tiny model
     "cond_cache": {},  # the baseline with the conditioning cache on, second run of the same request (a hit)
 }
 PROMPT = "a photo of a red fox in a snowy forest, detailed fur, soft light"
