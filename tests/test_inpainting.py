@@ -145,14 +145,16 @@ def test_unmasked_pixels_within_the_vae_round_trip_error(trained, monkeypatch):
         round_trip = (trained.vae.decode(z).clamp(-1, 1)[0].permute(1, 2, 0).numpy() + 1) / 2
     vae_error = np.abs(round_trip - original)[away].max()
     monkeypatch.setattr(inpaint, "composite_pixels", lambda pixels, init: pixels)  # the raw decode
-    raw = trained.generate("a green triangle", steps=8, seed=5, init_image=init, mask=mask, mask_blur=0,
+    raw = trained.generate("a large green triangle in the center", steps=8, seed=5, init_image=init, mask=mask,
+                           mask_blur=0,
                            inpainting_fill=1, inpaint_full_res=False, strength=1.0).pixels[0]
     monkeypatch.undo()
     # the posterior sample (not its mode) was decoded: allow the sample's spread on top of the round trip
     assert np.abs(raw - original)[away].max() <= vae_error + 0.05, (np.abs(raw - original)[away].max(), vae_error)
-    inside = np.asarray(mask) > 0  # repainted (measured 0.045 against a round trip of ~0.002)
+    inside = np.asarray(mask) > 0  # repainted: the asked triangle sits in the masked centre
     assert np.abs(raw - original)[inside].mean() > max(0.02, 5 * np.abs(round_trip - original)[inside].mean())
-    final = trained.generate("a green triangle", steps=8, seed=5, init_image=init, mask=mask, mask_blur=0,
+    final = trained.generate("a large green triangle in the center", steps=8, seed=5, init_image=init, mask=mask,
+                             mask_blur=0,
                              inpainting_fill=1, inpaint_full_res=False, strength=1.0)
     unmasked = np.asarray(mask) == 0
     assert np.abs(final.pixels[0] - original)[unmasked].max() < 1e-6  # the overlay puts the original back
