@@ -115,7 +115,7 @@ def align_text_encoder(text_encoder, settings: AlignSettings = AlignSettings(), 
         optimizer.step()
         history.append((object_loss.item(), other_loss.item()))
         if step % 100 == 0 or step == settings.steps - 1:
-            log(f"align step {step}: object rows {float(object_loss):.4f}, other rows {float(other_loss):.4f}")
+            log(f"align step {step}: object rows {history[-1][0]:.4f}, other rows {history[-1][1]:.4f}")
     model.eval().requires_grad_(False)
     k = max(1, min(50, settings.steps // 4))
     first, last = np.mean(history[:k], axis=0), np.mean(history[-k:], axis=0)
