@@ -72,3 +72,15 @@ def test_train_cli_align_needs_a_model(tmp_path):
     from clipdiffusion.cli import main
 
     assert main(["train-tiny", "--align-text", "5", "--out", str(tmp_path / "a")]) == 2
+
+
+def test_align_file_refuses_a_bad_output_before_the_work(tmp_path):
+    from clipdiffusion.checkpoints.save import save_checkpoint
+
+    src = save_checkpoint(tiny_pipeline(seed=2), tmp_path / "src.safetensors", {}, dtype=torch.float16)
+    (tmp_path / "taken").write_text("a file, not a folder")
+    seen = []
+    with pytest.raises(ClipDiffusionError, match="out: .*taken"):
+        align.align_file(src, tmp_path / "taken", align.AlignSettings(steps=2, batch=4), log=seen.append)
+    assert seen == []  # refused before any drift or training step ran
+    assert (tmp_path / "taken").read_text() == "a file, not a folder"

@@ -160,12 +160,18 @@ def align_file(source, out, settings: AlignSettings = AlignSettings(), *, log=pr
 
     from ..checkpoints.save import save_checkpoint
     from ..errors import ClipDiffusionError
+    from ..fileio import check_output
     from ..pipeline import Pipeline
     from .eval import held_out_keys
 
     source, out = Path(source), Path(out)
     if not source.is_file():
         raise ClipDiffusionError(f"init-from: {str(source)!r} is not a file")
+    try:  # the output is checked before minutes of work, not after
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ClipDiffusionError(f"out: {str(out)!r} cannot be made a folder ({exc.strerror or exc})") from None
+    check_output(out / "tiny-sd.safetensors", "out")
     pipe = Pipeline.from_file(source)
     if len(pipe.text_encoder.encoders) != 1:
         raise ClipDiffusionError(f"init-from: {str(source)!r} has {len(pipe.text_encoder.encoders)} text towers; "
@@ -180,7 +186,6 @@ def align_file(source, out, settings: AlignSettings = AlignSettings(), *, log=pr
     log(f"align: depth drift after {after}")
     meta["clipdiffusion.tiny.align"] = json.dumps(settings.to_dict())
     meta["clipdiffusion.tiny.align_drift"] = json.dumps({"before": before, "after": after, **result})
-    out.mkdir(parents=True, exist_ok=True)
     path = save_checkpoint(pipe, out / "tiny-sd.safetensors", meta, dtype=torch.float16)
     heads = source.with_name("tiny-clip-heads.safetensors")
     if heads.is_file() and heads.resolve() != (out / heads.name).resolve():
