@@ -86,21 +86,21 @@ def main():
     print("|---|---|---|---|---|")
     for strategy in STRATEGIES:
         passes = []
-        original = SummaryJudge.vectors
+        original = SummaryJudge.content_rows
 
-        def counting(self, streams, _original=original):
-            out = _original(self, streams)
+        def counting(self, stream, _original=original):
+            out = _original(self, stream)
             passes.append(self.passes)
             self.passes = 0
             return out
 
-        SummaryJudge.vectors = counting
+        SummaryJudge.content_rows = counting
         try:
             with torch.inference_mode():
                 seconds = median_time(lambda: encoder.encode(prompt, long_prompt=strategy), args.reps)
                 c = encoder.encode(prompt, long_prompt=strategy)
         finally:
-            SummaryJudge.vectors = original
+            SummaryJudge.content_rows = original
         plan = c.plan
         windows = len(plan.windows)
         judge = (sum(passes) // (args.reps + 1)) if passes else 0

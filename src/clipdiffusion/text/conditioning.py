@@ -384,7 +384,7 @@ class TextEncoder:
         firsts = [sum(len(p.windows) for p in plans[:k]) for k in range(len(plans))]
         # a window's hidden states depend on its tokens only (weights apply afterwards): each distinct token
         # sequence goes through the tower once (repeated chunks, a prompt equal to its negative, the summarize
-        # judge's leave-one-out texts, which share every chunk before the segment they leave out)
+        # judge's encoding of the prompt when it equals the chunk plan)
         slot, unique = [], {}
         for w in windows:
             slot.append(unique.setdefault((w.tokens, w.positions), len(unique)))
@@ -437,58 +437,48 @@ class TextEncoder:
 class SummaryJudge:
     """The ``summarize`` strategy's judge (``text/summarize.py``) backed by the text encoder.
 
-    A text's *encoding vector* is the mean of its content rows (no BOS, EOS or padding) in its full chunked context
-    (A1111 chunking, the default clip skip, the request's weighting), all towers concatenated. A segment's
-    importance is ``1 - cos`` between the prompt's vector and the vector of the prompt without that segment
-    (near-duplicates are the lexical rule of ``text/summarize.py``). All the texts of
-    one question go through the encoder in batches of ``BATCH`` texts, each distinct window once (``passes`` counts
-them). Above ``MAX_WINDOWS`` windows in all (a
-    prompt of several hundred tokens cut into hundreds of segments), importance falls back to the position rule
-    and says so."""
+    The prompt (the segments still in the running) is encoded once, chunked as A1111 does (the default clip skip,
+    the request's weighting, all towers concatenated). Its *encoding vector* is the mean of its content rows (no BOS,
+    EOS or padding). A segment's importance is ``1 - cos`` between that vector and the mean of the other segments'
+    rows: how much removing the segment's rows changes the prompt's encoding. The rows come from the one encoding,
+    in context, so a segment's score does not depend on where the chunk boundaries would fall without it.
 
-    BATCH = 64
-    MAX_WINDOWS = 4096
+    (An earlier judge re-encoded each leave-one-out text. Removing a segment then moved every later chunk boundary,
+    and that shift, not the segment's content, set the score: on the tiny model every 3-token style tag scored
+    ~100x a 2-token one, and 2-4% of object phrases were dropped at 60-120 tokens of tags.)
+    Near-duplicates are the lexical rule of ``text/summarize.py``. ``passes`` counts the windows encoded."""
 
     def __init__(self, encoder, tokenizer, weighting, registry, backtrack=DEFAULT_CHUNK_BACKTRACK):
         self.encoder, self.tokenizer, self.weighting = encoder, tokenizer, weighting
         self.registry, self.backtrack = registry, backtrack
-        self.rule = "encoder (1 - cosine between the prompt's encoding with and without the segment)"
+        self.rule = "encoder (1 - cosine between the prompt's encoding with and without the segment's rows)"
         self.passes = 0  # windows encoded, for the cost report
 
-    def _plans(self, streams):
-        return [plan_stream(s, self.tokenizer, "chunk", backtrack=self.backtrack, positions=self.encoder.positions)
-                for s in streams]
-
-    def vectors(self, streams) -> torch.Tensor:
-        """[len(streams), D_total] encoding vectors."""
-        plans = self._plans(streams)
+    def content_rows(self, stream) -> torch.Tensor:
+        """[len(stream), D_total]: the row of each ``(id, weight)`` pair of ``stream`` in its chunked encoding."""
+        plan = plan_stream(stream, self.tokenizer, "chunk", backtrack=self.backtrack,
+                           positions=self.encoder.positions)
         skips = self.encoder._layer_skips(None)
-        out = []
-        for start in range(0, len(plans), self.BATCH):
-            group = plans[start:start + self.BATCH]
-            need_empty = any(p.uses_empty_window for p in group)
-            contexts, _, _ = self.encoder._encode_plans(group, skips, self.weighting, need_empty, self.registry)
-            self.passes += len({(w.tokens, w.positions) for p in group for w in p.windows}) + need_empty
-            for plan, context in zip(group, contexts):
-                rows = [r for r, (w, pos) in enumerate(plan.rows)
-                        if w >= 0 and 1 <= pos <= len(plan.windows[w].tokens)]
-                out.append(context[0, rows].float().mean(0) if rows else context[0].float().new_zeros(context.shape[-1]))
-        return torch.stack(out)
+        contexts, _, _ = self.encoder._encode_plans([plan], skips, self.weighting, plan.uses_empty_window,
+                                                    self.registry)
+        self.passes += len({(w.tokens, w.positions) for w in plan.windows}) + plan.uses_empty_window
+        rows = [r for r, (w, pos) in enumerate(plan.rows) if w >= 0 and 1 <= pos <= len(plan.windows[w].tokens)]
+        if len(rows) != len(stream):  # chunking keeps every token: a mismatch is a bug, not a prompt's fault
+            raise RuntimeError(f"summarize judge: {len(rows)} content rows for {len(stream)} tokens")
+        return contexts[0][0, rows].float()
 
     def importance(self, segments) -> list:
-        from .summarize import PositionJudge
-
         full = [p for s in segments for p in s.tokens]
-        windows = len(self._plans([full])[0].windows)
-        if (len(segments) + 1) * windows > self.MAX_WINDOWS:
-            self.rule = (f"position ({len(segments)} segments x {windows} windows exceed the encoder judge's "
-                         f"{self.MAX_WINDOWS} windows)")
-            return PositionJudge().importance(segments)
-        streams = [full] + [[p for k, s in enumerate(segments) if k != i for p in s.tokens]
-                            for i in range(len(segments))]
-        v = self.vectors(streams)
-        cos = torch.nn.functional.cosine_similarity(v[1:], v[:1].expand_as(v[1:]), dim=-1)
-        return [float(1.0 - c) for c in cos]
+        rows = self.content_rows(full)
+        total, n = rows.sum(0), rows.shape[0]
+        mean = total / n
+        scores, start = [], 0
+        for seg in segments:
+            k = len(seg)
+            rest = (total - rows[start:start + k].sum(0)) / max(n - k, 1)
+            start += k
+            scores.append(float(1.0 - torch.nn.functional.cosine_similarity(mean, rest, dim=0)))
+        return scores
 
     def near_duplicates(self, segments) -> list:
         from .summarize import near_duplicates
