@@ -341,17 +341,92 @@ def test_cli_flags_build_the_request():
     assert info.value.field == "token_merging_ratio"
 
 
+def test_speed_presets_on_the_command_line():
+    """generate and batch default to --speed fast (NGMS 2 on all steps + DeepCache 2); --exact / --speed exact is sampling
+    as diffusers does it; a flag given wins over the preset for its own field only; eval defaults to exact."""
+    import argparse
+
+    from clipdiffusion.commands import batch, eval as eval_cmd, generate
+
+    parser = argparse.ArgumentParser()
+    generate.add_arguments(parser)
+
+    def fields(*argv):
+        r = generate.build_request(parser.parse_args(["cat", *argv]))
+        return (r.s_min_uncond, r.s_min_uncond_all, r.skip_early_cond, r.deepcache_interval, r.token_merging_ratio)
+
+    assert fields() == (2.0, True, 0.0, 2, 0.0) == fields("--speed", "fast")
+    assert fields("--exact") == fields("--speed", "exact") == (0.0, False, 0.0, 0, 0.0)
+    assert fields("--deepcache", "0") == (2.0, True, 0.0, 0, 0.0)
+    assert fields("--exact", "--tome", "0.5") == (0.0, False, 0.0, 0, 0.5)
+    assert fields("--s-min-uncond", "0", "--deepcache", "3") == (0.0, False, 0.0, 3, 0.0)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["cat", "--speed", "fastest"])
+    with pytest.raises(RequestError) as info:
+        fast_options.preset("fastest")
+    assert info.value.field == "speed"
+
+    bparser = argparse.ArgumentParser()
+    batch.add_arguments(bparser)
+    shared = batch.shared_options(bparser.parse_args(["--prompts", "p.txt", "--out", "o"]))
+    assert (shared["s_min_uncond"], shared["deepcache_interval"]) == (2.0, 2)
+    shared = batch.shared_options(bparser.parse_args(["--prompts", "p.txt", "--out", "o", "--exact"]))
+    assert (shared["s_min_uncond"], shared["deepcache_interval"]) == (0.0, 0)
+
+    eparser = argparse.ArgumentParser()
+    eval_cmd.add_arguments(eparser)
+    exact = fast_options.request_fields(eparser.parse_args([]))
+    assert fast_options.changed(exact) == {}
+    assert fast_options.changed(fast_options.request_fields(eparser.parse_args(["--speed", "fast"]))) == \
+        fast_options.SPEEDS["fast"]
+
+
+def test_batch_lines_override_the_speed_preset(tmp_path):
+    from clipdiffusion.batch import read_jsonl
+
+    lines = tmp_path / "r.jsonl"
+    lines.write_text('{"id": "a", "prompt": "x"}\n{"id": "b", "prompt": "y", "deepcache_interval": 0}\n')
+    a, b = read_jsonl(lines, fast_options.preset("fast"))
+    assert (a.request.deepcache_interval, a.request.s_min_uncond) == (2, 2.0)
+    assert (b.request.deepcache_interval, b.request.s_min_uncond) == (0, 2.0)
+
+
+def test_deepcache_on_an_inpainting_unet():
+    """The inpainting wrapper (latent + mask + masked-image latent channels) splits like the plain UNet, so the
+    fast preset works with inpainting checkpoints: the full pass equals forward, the shallow pass with its own
+    deep feature is the whole UNet again."""
+    from dataclasses import replace
+
+    from clipdiffusion.diffusion.unet import ConcatConditionedUNet
+
+    torch.manual_seed(0)
+    inner = UNetModel(replace(TINY, in_channels=TINY.in_channels * 2 + 1)).eval()
+    unet = ConcatConditionedUNet(inner, torch.randn(1, TINY.in_channels + 1, 8, 8))
+    x = torch.randn(2, TINY.in_channels, 8, 8)
+    t = torch.tensor([500.0, 500.0])
+    context = torch.randn(2, 5, TINY.context_dim)
+    with torch.no_grad():
+        out = unet(x, t, context)
+        full, deep = unet.forward_split(x, t, context)
+        assert torch.equal(full, out)
+        shallow, _ = unet.forward_split(x, t, context, deep=deep)
+        assert torch.equal(shallow, out)
+        wrapped = DeepCacheUNet(unet, 2)
+        assert torch.equal(wrapped(x, t, context), out)
+
+
 def test_a1111_override_settings_map_to_the_request():
     from clipdiffusion.server.a1111 import fast_option_values
     from clipdiffusion.server.schemas import Txt2ImgRequest
 
     body = Txt2ImgRequest(prompt="x", override_settings={"s_min_uncond": 2, "skip_early_cond": 0.1,
                                                          "token_merging_ratio": 0.5, "s_min_uncond_all": True,
-                                                         "sd_vae": "Automatic"})
+                                                         "deepcache_interval": 2.0, "sd_vae": "Automatic"})
     overrides = dict(body.override_settings)
     values, names = fast_option_values(body, overrides)
     assert values == {"s_min_uncond": 2, "skip_early_cond": 0.1, "token_merging_ratio": 0.5,
-                      "s_min_uncond_all": True}
+                      "s_min_uncond_all": True, "deepcache_interval": 2}
+    assert isinstance(values["deepcache_interval"], int)
     assert overrides == {"sd_vae": "Automatic"}  # the others are honoured, so not listed as ignored
     assert names["token_merging_ratio"] == "override_settings.token_merging_ratio"
     body = Txt2ImgRequest(prompt="x", s_min_uncond=3.0, override_settings={"s_min_uncond": 2})

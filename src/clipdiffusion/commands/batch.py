@@ -46,6 +46,9 @@ def add_arguments(parser):
     shared.add_argument("--clip-skip", type=int)
     shared.add_argument("--long-prompt", choices=list(LONG_PROMPTS))
     shared.add_argument("--weighting", choices=list(WEIGHTINGS))
+    from ..fast_options import CLI_SPEED, add_arguments as add_fast_arguments
+
+    add_fast_arguments(parser, speed=CLI_SPEED)  # --speed, --s-min-uncond, ...: defaults for every line too
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads per model (default 1; set the same on every run you compare: CPU "
                              "results depend on it)")
@@ -66,7 +69,10 @@ def add_arguments(parser):
 
 
 def shared_options(args) -> dict:
-    return {field: getattr(args, dest) for dest, field in _SHARED.items() if getattr(args, dest, None) is not None}
+    from ..fast_options import request_fields
+
+    given = {field: getattr(args, dest) for dest, field in _SHARED.items() if getattr(args, dest, None) is not None}
+    return {**request_fields(args), **given}
 
 
 def read_items(args):

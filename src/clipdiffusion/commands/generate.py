@@ -97,9 +97,9 @@ def add_arguments(parser):
     parser.add_argument("--lora", action="append", metavar="NAME:W[:UNET_W]",
                         help="apply the LoRA NAME (from --loras) with weight W on both text encoder and UNet, or "
                              "W on the text encoder and UNET_W on the UNet (repeatable; adds to the prompt's tags)")
-    from ..fast_options import add_arguments as add_fast_arguments
+    from ..fast_options import CLI_SPEED, add_arguments as add_fast_arguments
 
-    add_fast_arguments(parser)  # --s-min-uncond, --skip-early-cfg, --deepcache, --tome
+    add_fast_arguments(parser, speed=CLI_SPEED)  # --speed fast|exact, --s-min-uncond, --deepcache, --tome, ...
     parser.add_argument("-o", "--output", default="out.png",
                         help="PNG path; with --batch-size N > 1, NAME-0.png ... NAME-(N-1).png")
     parser.add_argument("--embeddings", metavar="DIR",

@@ -416,11 +416,18 @@ class ConcatConditionedUNet(nn.Module):
     def config(self):
         return self.inner.config
 
-    def forward(self, x, timesteps, context, y=None, **kwargs):
+    def _with_concat(self, x):
         c = self.c_concat
         if c is None:
             raise ClipDiffusionError("inpainting UNet: no c_concat (mask and masked-image latents) set")
         if x.shape[0] % c.shape[0] or x.shape[2:] != c.shape[2:]:
             raise ClipDiffusionError(f"inpainting UNet: c_concat {list(c.shape)} does not fit x {list(x.shape)}")
         c = c.to(device=x.device, dtype=x.dtype).repeat(x.shape[0] // c.shape[0], 1, 1, 1)
-        return self.inner(torch.cat([x, c], dim=1), timesteps, context, y, **kwargs)
+        return torch.cat([x, c], dim=1)
+
+    def forward(self, x, timesteps, context, y=None, **kwargs):
+        return self.inner(self._with_concat(x), timesteps, context, y, **kwargs)
+
+    def forward_split(self, x, timesteps, context, y=None, **kwargs):
+        """``UNetModel.forward_split`` on the concatenated input (DeepCache works for inpainting models too)."""
+        return self.inner.forward_split(self._with_concat(x), timesteps, context, y, **kwargs)

@@ -113,10 +113,12 @@ def hires_values(req: Txt2ImgRequest, settings: ServerSettings, samplers: tuple[
     return values
 
 
-# A1111 options (override_settings keys) that are request fields here (fast_options), by the same name except
-# skip_early_cond (ours is the same) and token_merging_ratio; s_min_uncond is also a body field, which wins.
+# A1111 options (override_settings keys) that are request fields here (fast_options), by the same name;
+# s_min_uncond is also a body field, which wins. deepcache_interval is ours (A1111 has no DeepCache): the server
+# samples exactly, as A1111 does, unless a client asks for these.
 FAST_OVERRIDES = {"s_min_uncond": "s_min_uncond", "s_min_uncond_all": "s_min_uncond_all",
-                  "skip_early_cond": "skip_early_cond", "token_merging_ratio": "token_merging_ratio"}
+                  "skip_early_cond": "skip_early_cond", "token_merging_ratio": "token_merging_ratio",
+                  "deepcache_interval": "deepcache_interval"}
 
 
 def fast_option_values(req, overrides: dict) -> tuple[dict, dict]:
