@@ -259,6 +259,21 @@ def test_own_generate_with_attention_maps(client, served):
     field_error(client.post("/api/generate", json={"prompt": "p", "model": "/etc/passwd"}), "model")
 
 
+def test_own_generate_speed_presets(client, served):
+    """Our API samples exactly unless the body asks for speed "fast" (the page's default): then the request
+    carries the CLI's fast preset; an unknown preset is a 422 naming "speed"."""
+    from clipdiffusion.fast_options import SPEEDS
+
+    base = {"prompt": "red cat", "steps": 2, "width": 32, "height": 16, "seed": 4}
+    assert client.post("/api/generate", json=base).status_code == 200
+    call = served.pipe.calls[-1]
+    assert (call["s_min_uncond"], call["deepcache_interval"]) == (0.0, 0)
+    assert client.post("/api/generate", json={**base, "speed": "fast"}).status_code == 200
+    call = served.pipe.calls[-1]
+    assert {k: call[k] for k in SPEEDS["fast"]} == SPEEDS["fast"]
+    field_error(client.post("/api/generate", json={**base, "speed": "ludicrous"}), "speed")
+
+
 def test_own_encode_statistics(client):
     r = client.post("/api/encode", json={"prompt": "a" * 250, "clip_skip": 2})
     assert r.status_code == 200, r.text

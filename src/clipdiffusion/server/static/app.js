@@ -162,7 +162,7 @@ function request() {
     long_prompt: $("long_prompt").value, weighting: $("weighting").value, clip_skip: $("clip_skip").value === "" ? null : number("clip_skip"),
     sampler: $("sampler").value, schedule: $("schedule").value, steps: number("steps"),
     guidance: number("guidance"), seed: number("seed"), width: number("width"), height: number("height"),
-    attention_maps: $("attention_maps").checked,
+    attention_maps: $("attention_maps").checked, speed: $("speed").value,
   };
 }
 
