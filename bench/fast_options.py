@@ -293,7 +293,8 @@ def main():
         print(f"| {name} | {fields} | {t:.2f} | {vs_base} | {vs_ref} | {rows} | {shallow} |")
     figures["configs"] = {n: {"seconds": med[n], "runs": times[n], "unet_rows": counts.get(n, (None,))[0],
                               "shallow_calls": counts.get(n, (None, None))[1]} for n in names}
-    figures["unet_step"] = unet_step_share(pipe, ref, args, shape)
+    if args.step_reps > 0:  # 0: no single-step timing (another run of the script measured it)
+        figures["unet_step"] = unet_step_share(pipe, ref, args, shape)
     if args.json:
         args.json.write_text(json.dumps(figures, indent=1))
 
