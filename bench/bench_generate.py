@@ -184,7 +184,7 @@ def run_cold(side, args, out_png) -> float:
     if side in ("ours", "ours --mmap"):
         cmd = [sys.executable, "-m", "clipdiffusion", "generate", PROMPT, "--negative", NEGATIVE, "--model",
                str(args.folder), "--steps", "2", "--width", str(args.size), "--height", str(args.size), "--seed", "1",
-               "-o", str(out_png), *(["--mmap"] if side == "ours --mmap" else [])]
+               "--exact", "-o", str(out_png), *(["--mmap"] if side == "ours --mmap" else [])]
         return time_to_marker(cmd, b" 1/2 ", args.threads)
     cmd = [sys.executable, __file__, "--child", "cold-diffusers", "--folder", str(args.folder), "--size",
            str(args.size), "--threads", str(args.threads)]
