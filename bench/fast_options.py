@@ -236,7 +236,8 @@ def main():
         spread = float(expected.std())
         print(f"check: ours-exact vs diffusers, same weights, sigmas and initial latents: max |pixel diff| "
               f"{diff:.2e}, mean {mean:.2e} (image std {spread:.3f}; tolerance {args.tolerance:g}); "
-              f"these runs: ours {ours_s:.1f} s, diffusers {check_s:.1f} s (counted as the first timed pair)", flush=True)
+              f"these runs: ours {ours_s:.1f} s, diffusers {check_s:.1f} s (counted as the first timed pair)",
+              flush=True)
         figures["check"] = {"max_abs_pixel_diff": diff, "mean_abs_pixel_diff": mean, "tolerance": args.tolerance}
         if args.dtype == args.ref_dtype and not diff < args.tolerance:
             raise SystemExit(f"ours-exact and diffusers differ by {diff:.3g} > tolerance {args.tolerance:g}: "

@@ -342,8 +342,8 @@ def test_cli_flags_build_the_request():
 
 
 def test_speed_presets_on_the_command_line():
-    """generate and batch default to --speed fast (NGMS 2 on all steps + DeepCache 2); --exact / --speed exact is sampling
-    as diffusers does it; a flag given wins over the preset for its own field only; eval defaults to exact."""
+    """generate and batch default to --speed fast (NGMS 2 on all steps + DeepCache 2); --exact / --speed exact is
+    sampling as diffusers does it; a flag given wins over the preset for its own field only; eval defaults to exact."""
     import argparse
 
     from clipdiffusion.commands import batch, eval as eval_cmd, generate

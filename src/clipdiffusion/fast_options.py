@@ -130,8 +130,8 @@ def add_arguments(parser, speed: str = "exact") -> None:
     fast = ", ".join(f"{k}={v}" for k, v in SPEEDS["fast"].items())
     group = parser.add_argument_group(
         "speed: fewer or cheaper UNet evaluations",
-        f"--speed fast = {fast} (NGMS 2 on all steps + DeepCache 2: about half the time at SD 1.5 size, adherence within noise "
-        "on the tiny model); --speed exact = sampling as diffusers and A1111 do it. A flag below overrides the "
+        f"--speed fast = {fast} (NGMS 2 on all steps + DeepCache 2: about half the time at SD 1.5 size, "
+        "adherence within noise on the tiny model); --speed exact = sampling as diffusers and A1111 do it. A flag below overrides the "
         "preset's value for its field.")
     group.add_argument("--speed", choices=list(SPEEDS), default=speed,
                        help=f"preset (default here: {speed}); the image's infotext records the options used")
